@@ -1,0 +1,3 @@
+from hssl_cli.cli import main
+
+main()

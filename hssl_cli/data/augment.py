@@ -1,0 +1,320 @@
+"""Batched, per-sample random augmentation on the device; returns views and parameter vectors.
+
+One `Augmenter` call draws every sample's parameters at once from a `torch.Generator` (`sample`) and
+applies them with batched tensor ops (`apply`): random resized crop + horizontal flip (one
+affine_grid/grid_sample), colour jitter in a per-sample random order, grayscale, Gaussian blur,
+solarize, normalisation. The semantics follow torchvision's transforms (SimCLR/BYOL order); the
+parameters form EquiMod's vector (`ViewParams.as_vector`, layout in `PARAM_NAMES`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hssl_cli.recipe import AugmentConfig
+
+PARAM_NAMES: tuple[str, ...] = (
+    "crop_i", "crop_j", "crop_h", "crop_w", "flip", "jitter_applied",
+    "jitter_order_0", "jitter_order_1", "jitter_order_2", "jitter_order_3",
+    "brightness", "contrast", "saturation", "hue", "grayscale", "blur_applied", "blur_sigma", "solarize",
+)  # fmt: skip
+
+CROP_TRIES = 10
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma
+IDENTITY_JITTER = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors; hue shift
+SOLARIZE_THRESHOLD = 0.5
+
+# Columns of the single uniform draw per sample in `Augmenter.sample`.
+_AREA, _LOG_RATIO = slice(0, CROP_TRIES), slice(CROP_TRIES, 2 * CROP_TRIES)
+_TOP, _LEFT, _FLIP, _JITTER, _GRAY, _BLUR, _SIGMA, _SOLARIZE = range(2 * CROP_TRIES, 2 * CROP_TRIES + 8)
+_ORDER = slice(2 * CROP_TRIES + 8, 2 * CROP_TRIES + 12)
+_FACTORS = slice(2 * CROP_TRIES + 12, 2 * CROP_TRIES + 16)
+_NUM_DRAWS = 2 * CROP_TRIES + 16
+
+
+def _standardize(scaled: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (scaled - mean.view(1, -1, 1, 1).to(scaled)) / std.view(1, -1, 1, 1).to(scaled)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised per channel."""
+    return _standardize(images.float() / 255.0, mean, std)
+
+
+def channel_stats(images: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) std of uint8 (N, C, H, W) images in [0, 1] units, float64.
+
+    Chunked so that a whole dataset never exists as float64 at once.
+    """
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64, device=images.device)
+    total_squares = torch.zeros_like(total)
+    chunk_size = max(1, chunk_elements // max(1, images[0].numel()))
+    for chunk in images.split(chunk_size):
+        values = chunk.to(torch.float64) / 255.0
+        total += values.sum(dim=(0, 2, 3))
+        total_squares += values.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    return mean, (total_squares / count - mean.square()).clamp_min(0).sqrt()
+
+
+@dataclass(eq=False)
+class ViewParams:
+    """One view's augmentation per row; tensors live on the images' device."""
+
+    crop: torch.Tensor  # (B, 4) top, left, height, width as fractions of the input's H and W
+    flip: torch.Tensor  # (B,) bool
+    jitter_applied: torch.Tensor  # (B,) bool
+    jitter_order: torch.Tensor  # (B, 4) long: op applied 1st..4th (0 brightness, 1 contrast, 2 saturation, 3 hue)
+    jitter_factors: torch.Tensor  # (B, 4) brightness, contrast, saturation factors and hue shift
+    grayscale: torch.Tensor  # (B,) bool
+    blur_sigma: torch.Tensor  # (B,) float, 0 = no blur
+    solarize: torch.Tensor  # (B,) bool
+
+    def as_vector(self) -> torch.Tensor:
+        """(B, 18) float32 in `PARAM_NAMES` order, raw (not standardised)."""
+        columns = [
+            self.crop, self.flip[:, None], self.jitter_applied[:, None], self.jitter_order,
+            self.jitter_factors, self.grayscale[:, None], (self.blur_sigma > 0)[:, None],
+            self.blur_sigma[:, None], self.solarize[:, None],
+        ]  # fmt: skip
+        return torch.cat([column.float() for column in columns], dim=1)
+
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor) -> ViewParams:
+        """Inverse of `as_vector` (blur_applied is implied by blur_sigma > 0)."""
+        if vector.ndim != 2 or vector.shape[1] != len(PARAM_NAMES):
+            raise ValueError(f"expected a (B, {len(PARAM_NAMES)}) parameter vector, got {tuple(vector.shape)}")
+        vector = vector.float()
+        return cls(
+            crop=vector[:, 0:4].clone(),
+            flip=vector[:, 4] > 0.5,
+            jitter_applied=vector[:, 5] > 0.5,
+            jitter_order=vector[:, 6:10].round().long(),
+            jitter_factors=vector[:, 10:14].clone(),
+            grayscale=vector[:, 14] > 0.5,
+            blur_sigma=vector[:, 16].clone(),
+            solarize=vector[:, 17] > 0.5,
+        )
+
+    @classmethod
+    def identity(cls, batch_size: int, device: torch.device | str = "cpu") -> ViewParams:
+        """The full image, no flip, no jitter, no grayscale, no blur, no solarize."""
+        no = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        return cls(
+            crop=torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).repeat(batch_size, 1),
+            flip=no,
+            jitter_applied=no.clone(),
+            jitter_order=torch.arange(4, device=device).repeat(batch_size, 1),
+            jitter_factors=torch.tensor(IDENTITY_JITTER, device=device).repeat(batch_size, 1),
+            grayscale=no.clone(),
+            blur_sigma=torch.zeros(batch_size, device=device),
+            solarize=no.clone(),
+        )
+
+
+def _luma(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> (B, 1, H, W) grayscale (a 1-channel image is its own luma)."""
+    if images.shape[1] == 1:
+        return images
+    red, green, blue = images.unbind(dim=1)
+    return (GRAY_WEIGHTS[0] * red + GRAY_WEIGHTS[1] * green + GRAY_WEIGHTS[2] * blue).unsqueeze(1)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor * images + (1 - factor) * other, clamped to [0, 1]; factor is per sample."""
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * images + (1 - factor) * other).clamp(0, 1)
+
+
+def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of RGB images in [0, 1] by `shift` (fraction of a turn, per sample).
+
+    H' = (H + 6 shift) mod 6 in sextants, with V = max(r, g, b) and chroma C = V - min(r, g, b) kept;
+    back to RGB by channel_n = V - C clamp(min(k_n, 4 - k_n), 0, 1), k_n = (n + H') mod 6, n = 5, 3, 1.
+    """
+    red, green, blue = images.unbind(dim=1)
+    value = images.amax(dim=1)
+    chroma = value - images.amin(dim=1)
+    # Gray pixels have no hue; any divisor works there because chroma = 0 cancels it below.
+    divisor = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    sextant = torch.where(
+        value == red,
+        (green - blue) / divisor,
+        torch.where(value == green, (blue - red) / divisor + 2, (red - green) / divisor + 4),
+    )
+    sextant = sextant + 6 * shift.view(-1, 1, 1)
+    channels = []
+    for offset in (5.0, 3.0, 1.0):
+        k = torch.remainder(sextant + offset, 6)
+        channels.append(value - chroma * torch.minimum(k, 4 - k).clamp(0, 1))
+    return torch.stack(channels, dim=1)
+
+
+def _odd_kernel_size(image_size: int) -> int:
+    """The odd integer nearest 10% of the image side, at least 3."""
+    return max(3, 2 * round((0.1 * image_size - 1) / 2) + 1)
+
+
+class Augmenter:
+    """Samples per-sample augmentation parameters and applies them to a uint8 batch in one go."""
+
+    def __init__(self, config: AugmentConfig, image_size: int, mean: torch.Tensor, std: torch.Tensor):
+        self.config = config
+        self.image_size = image_size
+        self.mean = mean
+        self.std = std
+        self.blur_kernel_size = config.blur.kernel_size or _odd_kernel_size(image_size)
+        jitter = config.color_jitter
+        self._jitter_low = (max(0.0, 1 - jitter.brightness), max(0.0, 1 - jitter.contrast),
+                            max(0.0, 1 - jitter.saturation), -jitter.hue)
+        self._jitter_high = (1 + jitter.brightness, 1 + jitter.contrast, 1 + jitter.saturation, jitter.hue)
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, with_params: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, ViewParams]:
+        """Random views of uint8 (B, C, H, W) images; with_params also returns what was drawn."""
+        params = self.sample(images.shape[0], generator, images.device, input_size=tuple(images.shape[-2:]))
+        views = self.apply(images, params)
+        return (views, params) if with_params else views
+
+    def sample(
+        self,
+        batch_size: int,
+        generator: torch.Generator,
+        device: torch.device | str,
+        input_size: tuple[int, int] | None = None,
+    ) -> ViewParams:
+        """Draw every sample's parameters from `generator` (one uniform draw of (B, 36)).
+
+        input_size (H, W) of the images to crop, default (image_size, image_size): crop boxes are
+        whole pixels of that grid, as in torchvision's RandomResizedCrop.
+        """
+        config = self.config
+        uniform = torch.rand(batch_size, _NUM_DRAWS, generator=generator, device=device)
+        crop = self._sample_crops(uniform, *(input_size or (self.image_size, self.image_size)))
+        jitter_applied = uniform[:, _JITTER] < config.color_jitter.p
+        low = torch.tensor(self._jitter_low, device=device)
+        high = torch.tensor(self._jitter_high, device=device)
+        factors = low + (high - low) * uniform[:, _FACTORS]
+        identity = torch.tensor(IDENTITY_JITTER, device=device).expand_as(factors)
+        # Without jitter, order and factors carry no information: use canonical values so the
+        # parameter vector does not feed noise to EquiMod's encoder.
+        order = torch.where(jitter_applied[:, None], uniform[:, _ORDER].argsort(dim=1),
+                            torch.arange(4, device=device).expand(batch_size, 4))
+        blur_applied = uniform[:, _BLUR] < config.blur.p
+        sigma_low, sigma_high = config.blur.sigma
+        sigma = sigma_low + (sigma_high - sigma_low) * uniform[:, _SIGMA]
+        return ViewParams(
+            crop=crop,
+            flip=uniform[:, _FLIP] < config.flip,
+            jitter_applied=jitter_applied,
+            jitter_order=order,
+            jitter_factors=torch.where(jitter_applied[:, None], factors, identity),
+            grayscale=uniform[:, _GRAY] < config.grayscale,
+            blur_sigma=torch.where(blur_applied, sigma, torch.zeros_like(sigma)),
+            solarize=uniform[:, _SOLARIZE] < config.solarize,
+        )
+
+    def _sample_crops(self, uniform: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """RandomResizedCrop's box per sample: the first of CROP_TRIES candidates that fits, else central."""
+        (scale_low, scale_high), (ratio_low, ratio_high) = self.config.crop_scale, self.config.crop_ratio
+        area = height * width * (scale_low + (scale_high - scale_low) * uniform[:, _AREA])
+        log_ratio = math.log(ratio_low) + (math.log(ratio_high) - math.log(ratio_low)) * uniform[:, _LOG_RATIO]
+        aspect = log_ratio.exp()
+        crop_w = (area * aspect).sqrt().round()
+        crop_h = (area / aspect).sqrt().round()
+        fits = (crop_w >= 1) & (crop_w <= width) & (crop_h >= 1) & (crop_h <= height)
+        first = fits.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+        found = fits.any(dim=1)
+        fallback_h, fallback_w = self._central_crop(height, width)
+        crop_h = torch.where(found, crop_h.gather(1, first).squeeze(1), fallback_h)
+        crop_w = torch.where(found, crop_w.gather(1, first).squeeze(1), fallback_w)
+        # floor(u * (n + 1)) is randint(0, n); the clamp guards u * (n + 1) rounding up to n + 1.
+        top = torch.minimum((uniform[:, _TOP] * (height - crop_h + 1)).floor(), height - crop_h)
+        left = torch.minimum((uniform[:, _LEFT] * (width - crop_w + 1)).floor(), width - crop_w)
+        top = torch.where(found, top, ((height - crop_h) / 2).floor())
+        left = torch.where(found, left, ((width - crop_w) / 2).floor())
+        return torch.stack([top / height, left / width, crop_h / height, crop_w / width], dim=1)
+
+    def _central_crop(self, height: int, width: int) -> tuple[float, float]:
+        """Whole image, cut to the nearest allowed aspect ratio (torchvision's fallback)."""
+        ratio_low, ratio_high = self.config.crop_ratio
+        if width / height < ratio_low:
+            return float(round(width / ratio_low)), float(width)
+        if width / height > ratio_high:
+            return float(height), float(round(height * ratio_high))
+        return float(height), float(width)
+
+    def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float32 (B, C, S, S) normalised views; a pure function of its inputs."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected uint8 (B, 1|3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        views = self._crop_and_flip(images.float() / 255.0, params)
+        views = self._color_jitter(views, params)
+        if views.shape[1] == 3:
+            gray = _luma(views).expand_as(views)
+            views = torch.where(params.grayscale.view(-1, 1, 1, 1), gray, views)
+        views = self._blur(views, params.blur_sigma)
+        solarized = params.solarize.view(-1, 1, 1, 1) & (views >= SOLARIZE_THRESHOLD)
+        views = torch.where(solarized, 1 - views, views)
+        return _standardize(views, self.mean, self.std)
+
+    def _crop_and_flip(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """Resample each crop box to image_size with one affine grid; a flip negates the x scale."""
+        batch, channels, height, width = images.shape
+        top, left, crop_h, crop_w = params.crop.to(images).unbind(dim=1)
+        sign = 1 - 2 * params.flip.to(images)
+        zero = torch.zeros_like(top)
+        # Normalised coordinates in [-1, 1] span pixel edges (align_corners=False), so a box edge
+        # at fraction t sits at 2t - 1 and the full box with H == image_size is the identity.
+        theta = torch.stack([
+            torch.stack([crop_w * sign, zero, 2 * left + crop_w - 1], dim=1),
+            torch.stack([zero, crop_h, 2 * top + crop_h - 1], dim=1),
+        ], dim=1)  # fmt: skip
+        size = self.image_size
+        grid = F.affine_grid(theta, [batch, channels, size, size], align_corners=False)
+        # Clamp to the box's outer pixel centres: upsampling then repeats edge pixels instead of
+        # blending in pixels outside the crop, exactly like crop-then-resize.
+        low = torch.stack([2 * left - 1 + 1 / width, 2 * top - 1 + 1 / height], dim=1)
+        high = torch.stack([2 * (left + crop_w) - 1 - 1 / width, 2 * (top + crop_h) - 1 - 1 / height], dim=1)
+        grid = torch.minimum(torch.maximum(grid, low.view(-1, 1, 1, 2)), high.view(-1, 1, 1, 2))
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def _color_jitter(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """Four rounds; in round r each sample gets its r-th op, every other op acts as the identity.
+
+        Brightness multiplies, contrast blends with the mean luma, saturation with the luma, hue shifts
+        in HSV; each clamps to [0, 1] (torchvision's ColorJitter). Identity factors leave values exact.
+        """
+        brightness, contrast, saturation, hue = params.jitter_factors.to(images).unbind(dim=1)
+        one = torch.ones_like(brightness)
+        rgb = images.shape[1] == 3
+        for step in range(4):
+            op = torch.where(params.jitter_applied, params.jitter_order[:, step], -1)
+            images = (images * torch.where(op == 0, brightness, one).view(-1, 1, 1, 1)).clamp(0, 1)
+            mean_luma = _luma(images).mean(dim=(1, 2, 3), keepdim=True)
+            images = _blend(images, mean_luma, torch.where(op == 1, contrast, one))
+            if rgb:  # saturation and hue do nothing to a 1-channel image (as in torchvision)
+                images = _blend(images, _luma(images), torch.where(op == 2, saturation, one))
+                images = torch.where((op == 3).view(-1, 1, 1, 1), _shift_hue(images, hue), images)
+        return images
+
+    def _blur(self, images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Per-sample separable Gaussian blur (grouped conv2d, reflect padding); sigma 0 leaves a sample."""
+        batch, channels, height, width = images.shape
+        radius = self.blur_kernel_size // 2
+        offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+        sigma = sigma.to(images)
+        # Clamped sigma keeps sigma = 0 rows finite; those samples are restored by the where below.
+        kernel = torch.exp(-0.5 * (offsets / sigma.clamp_min(1e-3)[:, None]).square())
+        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+        flat = F.pad(images.reshape(1, batch * channels, height, width), [radius] * 4, mode="reflect")
+        flat = F.conv2d(flat, kernel.view(-1, 1, 1, 2 * radius + 1), groups=batch * channels)
+        flat = F.conv2d(flat, kernel.view(-1, 1, 2 * radius + 1, 1), groups=batch * channels)
+        return torch.where((sigma > 0).view(-1, 1, 1, 1), flat.view_as(images), images)

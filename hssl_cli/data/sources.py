@@ -1,0 +1,391 @@
+"""Datasets -> uint8 images (N, C, H, W) on the CPU and int64 labels, at the recipe's image size.
+
+Each source resizes once, here, with antialiased bilinear interpolation (only where the native size
+differs from `data.image_size`), so training never resizes. Sources and their splits:
+
+- digits: scikit-learn's built-in 8x8 digits (1797 images, values 0..16 scaled to 0..255).
+  It has no official split, so "train"/"test" are a fixed stratified 80/20 split of it
+  (sklearn's train_test_split, test_size=0.2, random_state=0, stratified by digit): 1437 and 360
+  images, each kept in the original order. data.root is ignored.
+- mnist: the four original IDX files (gzip or not) in data.root, or in data.root/MNIST/raw as
+  torchvision lays them out. Splits train, test.
+- cifar10: torchvision's reader of data.root/cifar-10-batches-py (official python version).
+- stl10: torchvision's reader of data.root/stl10_binary. Splits train, test, unlabeled,
+  train+unlabeled; unlabeled images have label -1.
+- imagefolder: data.root/<split>/<class>/*.jpg|jpeg|png (any case); classes are the sorted class
+  folder names and a label is its class's index. Decoded once, then cached as safetensors in
+  data.root/.hssl-cache/ (or ~/.cache/hssl/ when data.root is not writable), keyed on the file
+  list (relative paths, sizes, mtimes) and the image size, so a changed folder is decoded again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+import warnings
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from hssl_cli.errors import DataError
+from hssl_cli.recipe import DataConfig
+
+SPLITS = {
+    "digits": ("train", "test"),
+    "mnist": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
+}
+DIGIT_CLASSES = [str(digit) for digit in range(10)]
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CACHE_FORMAT = "hssl-imagefolder-cache/1"
+CACHE_FOLDER = ".hssl-cache"
+DECODE_CHUNK = 1024  # files read and decoded per batch: bounds the memory held by encoded bytes
+RESIZE_CHUNK = 4096  # images resized per call: bounds the temporary memory of large splits
+JPEG_MAGIC = b"\xff\xd8\xff"
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass
+class ImageSplit:
+    images: torch.Tensor  # uint8 (N, C, image_size, image_size), C = 1 (digits, mnist) or 3, CPU, contiguous
+    labels: torch.Tensor  # int64 (N,), -1 where unlabeled (stl10 'unlabeled')
+    classes: list[str]
+
+
+def load_split(config: DataConfig, split: str, progress: bool = False) -> ImageSplit:
+    """Load one split of the recipe's dataset at `config.image_size`; a user's mistake is a DataError."""
+    if config.dataset == "digits":
+        _check_split("digits", split, SPLITS["digits"])
+        data = _load_digits(split)
+    else:
+        if config.root is None:
+            raise DataError(f"data.root is required for dataset '{config.dataset}': set it to the dataset folder")
+        root = Path(config.root).expanduser()
+        if config.dataset == "imagefolder":
+            return _load_imagefolder(root, split, config.image_size, progress)
+        _check_split(config.dataset, split, SPLITS[config.dataset])
+        loaders = {"mnist": _load_mnist, "cifar10": _load_cifar10, "stl10": _load_stl10}
+        data = loaders[config.dataset](root, split)
+    return ImageSplit(resize_images(data.images, config.image_size), data.labels, data.classes)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), antialiased bilinear; contiguous either way."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images.contiguous()
+    resized = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
+    for start in range(0, len(images), RESIZE_CHUNK):
+        batch = images[start : start + RESIZE_CHUNK].contiguous()
+        resized[start : start + RESIZE_CHUNK] = F.interpolate(
+            batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    return resized
+
+
+def _check_split(dataset: str, split: str, valid: tuple[str, ...]) -> None:
+    if split not in valid:
+        raise DataError(
+            f"unknown split '{split}' for dataset '{dataset}'; valid splits: {', '.join(valid)} "
+            "(set data.train_split / data.test_split)"
+        )
+
+
+def _load_digits(split: str) -> ImageSplit:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    indices = np.arange(len(digits.target))
+    train, test = train_test_split(indices, test_size=0.2, random_state=0, stratify=digits.target)
+    chosen = np.sort(train if split == "train" else test)
+    pixels = np.rint(digits.images[chosen] * (255 / 16)).astype(np.uint8)
+    labels = torch.from_numpy(digits.target[chosen].astype(np.int64))
+    return ImageSplit(torch.from_numpy(pixels).unsqueeze(1), labels, list(DIGIT_CLASSES))
+
+
+def _load_mnist(root: Path, split: str) -> ImageSplit:
+    image_name, label_name = MNIST_FILES[split]
+    image_path, label_path = _find_mnist_file(root, image_name), _find_mnist_file(root, label_name)
+    images = _read_idx(image_path, ndim=3)
+    labels = _read_idx(label_path, ndim=1)
+    if len(images) != len(labels):
+        raise DataError(
+            f"{label_path}: {len(labels)} labels for the {len(images)} images of {image_path}; "
+            "the two files come from different sets, restore the original MNIST files"
+        )
+    if int(labels.max()) > 9:
+        raise DataError(f"{label_path}: labels above 9, so not MNIST labels; restore the original MNIST file")
+    return ImageSplit(images.unsqueeze(1), labels.long(), list(DIGIT_CLASSES))
+
+
+def _find_mnist_file(root: Path, name: str) -> Path:
+    for folder in (root, root / "MNIST" / "raw"):
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise DataError(
+        f"{root / name}[.gz]: MNIST file not found; data.root must hold the original IDX files "
+        f"{', '.join(sum(MNIST_FILES.values(), ()))} (gzipped or not)"
+    )
+
+
+def _read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """An IDX file of unsigned bytes: magic 00 00 08 <ndim>, ndim big-endian int32 sizes, the data."""
+    raw = path.read_bytes()
+    if raw[:2] == GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as error:
+            raise DataError(f"{path}: corrupt gzip file ({error}); restore the original MNIST file") from None
+    expected = f"an IDX file of unsigned bytes with {ndim} dimension(s), magic 000008{ndim:02x}"
+    if raw[:4] != bytes((0, 0, 8, ndim)):
+        raise DataError(f"{path}: not {expected} (found {raw[:4].hex() or 'an empty file'}); restore the file")
+    header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise DataError(f"{path}: truncated IDX header; restore the original MNIST file")
+    dims = struct.unpack(f">{ndim}I", raw[4:header_size])
+    count = math.prod(dims)
+    if count == 0 or len(raw) - header_size != count:
+        raise DataError(
+            f"{path}: the IDX header promises {'x'.join(map(str, dims))} = {count} bytes but "
+            f"{len(raw) - header_size} follow; the file is truncated or corrupt, restore the original MNIST file"
+        )
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).view(*dims)
+
+
+def _load_cifar10(root: Path, split: str) -> ImageSplit:
+    from torchvision.datasets import CIFAR10
+
+    if root.name == CIFAR10.base_folder:  # data.root given as the batches folder itself
+        root = root.parent
+    try:
+        dataset = CIFAR10(str(root), train=split == "train", download=False)
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        raise DataError(
+            f"{root / CIFAR10.base_folder}: CIFAR-10 missing or corrupt ({error}); expected data_batch_1..5, "
+            f"test_batch and batches.meta there: extract the official cifar-10-python.tar.gz into {root}"
+        ) from None
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
+    return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
+
+
+def _load_stl10(root: Path, split: str) -> ImageSplit:
+    from torchvision.datasets import STL10
+
+    if root.name == STL10.base_folder:
+        root = root.parent
+    try:
+        dataset = STL10(str(root), split=split, download=False)
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
+        raise DataError(
+            f"{root / STL10.base_folder}: STL-10 missing or corrupt ({error}); expected train_X.bin, "
+            f"train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin there: extract the official "
+            f"stl10_binary.tar.gz into {root}"
+        ) from None
+    labels = torch.from_numpy(np.asarray(dataset.labels, dtype=np.int64))
+    return ImageSplit(torch.from_numpy(dataset.data), labels, list(getattr(dataset, "classes", STL10_CLASSES)))
+
+
+def _load_imagefolder(root: Path, split: str, size: int, progress: bool) -> ImageSplit:
+    layout = f"{root}/<split>/<class>/*.jpg|jpeg|png"
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; imagefolder expects {layout}")
+    splits = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if split not in splits:
+        raise DataError(
+            f"{root / split}: no such split folder; imagefolder expects {layout}, "
+            f"valid splits here: {', '.join(splits) or 'none'}"
+        )
+    paths, labels, classes, digest = _list_images(root, split, size)
+    name = f"{re.sub(r'[^A-Za-z0-9_.+-]', '_', split)}-{size}px-{digest[:24]}.safetensors"
+    for folder in _cache_folders(root):
+        cached = _read_cache(folder / name, labels, classes, size)
+        if cached is not None:
+            return cached
+    images = _decode_files(paths, size, progress, f"decoding {root / split}")
+    data = ImageSplit(images, labels, classes)
+    _write_cache(root, name, data)
+    return data
+
+
+def _list_images(root: Path, split: str, size: int) -> tuple[list[str], torch.Tensor, list[str], str]:
+    """Image paths and labels in class-then-name order, the classes, and the cache key of the list."""
+    split_dir = root / split
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{split_dir}: no class folders; imagefolder expects {split_dir}/<class>/*.jpg|jpeg|png")
+    key = hashlib.sha256(f"{CACHE_FORMAT}\n{size}\n{json.dumps(classes)}\n".encode())
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, class_name in enumerate(classes):
+        entries = sorted(
+            (
+                entry
+                for entry in os.scandir(split_dir / class_name)
+                if entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.startswith(".") and entry.is_file()
+            ),
+            key=lambda entry: entry.name,
+        )
+        for entry in entries:
+            stat = entry.stat()
+            key.update(os.fsencode(f"{split}/{class_name}/{entry.name}"))
+            key.update(f"\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+            paths.append(entry.path)
+            labels.append(label)
+    if not paths:
+        raise DataError(
+            f"{split_dir}: no .jpg/.jpeg/.png images in its class folders ({', '.join(classes)}); "
+            f"imagefolder expects {split_dir}/<class>/*.jpg|jpeg|png"
+        )
+    return paths, torch.tensor(labels, dtype=torch.int64), classes, key.hexdigest()
+
+
+def _decode_files(paths: list[str], size: int, progress: bool, description: str) -> torch.Tensor:
+    """Read and decode image files to uint8 RGB (N, 3, size, size), resizing those of another size."""
+    images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    with _progress_bar(progress, description, len(paths)) as advance:
+        for start in range(0, len(paths), DECODE_CHUNK):
+            decoded = _decode_chunk(paths[start : start + DECODE_CHUNK])
+            by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            for offset, image in enumerate(decoded):
+                by_shape[tuple(image.shape)].append(offset)
+            for offsets in by_shape.values():
+                batch = torch.stack([decoded[offset] for offset in offsets])
+                images[torch.tensor(offsets) + start] = resize_images(batch, size)
+            advance(len(decoded))
+    return images
+
+
+def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    encoded = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            encoded.append(handle.read())
+    decoded: list[torch.Tensor | None] = [None] * len(paths)
+    jpegs = [index for index, data in enumerate(encoded) if data.startswith(JPEG_MAGIC)]
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of torchcodec; nothing for a user to act on
+        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+        try:
+            batch = decode_jpeg([_as_tensor(paths[i], encoded[i]) for i in jpegs], mode=ImageReadMode.RGB)
+            for index, image in zip(jpegs, batch, strict=True):
+                decoded[index] = image
+        except RuntimeError:
+            pass  # a corrupt file in the batch: decode them one by one below to name it
+        for index, image in enumerate(decoded):
+            if image is None:
+                try:
+                    decoded[index] = decode_image(_as_tensor(paths[index], encoded[index]), mode=ImageReadMode.RGB)
+                except RuntimeError as error:
+                    raise DataError(f"{paths[index]}: cannot decode this image ({error}); fix or delete it") from None
+    return [_to_uint8(image) for image in decoded if image is not None]
+
+
+def _as_tensor(path: str, data: bytes) -> torch.Tensor:
+    if not data:
+        raise DataError(f"{path}: empty image file; fix or delete it")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    if image.dtype == torch.uint16:  # 16-bit PNG
+        return (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    if not enabled:
+        yield lambda count: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda count: bar.advance(task, count)
+
+
+def _cache_folders(root: Path) -> list[Path]:
+    return [root / CACHE_FOLDER, Path.home() / ".cache" / "hssl"]
+
+
+def _read_cache(path: Path, labels: torch.Tensor, classes: list[str], size: int) -> ImageSplit | None:
+    """The cached split, or None when absent, unreadable or not matching (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            images, cached_labels = handle.get_tensor("images"), handle.get_tensor("labels")
+        cached_classes = json.loads(metadata.get("classes", "null"))
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
+    valid = (
+        metadata.get("format") == CACHE_FORMAT
+        and cached_classes == classes
+        and images.dtype == torch.uint8
+        and tuple(images.shape) == (len(labels), 3, size, size)
+        and cached_labels.dtype == torch.int64
+        and torch.equal(cached_labels, labels)
+    )
+    return ImageSplit(images.contiguous(), cached_labels, classes) if valid else None
+
+
+def _write_cache(root: Path, name: str, data: ImageSplit) -> None:
+    tensors = {"images": data.images, "labels": data.labels}
+    metadata = {"format": CACHE_FORMAT, "classes": json.dumps(data.classes), "source": str(root)}
+    problems = []
+    for folder in _cache_folders(root):
+        try:
+            _save_atomically(folder / name, tensors, metadata)
+            return
+        except (OSError, SafetensorError) as error:
+            problems.append(f"{folder}: {error}")
+    warnings.warn(f"could not cache the decoded images ({'; '.join(problems)}); the next load decodes again",
+                  stacklevel=3)
+
+
+def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        with open(temp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)

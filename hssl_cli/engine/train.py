@@ -1,0 +1,231 @@
+"""The pretraining loop: data on the device, batched augmentation, one method forward, optimiser,
+schedule, logging, checkpoints, signals and resume. It never names a method."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from hssl_cli.data.augment import Augmenter, channel_stats
+from hssl_cli.data.sources import load_split
+from hssl_cli.engine import checkpoint as ckpt
+from hssl_cli.engine.optim import build_optimizer, learning_rate
+from hssl_cli.errors import HsslError, TrainingDiverged
+from hssl_cli.methods import build_method
+from hssl_cli.recipe import RESUME_SAFE_KEYS, Recipe, changed_keys, recipe_to_yaml
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    epochs: int
+    steps: int
+    final_loss: float
+    wall_seconds: float
+    images_per_second: float
+    interrupted: bool
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1 (pre-emption) or by a caller; the loop checkpoints and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, *_: object) -> None:
+        self.requested = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HsslError("--device cuda: no CUDA device is visible here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def seeded_generator(device: torch.device, *parts: int) -> torch.Generator:
+    """A generator whose stream depends only on (seed, epoch or step, ...): resuming needs no RNG state."""
+    generator = torch.Generator(device=device)
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**63 - 1)
+    generator.manual_seed(seed)
+    return generator
+
+
+def find_resume_state(resume: str, output_root: Path, recipe: Recipe) -> Path:
+    """`auto`: the newest run folder of this recipe with a readable training state; else a path."""
+    if resume != "auto":
+        path = Path(resume)
+        if path.is_dir():
+            return path / "last.state.safetensors"
+        if path.name.endswith(".state.safetensors"):
+            return path
+        return path.with_name(path.name.removesuffix(".safetensors") + ".state.safetensors")
+    runs = sorted((output_root / recipe.name).glob("*/last.state.safetensors"), reverse=True)
+    for candidate in runs:
+        try:
+            ckpt.load_checkpoint(candidate, kind="training_state")
+            return candidate
+        except HsslError:
+            continue
+    raise HsslError(f"--resume auto: no complete run of '{recipe.name}' under {output_root / recipe.name}; "
+                    "start a new run without --resume")
+
+
+def new_run_dir(output_root: Path, recipe: Recipe) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = output_root / recipe.name / stamp
+    suffix = 1
+    while run_dir.exists():
+        run_dir = output_root / recipe.name / f"{stamp}-{suffix}"
+        suffix += 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def pretrain(
+    recipe: Recipe,
+    output_root: Path,
+    device_name: str = "auto",
+    resume: str | None = None,
+    progress: Callable[[dict], None] | None = None,
+    stop: StopRequest | None = None,
+) -> RunResult:
+    """Train `recipe` and write checkpoints; `progress` receives a dict per logged row."""
+    device = resolve_device(device_name)
+    stop = stop or StopRequest()
+    state = None
+    if resume is not None:
+        state_path = find_resume_state(resume, output_root, recipe)
+        state = ckpt.load_checkpoint(state_path, kind="training_state")
+        altered = [key for key in changed_keys(state.recipe, recipe) if key not in RESUME_SAFE_KEYS]
+        if altered:
+            raise HsslError(f"--resume {state_path}: the recipe differs from the run's in {', '.join(altered)}; "
+                            "restore those keys or start a new run")
+        run_dir = state_path.parent
+    else:
+        run_dir = new_run_dir(output_root, recipe)
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+
+    train = load_split(recipe.data, recipe.data.train_split, progress=True)
+    batch_size = recipe.train.batch_size
+    steps_per_epoch = len(train.labels) // batch_size
+    if steps_per_epoch == 0:
+        raise HsslError(f"train.batch_size={batch_size} exceeds the {len(train.labels)} images of "
+                        f"{recipe.data.dataset}/{recipe.data.train_split}; lower it")
+    images = train.images.to(device)
+    mean, std = channel_stats(train.images)
+    data_stats = {"mean": mean.float(), "std": std.float()}
+    augmenter = Augmenter(recipe.augment, recipe.data.image_size, mean.to(device), std.to(device))
+
+    torch.manual_seed(recipe.seed)
+    method = build_method(recipe, in_channels=images.shape[1]).to(device)
+    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        method = method.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(method, recipe.optim, fused=device.type == "cuda" and recipe.optim.name != "lars")
+    start_step = 0
+    if state is not None:
+        ckpt.load_module_state(method, state.prefixed("model"), state.path, "model")
+        ckpt.restore_optimizer(optimizer, state)
+        start_step = state.step
+    forward = torch.compile(method) if recipe.train.compile else method
+
+    total_steps = steps_per_epoch * recipe.train.epochs
+    warmup_steps = round(recipe.optim.warmup_epochs * steps_per_epoch)
+    metrics_log = (run_dir / "metrics.jsonl").open("a")
+    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    saved_step = -1
+
+    def save(step: int, with_epoch_file: bool, metrics: dict[str, float]) -> None:
+        nonlocal saved_step
+        epoch = step // steps_per_epoch
+        if with_epoch_file:
+            ckpt.save_model(run_dir / f"epoch-{epoch:04d}.safetensors", method, recipe, epoch, step, metrics, data_stats)
+        ckpt.save_model(run_dir / "last.safetensors", method, recipe, epoch, step, metrics, data_stats)
+        ckpt.save_training_state(run_dir / "last.state.safetensors", method, optimizer, recipe, epoch, step,
+                                 data_stats)
+        saved_step = step
+
+    started = time.perf_counter()
+    last_log_time, last_log_step = started, start_step
+    loss_sums: dict[str, torch.Tensor] = {}
+    all_finite = torch.ones((), dtype=torch.bool, device=device)
+    row: dict[str, float] = {}
+    permutation = None
+    step = start_step
+    try:
+        method.train()
+        while step < total_steps and not stop.requested:
+            epoch, index_in_epoch = divmod(step, steps_per_epoch)
+            if permutation is None or index_in_epoch == 0:
+                permutation = torch.randperm(len(images), generator=seeded_generator(device, recipe.seed, epoch),
+                                             device=device)
+            batch = images[permutation[index_in_epoch * batch_size:(index_in_epoch + 1) * batch_size]]
+            generator = seeded_generator(device, recipe.seed, 1 + epoch, step)
+            views, params = zip(*(augmenter(batch, generator, with_params=True) for _ in range(method.num_views)),
+                                strict=True)
+            if device.type == "cuda":
+                views = [view.contiguous(memory_format=torch.channels_last) for view in views]
+
+            lr = learning_rate(step, total_steps, warmup_steps, recipe.optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                losses = forward(list(views), list(params))
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            step += 1
+            method.after_optimizer_step(step / total_steps)
+
+            # Accumulate on the device; the host syncs only every log_every steps.
+            all_finite &= torch.isfinite(losses["loss"].detach())
+            for name, value in losses.items():
+                loss_sums[name] = loss_sums.get(name, 0) + value.detach().float()
+            epoch_done = step % steps_per_epoch == 0
+            if step % recipe.train.log_every == 0 or epoch_done or step == total_steps or stop.requested:
+                if not bool(all_finite):
+                    raise TrainingDiverged(
+                        f"the loss became NaN/inf before step {step} (epoch {step // steps_per_epoch}); "
+                        f"the last good checkpoint in {run_dir} is untouched; lower optim.lr or check the data"
+                    )
+                now = time.perf_counter()
+                count = step - last_log_step
+                row = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                       **{name: (total / count).item() for name, total in loss_sums.items()},
+                       "images_per_second": count * batch_size / max(now - last_log_time, 1e-9),
+                       "elapsed_seconds": now - started}
+                metrics_log.write(json.dumps(row) + "\n")
+                metrics_log.flush()
+                loss_sums, last_log_time, last_log_step = {}, now, step
+                if progress is not None:
+                    progress(row | {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch})
+            if epoch_done:
+                finished_epoch = step // steps_per_epoch
+                periodic = finished_epoch % recipe.train.checkpoint_every == 0 or step == total_steps
+                if periodic:
+                    save(step, with_epoch_file=True, metrics={"loss": row.get("loss", float("nan"))})
+    finally:
+        metrics_log.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+    if saved_step != step:
+        save(step, with_epoch_file=False, metrics={"loss": row.get("loss", float("nan"))})
+    wall = time.perf_counter() - started
+    done_steps = step - start_step
+    return RunResult(run_dir, run_dir / "last.safetensors", step // steps_per_epoch, step,
+                     row.get("loss", float("nan")), wall, done_steps * batch_size / max(wall, 1e-9),
+                     interrupted=step < total_steps)

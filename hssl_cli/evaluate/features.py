@@ -1,0 +1,53 @@
+"""Frozen-feature extraction: one pass of a model in eval mode over uint8 images, batched on its device."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from hssl_cli.data.augment import normalize
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer; CPU for a model that has neither."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module, images: Tensor, mean: Tensor, std: Tensor, batch_size: int = 512
+) -> Tensor:
+    """Run `model` in eval mode on normalised uint8 images (N, C, H, W); return float32 (N, D).
+
+    Batches are moved to the model's device, under bf16 autocast on CUDA. Outputs with more than two
+    dimensions are flattened after the batch dimension. The train/eval mode of every submodule is
+    restored afterwards, so a partly frozen model (e.g. eval-mode BatchNorm) comes back unchanged.
+    """
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(
+            f"extract_features expects a non-empty (N, C, H, W) batch, got {tuple(images.shape)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = model_device(model)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    # bf16 on CUDA halves the memory traffic; features are cast back to float32 for the probes.
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+    try:
+        chunks = []
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].to(device, non_blocking=True)
+            with autocast:
+                output = model(normalize(batch, mean, std))
+            chunks.append(output.float().flatten(1))
+        return torch.cat(chunks)
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -1,0 +1,204 @@
+"""Probes on frozen features: a full-batch linear classifier and a weighted kNN, both on the features' device.
+
+Everything is batched torch (no per-sample Python loops, no scikit-learn) and deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Percentage of rows whose label is among the k highest scores, as {"top1": ..., "top5": ...}.
+
+    k is clamped to the number of classes, so top-5 with fewer than five classes is 100.
+    """
+    if scores.ndim != 2 or labels.shape != scores.shape[:1] or labels.numel() == 0:
+        raise ValueError(
+            f"non-empty scores (N, C) and labels (N,) expected, "
+            f"got {tuple(scores.shape)}, {tuple(labels.shape)}"
+        )
+    num_classes = scores.shape[1]
+    ranked = scores.topk(min(max(ks), num_classes), dim=1).indices
+    hits = ranked == labels.to(ranked.device).view(-1, 1)  # (N, k): True where the label sits at that rank
+    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).sum().item() / labels.numel() for k in ks}
+
+
+def standardize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    """Centre and scale both splits per dimension with the mean and std of `train` only."""
+    mean = train.mean(dim=0, keepdim=True)
+    # Constant dimensions would divide by zero; they stay constant (zero) instead.
+    std = train.std(dim=0, keepdim=True).clamp_min(1e-6)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _check_split(features: Tensor, labels: Tensor, num_classes: int, name: str) -> None:
+    if features.ndim != 2 or labels.shape != features.shape[:1]:
+        raise ValueError(
+            f"{name}: features (N, D) and labels (N,) expected, "
+            f"got {tuple(features.shape)}, {tuple(labels.shape)}"
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{name}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
+
+
+def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> Tensor:
+    """Boolean mask holding out round(fraction * count) samples of each class, at least one sample kept.
+
+    Deterministic given `seed`: a seeded permutation, then a stable sort by class, then the first
+    samples of each class in that order are held out.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    permutation = torch.randperm(labels.numel(), generator=generator).to(labels.device)
+    order = permutation[labels[permutation].argsort(stable=True)]  # grouped by class, shuffled within
+    sorted_labels = labels[order]
+    counts = torch.bincount(sorted_labels)
+    class_starts = counts.cumsum(0) - counts
+    # rank of each sample inside its class; the first `held` ranks go to the hold-out part
+    rank = torch.arange(labels.numel(), device=labels.device) - class_starts[sorted_labels]
+    held = (counts * fraction).round().long().clamp(max=(counts - 1).clamp_min(0))
+    mask = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
+    mask[order] = rank < held[sorted_labels]
+    return mask
+
+
+def _fit_softmax_regression(
+    features: Tensor, labels: Tensor, num_classes: int, weight_decay: float, steps: int
+) -> tuple[Tensor, Tensor]:
+    """Weights (D, C) and bias (C) minimising mean cross-entropy + weight_decay / 2 * ||W||^2.
+
+    L-BFGS with a strong-Wolfe line search rather than Adam: the objective is smooth and convex, so a
+    quasi-Newton method reaches a tight optimum in ~100 full-batch iterations with no learning rate to
+    tune, and the result does not depend on a schedule (Adam would need one per weight decay).
+    """
+    weight = torch.zeros(features.shape[1], num_classes, device=features.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=features.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=steps,
+        history_size=20,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        # L = mean_i CE(x_i W + b, y_i) + (lambda / 2) ||W||_F^2 ; the bias is not decayed
+        loss = F.cross_entropy(features @ weight + bias, labels) + 0.5 * weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _fit_and_score(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    num_classes: int,
+    weight_decay: float,
+    steps: int,
+) -> Tensor:
+    """Standardise with train statistics, fit, and return the test logits (N_test, C)."""
+    train_features, test_features = standardize(train_features, test_features)
+    weight, bias = _fit_softmax_regression(train_features, train_labels, num_classes, weight_decay, steps)
+    return test_features @ weight + bias
+
+
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    weight_decays: Sequence[float] = (0, 1e-5, 1e-4, 1e-3, 1e-2),
+    holdout_fraction: float = 0.1,
+    seed: int = 0,
+    steps: int = 100,
+) -> dict[str, float]:
+    """Softmax regression on standardised frozen features; returns {"top1", "top5", "weight_decay"}.
+
+    The weight decay is chosen by top-1 on a stratified held-out part of train (ties go to the larger
+    value), then the classifier is refit on the whole train split with it. `steps` caps the L-BFGS
+    iterations per fit.
+    """
+    _check_split(train_features, train_labels, num_classes, "train")
+    _check_split(test_features, test_labels, num_classes, "test")
+    if not weight_decays:
+        raise ValueError("weight_decays must name at least one candidate")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
+    train_features = train_features.detach().float()
+    test_features = test_features.detach().float().to(train_features.device)
+    train_labels = train_labels.to(train_features.device).long()
+
+    chosen = float(weight_decays[0])
+    if len(weight_decays) > 1:
+        held_out = stratified_holdout(train_labels, holdout_fraction, seed)
+        if not held_out.any():
+            raise ValueError(
+                f"holdout_fraction={holdout_fraction} holds out no samples of {train_labels.numel()}; "
+                "raise it or pass a single weight decay"
+            )
+        fit, held = ~held_out, held_out
+        best = None
+        for weight_decay in weight_decays:
+            logits = _fit_and_score(
+                train_features[fit], train_labels[fit], train_features[held], num_classes, weight_decay, steps
+            )
+            top1 = topk_accuracy(logits, train_labels[held], ks=(1,))["top1"]
+            if best is None or (top1, weight_decay) > best:
+                best = (top1, weight_decay)
+        chosen = float(best[1])
+
+    logits = _fit_and_score(train_features, train_labels, test_features, num_classes, chosen, steps)
+    return {**topk_accuracy(logits, test_labels), "weight_decay": chosen}
+
+
+def knn_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Weighted kNN on cosine similarity (InstDisc / DINO); returns {"top1", "top5"} in percent.
+
+    Each of the k nearest train samples votes for its class with weight exp(sim / temperature); k is
+    clamped to the train size. Test rows are processed `chunk_size` at a time so that the similarity
+    matrix never exceeds chunk_size x N_train.
+    """
+    _check_split(train_features, train_labels, num_classes, "train")
+    _check_split(test_features, test_labels, num_classes, "test")
+    if k < 1 or temperature <= 0 or chunk_size < 1:
+        raise ValueError(
+            f"k, temperature and chunk_size must be positive, got {k}, {temperature}, {chunk_size}"
+        )
+    device = train_features.device
+    train_unit = F.normalize(train_features.detach().float(), dim=1)
+    test_unit = F.normalize(test_features.detach().float().to(device), dim=1)
+    train_labels = train_labels.to(device).long()
+    k = min(k, train_unit.shape[0])
+
+    scores = []
+    for start in range(0, test_unit.shape[0], chunk_size):
+        similarity = test_unit[start : start + chunk_size] @ train_unit.T  # (B, N_train) cosines
+        top_similarity, top_index = similarity.topk(k, dim=1)
+        # w = exp((s - s_max) / T): the per-row shift leaves the vote unchanged and avoids overflow at small T
+        weights = ((top_similarity - top_similarity[:, :1]) / temperature).exp()
+        votes = torch.zeros(weights.shape[0], num_classes, device=device)
+        scores.append(votes.scatter_add_(1, train_labels[top_index], weights))
+    return topk_accuracy(torch.cat(scores), test_labels)

@@ -1,0 +1,25 @@
+"""What every method is: a module holding the backbone and its heads, whose forward maps a batch of
+views to a dict of named losses ("loss" is the total the engine minimises)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SSLMethod(nn.Module):
+    """Submodules are named after the checkpoint prefixes of DESIGN.md: backbone, projector,
+    predictor, target. A method knows nothing of files, logging or devices."""
+
+    num_views = 2
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, views: list[torch.Tensor], augmentation_params: list[torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, progress: float) -> None:
+        """Called after each optimiser step with the fraction of training done (e.g. for EMA targets)."""

@@ -1,0 +1,48 @@
+"""Feature extractors f: image batch (B, C, H, W) -> features (B, feature_dim)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def resnet18_cifar(in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first conv and no max-pool."""
+    from torchvision.models import resnet18
+
+    network = resnet18()
+    network.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    network.maxpool = nn.Identity()
+    network.fc = nn.Identity()
+    network.feature_dim = 512
+    return network
+
+
+class SmallConvNet(nn.Module):
+    """Four conv-BN-ReLU stages (stride 2 after the first), global average pool; for quick CPU runs."""
+
+    def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (32, 64, 128, 256)):
+        super().__init__()
+        layers, previous = [], in_channels
+        for index, width in enumerate(widths):
+            stride = 1 if index == 0 else 2
+            layers += [
+                nn.Conv2d(previous, width, kernel_size=3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = previous
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(images)).flatten(1)
+
+
+BACKBONES = {"resnet18_cifar": resnet18_cifar, "small_convnet": SmallConvNet}
+
+
+def build_backbone(name: str, in_channels: int) -> nn.Module:
+    """A backbone by its recipe name (`model.backbone`); it exposes `feature_dim`."""
+    return BACKBONES[name](in_channels=in_channels)

@@ -1,0 +1,321 @@
+"""The recipe: one typed schema for every experiment, loaded from YAML, overridable with `--set`.
+
+The schema below is the truth (DESIGN.md shows an illustrative recipe). Every key has a default and
+a description. Errors name the file, the line, the dotted key and a fix. This module imports no
+torch, so `hssl pretrain bad.yaml` fails in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hssl_cli.errors import RecipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ordered_pair(pair: tuple[float, float], low: float, high: float, what: str) -> tuple[float, float]:
+    if not low <= pair[0] <= pair[1] <= high:
+        raise ValueError(f"{what} must satisfy {low} <= first <= second <= {high}, got {list(pair)}")
+    return pair
+
+
+class DataConfig(Section):
+    dataset: Literal["digits", "mnist", "cifar10", "stl10", "imagefolder"] = Field(
+        "digits", description="dataset source; digits is built in (scikit-learn), the others read data.root"
+    )
+    root: str | None = Field(None, description="folder with the dataset files (not needed for digits)")
+    image_size: int = Field(32, ge=8, le=512, description="side of the square images fed to the model")
+    train_split: str = Field("train", description="split used for pretraining and for fitting probes")
+    test_split: str = Field("test", description="split used to report probe accuracy")
+
+
+class ColorJitterConfig(Section):
+    p: float = Field(0.8, ge=0, le=1, description="probability of applying colour jitter to a view")
+    brightness: float = Field(0.4, ge=0, description="brightness factor drawn from [1-b, 1+b]")
+    contrast: float = Field(0.4, ge=0, description="contrast factor drawn from [1-c, 1+c]")
+    saturation: float = Field(0.4, ge=0, description="saturation factor drawn from [1-s, 1+s]")
+    hue: float = Field(0.1, ge=0, le=0.5, description="hue shift drawn from [-h, h] (fraction of a turn)")
+
+
+class BlurConfig(Section):
+    p: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur")
+    sigma: tuple[float, float] = Field((0.1, 2.0), description="blur sigma range in pixels")
+    kernel_size: int | None = Field(None, ge=3, description="odd kernel side; default about 10% of the image")
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma_range(cls, sigma: tuple[float, float]) -> tuple[float, float]:
+        return _ordered_pair(sigma, 1e-3, 100.0, "sigma")
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, size: int | None) -> int | None:
+        if size is not None and size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {size}")
+        return size
+
+
+class AugmentConfig(Section):
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="area fraction range of the random crop")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="aspect ratio range of the crop")
+    flip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    color_jitter: ColorJitterConfig = Field(default_factory=ColorJitterConfig)
+    grayscale: float = Field(0.2, ge=0, le=1, description="probability of converting a view to grayscale")
+    blur: BlurConfig = Field(default_factory=BlurConfig)
+    solarize: float = Field(0.0, ge=0, le=1, description="probability of solarizing (threshold 0.5)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        return _ordered_pair(scale, 1e-3, 1.0, "crop_scale")
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio_range(cls, ratio: tuple[float, float]) -> tuple[float, float]:
+        return _ordered_pair(ratio, 1e-2, 100.0, "crop_ratio")
+
+
+class ModelConfig(Section):
+    backbone: Literal["resnet18_cifar", "small_convnet"] = Field(
+        "resnet18_cifar", description="feature extractor f; small_convnet is for quick CPU runs"
+    )
+    projector: list[Annotated[int, Field(ge=1)]] = Field(
+        [2048, 2048, 128], min_length=1, description="widths of the projector g's layers; the last is z's size"
+    )
+
+
+class SimCLRConfig(Section):
+    name: Literal["simclr"] = "simclr"
+    temperature: float = Field(0.5, gt=0, description="NT-Xent temperature tau")
+
+
+class BYOLConfig(Section):
+    name: Literal["byol"] = "byol"
+    predictor: list[Annotated[int, Field(ge=1)]] = Field(
+        [4096, 256], min_length=1, description="widths of the predictor q's layers; the last equals z's size"
+    )
+    ema_start: float = Field(0.99, ge=0, lt=1, description="tau_0 of the target EMA, raised to 1 by a cosine")
+
+
+class VICRegConfig(Section):
+    name: Literal["vicreg"] = "vicreg"
+    invariance_weight: float = Field(25.0, ge=0, description="lambda: weight of the invariance (MSE) term")
+    variance_weight: float = Field(25.0, ge=0, description="mu: weight of the variance hinge")
+    covariance_weight: float = Field(1.0, ge=0, description="nu: weight of the covariance term")
+    variance_target: float = Field(1.0, gt=0, description="gamma: target standard deviation")
+    eps: float = Field(1e-4, gt=0, description="epsilon inside the variance's square root")
+
+
+MethodConfig = Annotated[SimCLRConfig | BYOLConfig | VICRegConfig, Field(discriminator="name")]
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "lars", "adamw"] = Field("lars", description="optimiser")
+    lr: float = Field(0.3, gt=0, description="peak learning rate, reached after the warm-up")
+    weight_decay: float = Field(1e-6, ge=0, description="weight decay (L2 for sgd/lars, decoupled for adamw)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd, lars)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (adamw)")
+    warmup_epochs: float = Field(10.0, ge=0, description="linear warm-up length, then a cosine decay")
+    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="lr at the end, as a fraction of optim.lr")
+    lars_trust: float = Field(1e-3, gt=0, description="LARS trust coefficient eta")
+    exclude_bias_and_norm: bool = Field(
+        True, description="no weight decay and no LARS scaling for biases and normalisation weights"
+    )
+
+
+class TrainConfig(Section):
+    epochs: int = Field(100, ge=1, description="passes over the training split")
+    batch_size: int = Field(256, ge=2, description="images per step (each gives two views)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast and channels_last on CUDA, fp32 on the CPU"
+    )
+    compile: bool = Field(False, description="torch.compile the model (pays off on long GPU runs)")
+    checkpoint_every: int = Field(10, ge=1, description="write epoch-NNNN.safetensors every this many epochs")
+    log_every: int = Field(10, ge=1, description="steps between rows of the JSONL metrics log")
+
+
+class Recipe(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; the output folder")
+    seed: int = Field(0, ge=0, description="seed of the data order, the augmentations and the initial weights")
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=SimCLRConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> Recipe:
+        if isinstance(self.method, BYOLConfig) and self.method.predictor[-1] != self.model.projector[-1]:
+            raise ValueError(
+                f"method.predictor must end in the projector's width {self.model.projector[-1]}, "
+                f"got {self.method.predictor[-1]}"
+            )
+        if self.data.dataset != "digits" and self.data.root is None:
+            raise ValueError(f"data.root is required for dataset '{self.data.dataset}'")
+        return self
+
+
+# Keys that may change between a run and its resumption without altering the result.
+RESUME_SAFE_KEYS = frozenset({"data.root", "train.checkpoint_every", "train.log_every", "train.compile"})
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe file, apply `--set key.sub=value` overrides, validate against the schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file (see the recipes/ folder for examples)")
+    recipe = parse_recipe(path.read_text(), source=str(path), overrides=overrides)
+    return recipe
+
+
+def parse_recipe(text: str, source: str, overrides: typing.Sequence[str] = ()) -> Recipe:
+    try:
+        raw = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+        if context and context_mark:
+            problem += f" ({context} on line {context_mark.line + 1})"
+        raise RecipeError(f"{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping of sections (data, augment, ...), not a list or value")
+    raw.setdefault("name", Path(source).stem)
+    overridden = {}
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(raw, key, value, override)
+        overridden[key] = override
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise RecipeError(_describe(error, source, lines, overridden)) from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML: every key, defaults included; stored in each checkpoint."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def changed_keys(old: Recipe, new: Recipe) -> list[str]:
+    """Dotted keys whose values differ between two recipes."""
+    old_flat, new_flat = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return sorted(key for key in old_flat.keys() | new_flat.keys() if old_flat.get(key) != new_flat.get(key))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    key, sep, value = override.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
+        raise RecipeError(f"--set {override}: expected key.sub=value, e.g. --set optim.lr=0.2")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise RecipeError(f"--set {override}: the value is not valid YAML") from None
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, override: str) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for index, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            prefix = ".".join(parents[: index + 1])
+            raise RecipeError(f"--set {override}: '{prefix}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path of a YAML document to its 1-based line."""
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, str(key_node.value))
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path))
+    return lines
+
+
+def _describe(error: ValidationError, source: str, lines: dict, overridden: dict[str, str]) -> str:
+    """Turn pydantic's first error into one line naming file:line, the dotted key and the fix."""
+    first = error.errors()[0]
+    path, model = _schema_path(first["loc"])
+    key = ".".join(path) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        known = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(path[-1], known, n=1)
+        hint = f"did you mean '{'.'.join((*path[:-1], close[0]))}'?" if close else f"known keys: {', '.join(known)}"
+        message = f"unknown key '{key}'; {hint}"
+    elif first["type"] == "union_tag_invalid":
+        message = f"{key}: {first['msg']}"
+    elif first["type"] == "value_error" or not path:
+        message = first["msg"].removeprefix("Value error, ")
+        message = f"{key}: {message}" if path else message
+    else:
+        given = first.get("input")
+        shown = "" if isinstance(given, dict) or first["type"] == "missing" else f" (got {given!r})"
+        message = f"{key}: {first['msg']}{shown}"
+    if error.error_count() > 1:
+        message += f" (and {error.error_count() - 1} more problem(s))"
+    for dotted, override in overridden.items():
+        if path and (key == dotted or f"{key}.".startswith(f"{dotted}.") or dotted.startswith(f"{key}.")):
+            return f"--set {override}: {message}"
+    line = next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
+    return f"{source}:{line}: {message}" if line else f"{source}: {message}"
+
+
+def _schema_path(loc: tuple) -> tuple[tuple[str, ...], type[BaseModel] | None]:
+    """Drop the union tags pydantic puts in error locations; return the key path and the model
+    that holds its last key (for "did you mean")."""
+    model: type[BaseModel] | None = Recipe
+    owner = model
+    path: list[str] = []
+    parts = [str(part) for part in loc]
+    while parts:
+        part = parts.pop(0)
+        path.append(part)
+        owner = model
+        field = model.model_fields.get(part) if model else None
+        members = _union_members(field.annotation) if field else []
+        if len(members) > 1 and parts:
+            tag = parts.pop(0)
+            model = next((m for m in members if m.model_fields["name"].default == tag), None)
+        else:
+            model = members[0] if len(members) == 1 else None
+    return tuple(path), owner
+
+
+def _union_members(annotation: Any) -> list[type[BaseModel]]:
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        candidates = typing.get_args(annotation)
+    else:
+        candidates = (annotation,)
+    return [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]

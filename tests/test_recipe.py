@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+
+from hssl_cli.errors import RecipeError
+from hssl_cli.recipe import BYOLConfig, changed_keys, load_recipe, parse_recipe, recipe_to_yaml
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+
+
+def test_defaults_fill_every_section():
+    recipe = parse_recipe("name: x\n", "x.yaml")
+    assert recipe.method.name == "simclr" and recipe.method.temperature == 0.5
+    assert recipe.augment.crop_scale == (0.2, 1.0)
+    assert recipe.data.dataset == "digits"
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\noptim:\n  name: sgd\n  lrr: 0.1\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == f"{path}:4: unknown key 'optim.lrr'; did you mean 'optim.lr'?"
+
+
+def test_unknown_key_inside_method_uses_that_methods_schema():
+    with pytest.raises(RecipeError, match=r"x.yaml:3: unknown key 'method.ema_strat'; did you mean 'method.ema_start'"):
+        parse_recipe("model: {projector: [8]}\nmethod:\n  ema_strat: 0.9\n  name: byol\n  predictor: [8]\n", "x.yaml")
+
+
+def test_wrong_type_and_out_of_range_values_are_rejected_with_the_key():
+    with pytest.raises(RecipeError, match=r"x.yaml:1: train.epochs: .*greater than or equal to 1 \(got 0\)"):
+        parse_recipe("train: {epochs: 0}", "x.yaml")
+    with pytest.raises(RecipeError, match=r"x.yaml:2: optim.lr: .*valid number"):
+        parse_recipe("optim:\n  lr: fast\n", "x.yaml")
+    with pytest.raises(RecipeError, match=r"augment.crop_scale: crop_scale must satisfy"):
+        parse_recipe("augment: {crop_scale: [0.9, 0.1]}", "x.yaml")
+
+
+def test_yaml_syntax_error_names_the_line():
+    with pytest.raises(RecipeError, match=r"x.yaml:3: YAML syntax error: .*flow sequence on line 2\)"):
+        parse_recipe("a: 1\nb: [1, 2\nc: 3\n", "x.yaml")
+
+
+def test_set_overrides_are_typed_through_the_schema():
+    recipe = parse_recipe("name: x\n", "x.yaml", overrides=["optim.lr=0.25", "augment.crop_scale=[0.5, 1]",
+                                                             "train.compile=true"])
+    assert recipe.optim.lr == 0.25 and recipe.augment.crop_scale == (0.5, 1.0) and recipe.train.compile is True
+    with pytest.raises(RecipeError, match=r"--set optim.lrr=1: unknown key 'optim.lrr'; did you mean 'optim.lr'"):
+        parse_recipe("name: x\n", "x.yaml", overrides=["optim.lrr=1"])
+    with pytest.raises(RecipeError, match=r"--set train.epochs=many: train.epochs"):
+        parse_recipe("name: x\n", "x.yaml", overrides=["train.epochs=many"])
+    with pytest.raises(RecipeError, match=r"expected key.sub=value"):
+        parse_recipe("name: x\n", "x.yaml", overrides=["optim.lr"])
+
+
+def test_set_can_switch_the_method_and_its_schema():
+    recipe = parse_recipe("model: {projector: [16]}\n", "x.yaml",
+                          overrides=["method.name=byol", "method.predictor=[32, 16]"])
+    assert isinstance(recipe.method, BYOLConfig)
+
+
+def test_cross_section_checks_name_both_keys():
+    with pytest.raises(RecipeError, match="method.predictor must end in the projector's width 64"):
+        parse_recipe("model: {projector: [64]}\nmethod: {name: byol, predictor: [64, 128]}", "x.yaml")
+    with pytest.raises(RecipeError, match="data.root is required for dataset 'mnist'"):
+        parse_recipe("data: {dataset: mnist}", "x.yaml")
+
+
+def test_resolved_yaml_round_trips_and_diffs_list_changed_keys():
+    recipe = parse_recipe("name: x\nmethod: {name: vicreg}\n", "x.yaml")
+    again = parse_recipe(recipe_to_yaml(recipe), "stored")
+    assert again == recipe
+    changed = parse_recipe("name: x\nmethod: {name: vicreg, eps: 0.1}\noptim: {lr: 1.0}\n", "x.yaml")
+    assert changed_keys(recipe, changed) == ["method.eps", "optim.lr"]
