@@ -18,10 +18,12 @@ from hssl_cli.errors import HsslError
 
 app = typer.Typer(
     help="Equivariant and homomorphic self-supervised learning on images.\n\n"
-    "Typical use:  hssl pretrain recipes/quickstart.yaml  then  hssl probe checkpoints/quickstart/<run>/last.safetensors",
+    "Typical use: hssl pretrain recipes/quickstart.yaml, then "
+    "hssl probe checkpoints/quickstart/<run>/last.safetensors",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
 )
 console = Console(stderr=True)
 output = Console()
@@ -86,7 +88,8 @@ class TrainingProgress:
         self.bar.update(self.task, completed=row["step"], stats=stats)
         if not self.console.is_terminal and epoch > self.last_epoch_printed:
             self.last_epoch_printed = epoch
-            self.console.print(f"{self.title}: step {row['step']}/{row['total_steps']}  {stats}", highlight=False)
+            self.console.print(f"{self.title}: step {row['step']}/{row['total_steps']}  {stats}", highlight=False,
+                               soft_wrap=True)
 
 
 DeviceOption = Annotated[str, typer.Option(
@@ -108,44 +111,16 @@ def pretrain(
         "--resume", help="Continue a killed run: a run folder, its last.safetensors, or 'auto' (the newest "
         "complete run of this recipe under --output). The recipe must match the run's. Example: --resume auto")
     ] = None,
-    device: class TrainingProgress:
-    """A rich progress bar fed by the engine's log rows; plain lines when stderr is not a terminal."""
-
-    def __init__(self, console: Console, title: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.console, self.title, self.task = console, title, None
-        self.last_epoch_printed = 0
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
-                            disable=not console.is_terminal)
-
-    def __enter__(self) -> TrainingProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
-
-    def update(self, row: dict) -> None:
-        epoch = int(row["step"] // row["steps_per_epoch"])
-        stats = (f"epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
-                 f"{row['images_per_second']:.0f} img/s")
-        if self.task is None:
-            self.task = self.bar.add_task(self.title, total=row["total_steps"], stats=stats)
-        self.bar.update(self.task, completed=row["step"], stats=stats)
-        if not self.console.is_terminal and epoch > self.last_epoch_printed:
-            self.last_epoch_printed = epoch
-            self.console.print(f"{self.title}: step {row['step']}/{row['total_steps']}  {stats}", highlight=False)
-
-
-DeviceOption = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Train a self-supervised model from a recipe and write .safetensors checkpoints.
 
-    The run folder gets last.safetensors, epoch-NNNN.safetensors every train.checkpoint_every epochs,
-    last.state.safetensors (to resume), metrics.jsonl and the resolved recipe.yaml. SIGTERM/SIGUSR1
-    write a checkpoint and exit (pre-emption); `--resume` continues bit for bit on the CPU.
+    The run folder <output>/<name>/<timestamp>/ gets last.safetensors, epoch-NNNN.safetensors every \
+train.checkpoint_every epochs, last.state.safetensors (to resume), metrics.jsonl (one JSON row every \
+train.log_every steps) and the resolved recipe.yaml.
+
+    SIGTERM or SIGUSR1 (pre-emption) writes a checkpoint and exits with code 143; --resume continues \
+the run, bit for bit on the CPU. A NaN/inf loss stops the run and leaves the last good checkpoint.
 
     Example: hssl pretrain recipes/quickstart.yaml --set train.epochs=2 --device cpu
     """
@@ -156,7 +131,8 @@ DeviceOption = "auto",
 
     with TrainingProgress(console, f"pretrain {recipe.name}") as progress:
         result = run_pretrain(recipe, output_dir, device_name=device, resume=resume, progress=progress.update)
-    table = Table(title=f"pretrain {recipe.name}" + (" (interrupted: resume with --resume)" if result.interrupted else ""))
+    suffix = " (interrupted: continue with --resume)" if result.interrupted else ""
+    table = Table(title=f"pretrain {recipe.name}{suffix}")
     for column in ("epochs", "steps", "final loss", "wall time", "images/s", "checkpoint"):
         table.add_column(column)
     table.add_row(str(result.epochs), str(result.steps), f"{result.final_loss:.4f}", f"{result.wall_seconds:.1f} s",
@@ -180,44 +156,13 @@ def probe(
     features: Annotated[str, typer.Option(
         "--features", help="backbone (f(x), the usual choice) or projector (g(f(x))).")] = "backbone",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
-    device: class TrainingProgress:
-    """A rich progress bar fed by the engine's log rows; plain lines when stderr is not a terminal."""
-
-    def __init__(self, console: Console, title: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.console, self.title, self.task = console, title, None
-        self.last_epoch_printed = 0
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
-                            disable=not console.is_terminal)
-
-    def __enter__(self) -> TrainingProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(*exc)
-
-    def update(self, row: dict) -> None:
-        epoch = int(row["step"] // row["steps_per_epoch"])
-        stats = (f"epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
-                 f"{row['images_per_second']:.0f} img/s")
-        if self.task is None:
-            self.task = self.bar.add_task(self.title, total=row["total_steps"], stats=stats)
-        self.bar.update(self.task, completed=row["step"], stats=stats)
-        if not self.console.is_terminal and epoch > self.last_epoch_printed:
-            self.last_epoch_printed = epoch
-            self.console.print(f"{self.title}: step {row['step']}/{row['total_steps']}  {stats}", highlight=False)
-
-
-DeviceOption = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Linear and kNN evaluation of the frozen features of a checkpoint (no recipe file needed).
 
-    Features of the train and test splits are extracted once and standardised; a softmax classifier is
-    trained full-batch with its weight decay chosen on a held-out 10% of train, and a weighted kNN
-    (cosine, k=20 and k=200, temperature 0.07) votes. Reports top-1/top-5 on the test split.
+    Features of the train and test splits are extracted once. A softmax classifier is trained \
+full-batch (L-BFGS) on standardised features, its weight decay chosen on a held-out 10% of train; \
+a weighted kNN (cosine, k=20 and k=200, temperature 0.07) votes. Top-1/top-5 on the test split.
 
     Example: hssl probe checkpoints/quickstart/20261123-120000/last.safetensors --json
     """

@@ -28,7 +28,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
 fi
 
 echo "setup: installing the pinned torch/torchvision pair and hssl (a few minutes the first time)"
-.venv/bin/python -m pip install -q -c constraints.txt torch torchvision
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+quiet .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
+quiet .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
 echo "$wanted" > "$stamp"
 echo "setup: done ($(.venv/bin/python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'))"

@@ -70,7 +70,7 @@ class ViewParams:
     crop: torch.Tensor  # (B, 4) top, left, height, width as fractions of the input's H and W
     flip: torch.Tensor  # (B,) bool
     jitter_applied: torch.Tensor  # (B,) bool
-    jitter_order: torch.Tensor  # (B, 4) long: op applied 1st..4th (0 brightness, 1 contrast, 2 saturation, 3 hue)
+    jitter_order: torch.Tensor  # (B, 4) long, op applied 1st..4th: 0 brightness, 1 contrast, 2 saturation, 3 hue
     jitter_factors: torch.Tensor  # (B, 4) brightness, contrast, saturation factors and hue shift
     grayscale: torch.Tensor  # (B,) bool
     blur_sigma: torch.Tensor  # (B,) float, 0 = no blur
@@ -89,7 +89,7 @@ class ViewParams:
     def from_vector(cls, vector: torch.Tensor) -> ViewParams:
         """Inverse of `as_vector` (blur_applied is implied by blur_sigma > 0)."""
         if vector.ndim != 2 or vector.shape[1] != len(PARAM_NAMES):
-            raise ValueError(f"expected a (B, {len(PARAM_NAMES)}) parameter vector, got {tuple(vector.shape)}")
+            raise ValueError(f"expected a (B, {len(PARAM_NAMES)}) parameter vector, got {list(vector.shape)}")
         vector = vector.float()
         return cls(
             crop=vector[:, 0:4].clone(),
@@ -135,25 +135,22 @@ def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> t
 def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue of RGB images in [0, 1] by `shift` (fraction of a turn, per sample).
 
-    H' = (H + 6 shift) mod 6 in sextants, with V = max(r, g, b) and chroma C = V - min(r, g, b) kept;
-    back to RGB by channel_n = V - C clamp(min(k_n, 4 - k_n), 0, 1), k_n = (n + H') mod 6, n = 5, 3, 1.
+    With V = max(r, g, b) and chroma C = V - min(r, g, b) kept and the hue H in sextants [0, 6):
+    H' = H + 6 shift, channel_n = V - C clamp(min(k_n, 4 - k_n), 0, 1), k_n = (H' + n) mod 6, n = 5, 3, 1.
     """
     red, green, blue = images.unbind(dim=1)
-    value = images.amax(dim=1)
-    chroma = value - images.amin(dim=1)
-    # Gray pixels have no hue; any divisor works there because chroma = 0 cancels it below.
-    divisor = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    sextant = torch.where(
+    value = torch.maximum(torch.maximum(red, green), blue)
+    chroma = value - torch.minimum(torch.minimum(red, green), blue)
+    # Gray pixels (chroma 0) have all differences 0, so any finite inverse gives them hue 0.
+    inverse = 1 / chroma.clamp_min(1e-12)
+    hue = torch.where(
         value == red,
-        (green - blue) / divisor,
-        torch.where(value == green, (blue - red) / divisor + 2, (red - green) / divisor + 4),
+        (green - blue) * inverse,
+        torch.where(value == green, (blue - red) * inverse + 2, (red - green) * inverse + 4),
     )
-    sextant = sextant + 6 * shift.view(-1, 1, 1)
-    channels = []
-    for offset in (5.0, 3.0, 1.0):
-        k = torch.remainder(sextant + offset, 6)
-        channels.append(value - chroma * torch.minimum(k, 4 - k).clamp(0, 1))
-    return torch.stack(channels, dim=1)
+    offsets = (5 - 2 * torch.arange(3, device=images.device, dtype=images.dtype)).view(1, 3, 1, 1)  # 5, 3, 1
+    k = torch.remainder((hue + 6 * shift.view(-1, 1, 1)).unsqueeze(1) + offsets, 6)
+    return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def _odd_kernel_size(image_size: int) -> int:
@@ -199,12 +196,13 @@ class Augmenter:
         uniform = torch.rand(batch_size, _NUM_DRAWS, generator=generator, device=device)
         crop = self._sample_crops(uniform, *(input_size or (self.image_size, self.image_size)))
         jitter_applied = uniform[:, _JITTER] < config.color_jitter.p
-        low = torch.tensor(self._jitter_low, device=device)
-        high = torch.tensor(self._jitter_high, device=device)
-        factors = low + (high - low) * uniform[:, _FACTORS]
-        identity = torch.tensor(IDENTITY_JITTER, device=device).expand_as(factors)
-        # Without jitter, order and factors carry no information: use canonical values so the
-        # parameter vector does not feed noise to EquiMod's encoder.
+        # Without jitter, order and factors carry no information: canonical values keep that noise
+        # out of EquiMod's parameter encoder. Python scalars, not host tensors: no copy, no GPU sync.
+        factors = torch.stack([
+            torch.where(jitter_applied, low + (high - low) * uniform[:, column], identity)
+            for column, low, high, identity in zip(range(_FACTORS.start, _FACTORS.stop), self._jitter_low,
+                                                   self._jitter_high, IDENTITY_JITTER, strict=True)
+        ], dim=1)  # fmt: skip
         order = torch.where(jitter_applied[:, None], uniform[:, _ORDER].argsort(dim=1),
                             torch.arange(4, device=device).expand(batch_size, 4))
         blur_applied = uniform[:, _BLUR] < config.blur.p
@@ -215,7 +213,7 @@ class Augmenter:
             flip=uniform[:, _FLIP] < config.flip,
             jitter_applied=jitter_applied,
             jitter_order=order,
-            jitter_factors=torch.where(jitter_applied[:, None], factors, identity),
+            jitter_factors=factors,
             grayscale=uniform[:, _GRAY] < config.grayscale,
             blur_sigma=torch.where(blur_applied, sigma, torch.zeros_like(sigma)),
             solarize=uniform[:, _SOLARIZE] < config.solarize,
@@ -225,8 +223,8 @@ class Augmenter:
         """RandomResizedCrop's box per sample: the first of CROP_TRIES candidates that fits, else central."""
         (scale_low, scale_high), (ratio_low, ratio_high) = self.config.crop_scale, self.config.crop_ratio
         area = height * width * (scale_low + (scale_high - scale_low) * uniform[:, _AREA])
-        log_ratio = math.log(ratio_low) + (math.log(ratio_high) - math.log(ratio_low)) * uniform[:, _LOG_RATIO]
-        aspect = log_ratio.exp()
+        log_low, log_high = math.log(ratio_low), math.log(ratio_high)
+        aspect = (log_low + (log_high - log_low) * uniform[:, _LOG_RATIO]).exp()
         crop_w = (area * aspect).sqrt().round()
         crop_h = (area / aspect).sqrt().round()
         fits = (crop_w >= 1) & (crop_w <= width) & (crop_h >= 1) & (crop_h <= height)
@@ -254,7 +252,7 @@ class Augmenter:
     def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32 (B, C, S, S) normalised views; a pure function of its inputs."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected uint8 (B, 1|3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"expected uint8 (B, 1|3, H, W) images, got {images.dtype} {list(images.shape)}")
         views = self._crop_and_flip(images.float() / 255.0, params)
         views = self._color_jitter(views, params)
         if views.shape[1] == 3:
@@ -287,21 +285,26 @@ class Augmenter:
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def _color_jitter(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        """Four rounds; in round r each sample gets its r-th op, every other op acts as the identity.
+        """Four rounds; in round r each sample gets its r-th op, the other ops act as the identity.
 
-        Brightness multiplies, contrast blends with the mean luma, saturation with the luma, hue shifts
-        in HSV; each clamps to [0, 1] (torchvision's ColorJitter). Identity factors leave values exact.
+        torchvision's ColorJitter: brightness, contrast and saturation are x -> f x + (1 - f) t with the
+        target t black, the image's mean luma, the pixel's luma; hue shifts in HSV; each clamps to
+        [0, 1]. One blend per round serves all three; factor 1 leaves values exact.
         """
         brightness, contrast, saturation, hue = params.jitter_factors.to(images).unbind(dim=1)
         one = torch.ones_like(brightness)
         rgb = images.shape[1] == 3
+        if not rgb:  # saturation and hue do nothing to a 1-channel image (as in torchvision)
+            saturation = one
         for step in range(4):
             op = torch.where(params.jitter_applied, params.jitter_order[:, step], -1)
-            images = (images * torch.where(op == 0, brightness, one).view(-1, 1, 1, 1)).clamp(0, 1)
-            mean_luma = _luma(images).mean(dim=(1, 2, 3), keepdim=True)
-            images = _blend(images, mean_luma, torch.where(op == 1, contrast, one))
-            if rgb:  # saturation and hue do nothing to a 1-channel image (as in torchvision)
-                images = _blend(images, _luma(images), torch.where(op == 2, saturation, one))
+            factor = torch.where(op == 0, brightness, torch.where(op == 1, contrast,
+                                                                  torch.where(op == 2, saturation, one)))
+            luma = _luma(images)
+            mean_luma = luma.mean(dim=(1, 2, 3), keepdim=True) * (op == 1).view(-1, 1, 1, 1)
+            target = torch.where((op == 2).view(-1, 1, 1, 1), luma, mean_luma)
+            images = _blend(images, target, factor)
+            if rgb:
                 images = torch.where((op == 3).view(-1, 1, 1, 1), _shift_hue(images, hue), images)
         return images
 

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import warnings
 import zlib
 from collections import defaultdict
@@ -40,9 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from hssl_cli.errors import DataError
+from hssl_cli.files import save_safetensors_atomically
 from hssl_cli.recipe import DataConfig
 
 SPLITS = {
@@ -58,6 +57,7 @@ MNIST_FILES = {
 }
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGE_GLOB = "*.jpg|jpeg|png"
 CACHE_FORMAT = "hssl-imagefolder-cache/1"
 CACHE_FOLDER = ".hssl-cache"
 DECODE_CHUNK = 1024  # files read and decoded per batch: bounds the memory held by encoded bytes
@@ -80,7 +80,7 @@ def load_split(config: DataConfig, split: str, progress: bool = False) -> ImageS
         data = _load_digits(split)
     else:
         if config.root is None:
-            raise DataError(f"data.root is required for dataset '{config.dataset}': set it to the dataset folder")
+            raise DataError(f"data.root is required for dataset '{config.dataset}': set it to its folder")
         root = Path(config.root).expanduser()
         if config.dataset == "imagefolder":
             return _load_imagefolder(root, split, config.image_size, progress)
@@ -157,10 +157,13 @@ def _read_idx(path: Path, ndim: int) -> torch.Tensor:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as error:
-            raise DataError(f"{path}: corrupt gzip file ({error}); restore the original MNIST file") from None
+            raise DataError(
+                f"{path}: corrupt gzip file ({_reason(error)}); restore the original MNIST file"
+            ) from None
     expected = f"an IDX file of unsigned bytes with {ndim} dimension(s), magic 000008{ndim:02x}"
     if raw[:4] != bytes((0, 0, 8, ndim)):
-        raise DataError(f"{path}: not {expected} (found {raw[:4].hex() or 'an empty file'}); restore the file")
+        found = raw[:4].hex() or "an empty file"
+        raise DataError(f"{path}: not {expected} (found {found}); restore the original MNIST file")
     header_size = 4 + 4 * ndim
     if len(raw) < header_size:
         raise DataError(f"{path}: truncated IDX header; restore the original MNIST file")
@@ -169,7 +172,7 @@ def _read_idx(path: Path, ndim: int) -> torch.Tensor:
     if count == 0 or len(raw) - header_size != count:
         raise DataError(
             f"{path}: the IDX header promises {'x'.join(map(str, dims))} = {count} bytes but "
-            f"{len(raw) - header_size} follow; the file is truncated or corrupt, restore the original MNIST file"
+            f"{len(raw) - header_size} follow; the file is truncated or corrupt, restore the original file"
         )
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).view(*dims)
 
@@ -183,8 +186,9 @@ def _load_cifar10(root: Path, split: str) -> ImageSplit:
         dataset = CIFAR10(str(root), train=split == "train", download=False)
     except (RuntimeError, OSError, EOFError, ValueError) as error:
         raise DataError(
-            f"{root / CIFAR10.base_folder}: CIFAR-10 missing or corrupt ({error}); expected data_batch_1..5, "
-            f"test_batch and batches.meta there: extract the official cifar-10-python.tar.gz into {root}"
+            f"{root / CIFAR10.base_folder}: CIFAR-10 missing or corrupt{_detail(error)}; expected "
+            f"data_batch_1..5, test_batch and batches.meta there: extract the official "
+            f"cifar-10-python.tar.gz into {root}"
         ) from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
     return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
@@ -199,19 +203,31 @@ def _load_stl10(root: Path, split: str) -> ImageSplit:
         dataset = STL10(str(root), split=split, download=False)
     except (RuntimeError, OSError, EOFError, ValueError) as error:
         raise DataError(
-            f"{root / STL10.base_folder}: STL-10 missing or corrupt ({error}); expected train_X.bin, "
+            f"{root / STL10.base_folder}: STL-10 missing or corrupt{_detail(error)}; expected train_X.bin, "
             f"train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin there: extract the official "
             f"stl10_binary.tar.gz into {root}"
         ) from None
     labels = torch.from_numpy(np.asarray(dataset.labels, dtype=np.int64))
-    return ImageSplit(torch.from_numpy(dataset.data), labels, list(getattr(dataset, "classes", STL10_CLASSES)))
+    classes = list(getattr(dataset, "classes", STL10_CLASSES))  # set only when class_names.txt exists
+    return ImageSplit(torch.from_numpy(dataset.data), labels, classes)
+
+
+def _detail(error: Exception) -> str:
+    # torchvision's RuntimeError here only says "not found or corrupted, use download=True"
+    return "" if isinstance(error, RuntimeError) else f" ({_reason(error)})"
+
+
+def _reason(error: Exception) -> str:
+    """The first line of a library's error, so that a DataError stays one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _load_imagefolder(root: Path, split: str, size: int, progress: bool) -> ImageSplit:
-    layout = f"{root}/<split>/<class>/*.jpg|jpeg|png"
+    layout = f"{root}/<split>/<class>/{IMAGE_GLOB}"
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; imagefolder expects {layout}")
-    splits = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    splits = _visible_folders(root)
     if split not in splits:
         raise DataError(
             f"{root / split}: no such split folder; imagefolder expects {layout}, "
@@ -232,22 +248,18 @@ def _load_imagefolder(root: Path, split: str, size: int, progress: bool) -> Imag
 def _list_images(root: Path, split: str, size: int) -> tuple[list[str], torch.Tensor, list[str], str]:
     """Image paths and labels in class-then-name order, the classes, and the cache key of the list."""
     split_dir = root / split
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    classes = _visible_folders(split_dir)
     if not classes:
-        raise DataError(f"{split_dir}: no class folders; imagefolder expects {split_dir}/<class>/*.jpg|jpeg|png")
+        raise DataError(
+            f"{split_dir}: no class folders; imagefolder expects {split_dir}/<class>/{IMAGE_GLOB}"
+        )
     key = hashlib.sha256(f"{CACHE_FORMAT}\n{size}\n{json.dumps(classes)}\n".encode())
     paths: list[str] = []
     labels: list[int] = []
     for label, class_name in enumerate(classes):
-        entries = sorted(
-            (
-                entry
-                for entry in os.scandir(split_dir / class_name)
-                if entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.startswith(".") and entry.is_file()
-            ),
-            key=lambda entry: entry.name,
-        )
-        for entry in entries:
+        for entry in sorted(os.scandir(split_dir / class_name), key=lambda entry: entry.name):
+            if not _is_image(entry):
+                continue
             stat = entry.stat()
             key.update(os.fsencode(f"{split}/{class_name}/{entry.name}"))
             key.update(f"\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
@@ -256,9 +268,22 @@ def _list_images(root: Path, split: str, size: int) -> tuple[list[str], torch.Te
     if not paths:
         raise DataError(
             f"{split_dir}: no .jpg/.jpeg/.png images in its class folders ({', '.join(classes)}); "
-            f"imagefolder expects {split_dir}/<class>/*.jpg|jpeg|png"
+            f"imagefolder expects {split_dir}/<class>/{IMAGE_GLOB}"
         )
     return paths, torch.tensor(labels, dtype=torch.int64), classes, key.hexdigest()
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    # hidden files include macOS's '._name.jpg' resource forks, which are not images
+    name = entry.name
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file()
+
+
+def _visible_folders(folder: Path) -> list[str]:
+    """Sorted names of the subfolders, leaving out hidden ones such as .hssl-cache."""
+    return sorted(
+        entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith(".")
+    )
 
 
 def _decode_files(paths: list[str], size: int, progress: bool, description: str) -> torch.Tensor:
@@ -288,19 +313,22 @@ def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
     jpegs = [index for index, data in enumerate(encoded) if data.startswith(JPEG_MAGIC)]
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders in favour of torchcodec; nothing for a user to act on
-        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
-        try:
-            batch = decode_jpeg([_as_tensor(paths[i], encoded[i]) for i in jpegs], mode=ImageReadMode.RGB)
-            for index, image in zip(jpegs, batch, strict=True):
-                decoded[index] = image
-        except RuntimeError:
-            pass  # a corrupt file in the batch: decode them one by one below to name it
+        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+        if jpegs:
+            # on a corrupt file the whole batch fails; the loop below then decodes one by one and names it
+            with contextlib.suppress(RuntimeError):
+                batch = decode_jpeg([_as_tensor(paths[i], encoded[i]) for i in jpegs], mode=ImageReadMode.RGB)
+                for index, image in zip(jpegs, batch, strict=True):
+                    decoded[index] = image
         for index, image in enumerate(decoded):
             if image is None:
+                path = paths[index]
                 try:
-                    decoded[index] = decode_image(_as_tensor(paths[index], encoded[index]), mode=ImageReadMode.RGB)
-                except RuntimeError as error:
-                    raise DataError(f"{paths[index]}: cannot decode this image ({error}); fix or delete it") from None
+                    decoded[index] = decode_image(_as_tensor(path, encoded[index]), mode=ImageReadMode.RGB)
+                except (RuntimeError, ValueError) as error:
+                    raise DataError(
+                        f"{path}: cannot decode this image ({_reason(error)}); fix or delete it"
+                    ) from None
     return [_to_uint8(image) for image in decoded if image is not None]
 
 
@@ -361,31 +389,11 @@ def _write_cache(root: Path, name: str, data: ImageSplit) -> None:
     problems = []
     for folder in _cache_folders(root):
         try:
-            _save_atomically(folder / name, tensors, metadata)
+            save_safetensors_atomically(folder / name, tensors, metadata)
             return
         except (OSError, SafetensorError) as error:
             problems.append(f"{folder}: {error}")
-    warnings.warn(f"could not cache the decoded images ({'; '.join(problems)}); the next load decodes again",
-                  stacklevel=3)
-
-
-def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        with open(temp, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    warnings.warn(
+        f"could not cache the decoded images ({'; '.join(problems)}); the next load decodes again",
+        stacklevel=3,
+    )

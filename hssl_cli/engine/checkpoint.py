@@ -11,19 +11,17 @@ it alone is enough to resume.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 from torch import nn
 
 import hssl_cli
 from hssl_cli.errors import CheckpointError
+from hssl_cli.files import save_safetensors_atomically
 from hssl_cli.recipe import Recipe, RecipeError, parse_recipe, recipe_to_yaml
 
 FORMAT_VERSION = 1
@@ -51,26 +49,6 @@ class Checkpoint:
         return {key[len(start):]: value for key, value in self.tensors.items() if key.startswith(start)}
 
 
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def _base_metadata(recipe: Recipe, kind: str, epoch: int, step: int) -> dict[str, str]:
     return {
         "hssl_version": hssl_cli.__version__,
@@ -94,7 +72,7 @@ def save_model(path: Path, model: nn.Module, recipe: Recipe, epoch: int, step: i
     """A model checkpoint: the method's state_dict plus `data.mean`/`data.std` for preprocessing."""
     tensors = _cpu_tensors(model.state_dict()) | _cpu_tensors(data_stats, "data.")
     metadata = _base_metadata(recipe, "model", epoch, step) | {"metrics": json.dumps(metrics)}
-    write_atomically(path, save_bytes(tensors, metadata=metadata))
+    save_safetensors_atomically(path, tensors, metadata)
 
 
 def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe,
@@ -112,7 +90,7 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
         "optimizer_scalars": json.dumps(scalars),
     }
-    write_atomically(path, save_bytes(tensors, metadata=metadata))
+    save_safetensors_atomically(path, tensors, metadata)
 
 
 def load_checkpoint(path: str | Path, kind: str = "model") -> Checkpoint:
@@ -126,7 +104,7 @@ def load_checkpoint(path: str | Path, kind: str = "model") -> Checkpoint:
         payload = path.read_bytes()
         tensors = load_bytes(payload)
         metadata = _read_metadata(payload)
-    except (SafetensorsError, ValueError, OSError) as error:
+    except (SafetensorError, ValueError, OSError) as error:
         raise CheckpointError(
             f"{path}: not a readable .safetensors file (truncated or corrupt: {error}); "
             "use another checkpoint of the run, e.g. an epoch-NNNN.safetensors"
@@ -163,7 +141,7 @@ def load_module_state(module: nn.Module, tensors: dict[str, torch.Tensor], sourc
     expected = module.state_dict()
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
-    mismatched = [k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape]
+    mismatched = sorted(k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape)
     if missing or unexpected or mismatched:
         details = []
         if missing:
@@ -173,7 +151,8 @@ def load_module_state(module: nn.Module, tensors: dict[str, torch.Tensor], sourc
         if mismatched:
             key = mismatched[0]
             details.append(f"shape of {key} is {tuple(tensors[key].shape)}, the model has {tuple(expected[key].shape)}")
-        raise CheckpointError(f"{source}: the {what} tensors do not fit the model its recipe builds ({'; '.join(details)})")
+        raise CheckpointError(
+            f"{source}: the {what} tensors do not fit the model its recipe builds ({'; '.join(details)})")
     module.load_state_dict(tensors)
 
 

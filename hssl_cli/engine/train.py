@@ -152,7 +152,8 @@ def pretrain(
         nonlocal saved_step
         epoch = step // steps_per_epoch
         if with_epoch_file:
-            ckpt.save_model(run_dir / f"epoch-{epoch:04d}.safetensors", method, recipe, epoch, step, metrics, data_stats)
+            epoch_file = run_dir / f"epoch-{epoch:04d}.safetensors"
+            ckpt.save_model(epoch_file, method, recipe, epoch, step, metrics, data_stats)
         ckpt.save_model(run_dir / "last.safetensors", method, recipe, epoch, step, metrics, data_stats)
         ckpt.save_training_state(run_dir / "last.state.safetensors", method, optimizer, recipe, epoch, step,
                                  data_stats)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hssl_cli.data.augment import ViewParams
+
 
 class SSLMethod(nn.Module):
     """Submodules are named after the checkpoint prefixes of DESIGN.md: backbone, projector,
@@ -17,7 +19,7 @@ class SSLMethod(nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, views: list[torch.Tensor], augmentation_params: list[torch.Tensor] | None = None
+    def forward(self, views: list[torch.Tensor], augmentation_params: list[ViewParams] | None = None
                 ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+from hssl_cli.recipe import parse_recipe
+
+TINY_RECIPE = """
+name: tiny
+seed: 3
+data: {dataset: digits, image_size: 16}
+augment: {crop_scale: [0.5, 1.0], flip: 0.0, grayscale: 0.0,
+          color_jitter: {p: 0.8, brightness: 0.4, contrast: 0.4, saturation: 0.0, hue: 0.0}}
+model: {backbone: small_convnet, projector: [64, 32]}
+method: {name: simclr, temperature: 0.2}
+optim: {name: adamw, lr: 2.0e-3, weight_decay: 1.0e-4, warmup_epochs: 1}
+train: {epochs: 2, batch_size: 128, checkpoint_every: 1, log_every: 3}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_cpu():
+    torch.set_num_threads(1)  # bit-exact comparisons across runs in one process
+    yield
+
+
+@pytest.fixture
+def tiny_recipe():
+    def make(*overrides: str):
+        return parse_recipe(TINY_RECIPE, "tiny.yaml", overrides=list(overrides))
+
+    return make

@@ -1,0 +1,96 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hssl_cli.engine.checkpoint import load_checkpoint
+from hssl_cli.engine.train import StopRequest, pretrain
+from hssl_cli.errors import HsslError, TrainingDiverged
+
+
+def _weights(path):
+    return load_file(path)
+
+
+def test_run_folder_holds_checkpoints_log_and_recipe(tmp_path, tiny_recipe):
+    result = pretrain(tiny_recipe(), tmp_path, device_name="cpu")
+    assert result.run_dir.parent == tmp_path / "tiny"
+    names = sorted(p.name for p in result.run_dir.iterdir())
+    assert names == ["epoch-0001.safetensors", "epoch-0002.safetensors", "last.safetensors",
+                     "last.state.safetensors", "metrics.jsonl", "recipe.yaml"]
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == result.steps == 2 * (1437 // 128)
+    assert all(key in rows[0] for key in ("loss", "lr", "images_per_second", "epoch"))
+    checkpoint = load_checkpoint(result.checkpoint)
+    assert checkpoint.metadata["method"] == "simclr" and checkpoint.epoch == 2
+    assert checkpoint.recipe == tiny_recipe()
+    assert {key.split(".")[0] for key in checkpoint.tensors} == {"backbone", "projector", "data"}
+
+
+def test_training_lowers_the_loss(tmp_path, tiny_recipe):
+    pretrain(tiny_recipe("train.epochs=3", "train.log_every=1"), tmp_path, device_name="cpu")
+    rows = [json.loads(line) for line in next(tmp_path.glob("tiny/*/metrics.jsonl")).read_text().splitlines()]
+    assert sum(r["loss"] for r in rows[-5:]) / 5 < sum(r["loss"] for r in rows[:5]) / 5 - 0.3
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "vicreg"])
+def test_resume_after_stop_continues_bit_exact(tmp_path, tiny_recipe, method):
+    overrides = {"simclr": [], "byol": ["method={name: byol, predictor: [64, 32]}"],
+                 "vicreg": ["method={name: vicreg}", "optim.name=lars", "optim.lr=0.3"]}[method]
+    recipe = tiny_recipe(*overrides)
+    whole = pretrain(recipe, tmp_path / "whole", device_name="cpu")
+
+    stop = StopRequest()
+
+    def stop_at_step_6(row):
+        if row["step"] >= 6:
+            stop()
+
+    first = pretrain(recipe, tmp_path / "split", device_name="cpu", progress=stop_at_step_6, stop=stop)
+    assert first.interrupted and first.steps == 6
+    second = pretrain(recipe, tmp_path / "split", device_name="cpu", resume="auto")
+    assert second.run_dir == first.run_dir and second.steps == whole.steps
+    expected, resumed = _weights(whole.checkpoint), _weights(second.checkpoint)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_resume_with_a_changed_recipe_is_refused_naming_the_keys(tmp_path, tiny_recipe):
+    result = pretrain(tiny_recipe("train.epochs=1"), tmp_path, device_name="cpu")
+    with pytest.raises(HsslError, match=r"differs from the run's in optim.lr, train.epochs"):
+        pretrain(tiny_recipe("optim.lr=0.1"), tmp_path, device_name="cpu", resume=str(result.run_dir))
+    # keys that do not alter the run may change
+    pretrain(tiny_recipe("train.epochs=1", "train.log_every=7"), tmp_path, device_name="cpu",
+             resume=str(result.checkpoint))
+
+
+def test_nan_loss_stops_and_leaves_the_last_good_checkpoint(tmp_path, tiny_recipe):
+    stop_after_first_epoch = tiny_recipe("train.epochs=1")
+    good = pretrain(stop_after_first_epoch, tmp_path, device_name="cpu")
+    before = good.checkpoint.read_bytes()
+    with pytest.raises(TrainingDiverged, match="NaN/inf"):
+        pretrain(tiny_recipe("optim.lr=1.0e+30", "optim.name=sgd", "optim.warmup_epochs=0"), tmp_path,
+                 device_name="cpu", resume=None)
+    assert good.checkpoint.read_bytes() == before
+    diverged_run = max((tmp_path / "tiny").iterdir())
+    assert not (diverged_run / "last.safetensors").exists()
+
+
+def test_sigterm_writes_a_checkpoint_and_returns(tmp_path, tiny_recipe):
+    def send_sigterm(row):
+        if row["step"] >= 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = pretrain(tiny_recipe(), tmp_path, device_name="cpu", progress=send_sigterm)
+    assert result.interrupted and 3 <= result.steps < 2 * (1437 // 128)
+    assert load_checkpoint(result.checkpoint).step == result.steps
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_batch_larger_than_the_dataset_is_a_user_error(tmp_path, tiny_recipe):
+    with pytest.raises(HsslError, match="train.batch_size=5000 exceeds the 1437 images"):
+        pretrain(tiny_recipe("train.batch_size=5000"), tmp_path, device_name="cpu")
