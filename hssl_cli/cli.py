@@ -133,11 +133,13 @@ the run, bit for bit on the CPU. A NaN/inf loss stops the run and leaves the las
         result = run_pretrain(recipe, output_dir, device_name=device, resume=resume, progress=progress.update)
     suffix = " (interrupted: continue with --resume)" if result.interrupted else ""
     table = Table(title=f"pretrain {recipe.name}{suffix}")
-    for column in ("epochs", "steps", "final loss", "wall time", "images/s", "checkpoint"):
-        table.add_column(column)
+    for column in ("epochs", "steps", "final loss", "wall time", "images/s"):
+        table.add_column(column, justify="right")
     table.add_row(str(result.epochs), str(result.steps), f"{result.final_loss:.4f}", f"{result.wall_seconds:.1f} s",
-                  f"{result.images_per_second:.0f}", str(result.checkpoint))
+                  f"{result.images_per_second:.0f}")
     output.print(table)
+    output.print(f"checkpoint: {result.checkpoint}\nevaluate it: hssl probe {result.checkpoint}", soft_wrap=True,
+                 highlight=False)
     if result.interrupted:
         raise typer.Exit(143)
 
@@ -173,13 +175,15 @@ a weighted kNN (cosine, k=20 and k=200, temperature 0.07) votes. Top-1/top-5 on 
     if as_json:
         output.print_json(json.dumps(report))
         return
-    table = Table(title=f"probe {report['checkpoint']} ({report['dataset']}, {report['features']} features, "
-                  f"d={report['feature_dim']})")
+    table = Table(title=f"probe: {report['dataset']} {report['train_size']} train / {report['test_size']} test, "
+                  f"{report['features']} features (d={report['feature_dim']})")
     for column in ("evaluation", "top-1 %", "top-5 %", "detail"):
         table.add_column(column)
     for name, result in report["results"].items():
         table.add_row(name, f"{result['top1']:.2f}", f"{result['top5']:.2f}", result.get("detail", ""))
     output.print(table)
+    output.print(f"checkpoint: {report['checkpoint']} (epoch {report['epoch']}, {report['method']}, "
+                 f"{report['backbone']}); {report['seconds']:.1f} s", soft_wrap=True, highlight=False)
 
 
 def main() -> None:
