@@ -143,6 +143,9 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model (pays off on long GPU runs)")
     checkpoint_every: int = Field(10, ge=1, description="write epoch-NNNN.safetensors every this many epochs")
     log_every: int = Field(10, ge=1, description="steps between rows of the JSONL metrics log")
+    diagnostics_every: int = Field(
+        5, ge=0, description="epochs between collapse diagnostics on a held batch, logged to metrics.jsonl; 0: off"
+    )
 
 
 class Recipe(Section):
@@ -168,7 +171,9 @@ class Recipe(Section):
 
 
 # Keys that may change between a run and its resumption without altering the result.
-RESUME_SAFE_KEYS = frozenset({"data.root", "train.checkpoint_every", "train.log_every", "train.compile"})
+RESUME_SAFE_KEYS = frozenset(
+    {"data.root", "train.checkpoint_every", "train.log_every", "train.compile", "train.diagnostics_every"}
+)
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:

@@ -21,7 +21,7 @@ from hssl_cli.recipe import DataConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
-DATASETS = Path("/work/shared/datasets")
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"  # shared/ sits beside the repo
 MNIST_DIR = DATASETS / "mnist"
 CIFAR_JPEG = DATASETS / "cifar10-jpeg.tar.gz"
 requires_mnist = pytest.mark.skipif(

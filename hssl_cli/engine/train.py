@@ -12,14 +12,17 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from hssl_cli.data.augment import Augmenter, channel_stats
+from hssl_cli.data.augment import Augmenter, channel_stats, normalize
 from hssl_cli.data.sources import load_split
 from hssl_cli.engine import checkpoint as ckpt
 from hssl_cli.engine.optim import build_optimizer, learning_rate
 from hssl_cli.errors import HsslError, TrainingDiverged
 from hssl_cli.methods import build_method
 from hssl_cli.recipe import RESUME_SAFE_KEYS, Recipe, changed_keys, recipe_to_yaml
+
+HELD_BATCH = 512  # images of the fixed batch that training-time diagnostics are measured on
 
 
 @dataclass
@@ -100,8 +103,10 @@ def pretrain(
     resume: str | None = None,
     progress: Callable[[dict], None] | None = None,
     stop: StopRequest | None = None,
+    diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None = None,
 ) -> RunResult:
-    """Train `recipe` and write checkpoints; `progress` receives a dict per logged row."""
+    """Train `recipe` and write checkpoints; `progress` receives a dict per logged row; `diagnostics`
+    (method, held normalised images) -> metrics runs every train.diagnostics_every epochs, in eval mode."""
     device = resolve_device(device_name)
     stop = stop or StopRequest()
     state = None
@@ -130,6 +135,8 @@ def pretrain(
 
     torch.manual_seed(recipe.seed)
     method = build_method(recipe, in_channels=images.shape[1]).to(device)
+    if method.closed_form:
+        return _fit_closed_form(method, recipe, run_dir, images, augmenter, data_stats)
     bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
@@ -144,6 +151,8 @@ def pretrain(
     total_steps = steps_per_epoch * recipe.train.epochs
     warmup_steps = round(recipe.optim.warmup_epochs * steps_per_epoch)
     metrics_log = (run_dir / "metrics.jsonl").open("a")
+    held_order = torch.randperm(len(images), generator=seeded_generator(device, recipe.seed, 0), device=device)
+    held_images = normalize(images[held_order[:HELD_BATCH]], augmenter.mean, augmenter.std)
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     saved_step = -1
@@ -218,6 +227,14 @@ def pretrain(
                 periodic = finished_epoch % recipe.train.checkpoint_every == 0 or step == total_steps
                 if periodic:
                     save(step, with_epoch_file=True, metrics={"loss": row.get("loss", float("nan"))})
+                every = recipe.train.diagnostics_every
+                if diagnostics is not None and every and (finished_epoch % every == 0 or step == total_steps):
+                    method.eval()
+                    with torch.no_grad():
+                        measured = diagnostics(method, held_images)
+                    method.train()
+                    metrics_log.write(json.dumps({"step": step, "epoch": finished_epoch,
+                                                  **{f"diagnostics/{k}": v for k, v in measured.items()}}) + "\n")
     finally:
         metrics_log.close()
         for sig, handler in previous_handlers.items():
@@ -230,3 +247,17 @@ def pretrain(
     return RunResult(run_dir, run_dir / "last.safetensors", step // steps_per_epoch, step,
                      row.get("loss", float("nan")), wall, done_steps * batch_size / max(wall, 1e-9),
                      interrupted=step < total_steps)
+
+
+def _fit_closed_form(method: nn.Module, recipe: Recipe, run_dir: Path, images: torch.Tensor,
+                     augmenter: Augmenter, data_stats: dict[str, torch.Tensor]) -> RunResult:
+    """Methods whose objective has a closed-form optimum (kernel regime): one solve, one checkpoint."""
+    started = time.perf_counter()
+    metrics = method.fit_closed_form(images, augmenter, seeded_generator(images.device, recipe.seed, 1))
+    wall = time.perf_counter() - started
+    epochs = recipe.train.epochs
+    ckpt.save_model(run_dir / "last.safetensors", method, recipe, epochs, 0, metrics, data_stats)
+    with (run_dir / "metrics.jsonl").open("a") as metrics_log:
+        metrics_log.write(json.dumps({"step": 0, "epoch": epochs, "solve_seconds": wall, **metrics}) + "\n")
+    return RunResult(run_dir, run_dir / "last.safetensors", epochs, 0, metrics.get("loss", float("nan")), wall,
+                     len(images) / max(wall, 1e-9), interrupted=False)

@@ -14,6 +14,7 @@ class SSLMethod(nn.Module):
     predictor, target. A method knows nothing of files, logging or devices."""
 
     num_views = 2
+    closed_form = False  # True: the engine calls fit_closed_form(...) instead of running SGD
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -25,3 +26,7 @@ class SSLMethod(nn.Module):
 
     def after_optimizer_step(self, progress: float) -> None:
         """Called after each optimiser step with the fraction of training done (e.g. for EMA targets)."""
+
+    def fit_closed_form(self, images: torch.Tensor, augmenter, generator: torch.Generator) -> dict[str, float]:
+        """For closed_form methods: solve the objective on uint8 `images` (on the device); return metrics."""
+        raise NotImplementedError
