@@ -192,8 +192,9 @@ def pretrain(
             lr = learning_rate(step, total_steps, warmup_steps, recipe.optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            original = normalize(batch, augmenter.mean, augmenter.std) if method.needs_original else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                losses = forward(list(views), list(params))
+                losses = forward(list(views), list(params), original)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()

@@ -14,14 +14,15 @@ class SSLMethod(nn.Module):
     predictor, target. A method knows nothing of files, logging or devices."""
 
     num_views = 2
+    needs_original = False  # True: forward also gets the un-augmented batch x0 (normalised), e.g. EquiMod
     closed_form = False  # True: the engine calls fit_closed_form(...) instead of running SGD
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, views: list[torch.Tensor], augmentation_params: list[ViewParams] | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], augmentation_params: list[ViewParams] | None = None,
+                original: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def after_optimizer_step(self, progress: float) -> None:

@@ -23,7 +23,7 @@ class BYOL(SSLMethod):
         self.target.requires_grad_(False)
         self.ema_start = config.ema_start
 
-    def forward(self, views: list[torch.Tensor], augmentation_params=None) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
         both = torch.cat(views)
         p1, p2 = self.predictor(self.projector(self.backbone(both))).chunk(2)
         with torch.no_grad():

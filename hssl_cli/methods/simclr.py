@@ -17,6 +17,6 @@ class SimCLR(SSLMethod):
         self.projector = mlp(backbone.feature_dim, model.projector)
         self.temperature = config.temperature
 
-    def forward(self, views: list[torch.Tensor], augmentation_params=None) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
         z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)  # z = g(f(t(x)))
         return {"loss": info_nce(z1, z2, self.temperature)}

@@ -17,6 +17,6 @@ class VICReg(SSLMethod):
         self.projector = mlp(backbone.feature_dim, model.projector)
         self.weights = config.model_dump(exclude={"name"})
 
-    def forward(self, views: list[torch.Tensor], augmentation_params=None) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
         z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)
         return vicreg(z1.float(), z2.float(), **self.weights)
