@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -12,24 +15,67 @@ def _check_pair(name: str, first: torch.Tensor, second: torch.Tensor) -> None:
                          f"{tuple(first.shape)} and {tuple(second.shape)}")
 
 
-def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor over all ranks; the backward SUMS the gradients that every rank sends back
+    (torch.distributed.nn's all_gather), so the gathered loss's gradient is the same for 1 or N ranks.
+    The identity when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        # Deprecated in favour of _functional_collectives, whose backward (reduce_scatter) gloo lacks.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(tensor), dim=0)
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_distributed: bool = False
+             ) -> torch.Tensor:
     """NT-Xent (SimCLR, Chen et al. 2020) over the 2N views; row i's positive is its other view.
 
     l_i = -log exp(s(z_i, z_j)/tau) / sum_{k != i} exp(s(z_i, z_k)/tau), s = cosine; mean over 2N rows.
+    With gather_distributed, each rank's rows see every rank's views as negatives.
     """
     _check_pair("info_nce", z1, z2)
     batch = z1.shape[0]
-    embeddings = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = embeddings @ embeddings.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * batch, dtype=torch.bool, device=logits.device), float("-inf"))
-    positives = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)]).to(logits.device)
-    return F.cross_entropy(logits, positives)
+    queries = F.normalize(torch.cat([z1, z2]), dim=1)
+    all1, all2 = (gather_with_grad(z) for z in (z1, z2)) if gather_distributed else (z1, z2)
+    candidates = F.normalize(torch.cat([all1, all2]), dim=1)
+    total = all1.shape[0]
+    offset = batch * (dist.get_rank() if total > batch else 0)  # where this rank's rows sit among candidates
+    local = torch.arange(batch, device=z1.device) + offset
+    own = torch.cat([local, local + total])  # each query's own column
+    positive = torch.cat([local + total, local])  # the other view of the same image
+    logits = queries @ candidates.T / temperature
+    logits[torch.arange(2 * batch, device=z1.device), own] = float("-inf")
+    return F.cross_entropy(logits, positive)
 
 
 def byol_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BYOL (Grill et al. 2020): 2 - 2 cos(q(z), z'), mean over the batch; pass a detached target."""
     _check_pair("byol_cosine", prediction, target)
     return (2 - 2 * F.cosine_similarity(prediction, target, dim=1)).mean()
+
+
+def iso_loss(z: torch.Tensor, target: torch.Tensor, predictor_weight: torch.Tensor) -> torch.Tensor:
+    """IsoLoss (Halvagal, Laborieux, Zenke 2023): a loss on z whose gradient is BYOL's gradient w.r.t.
+    the prediction p = W_P z, so no eigenvalue of W_P scales the learning rate of its direction.
+
+    sim_i = z_i.z'_i / sg(|p_i||z'_i|) - 1/2 sg(p_i.z'_i / (|p_i|^3 |z'_i|)) z_i^T W_P z_i; L = -2 mean(sim).
+    `predictor_weight` W_P must be symmetric (then z^T W_P z = |W_P^{1/2} z|^2); `target` z' is detached here.
+    """
+    _check_pair("iso_loss", z, target)
+    if predictor_weight.shape != (z.shape[1], z.shape[1]):
+        raise ValueError(f"iso_loss: predictor_weight must be ({z.shape[1]}, {z.shape[1]}), "
+                         f"got {tuple(predictor_weight.shape)}")
+    target = target.detach()
+    projected = z @ predictor_weight  # rows W_P z_i (W_P symmetric); the gradient flows through the quadratic
+    with torch.no_grad():
+        prediction_norm = projected.norm(dim=1).clamp_min(1e-8)
+        target_norm = target.norm(dim=1).clamp_min(1e-8)
+        alignment = (projected * target).sum(1) / (prediction_norm**3 * target_norm)
+    similarity = (z * target).sum(1) / (prediction_norm * target_norm) - 0.5 * alignment * (z * projected).sum(1)
+    return -2 * similarity.mean()
 
 
 def vicreg(
@@ -40,13 +86,17 @@ def vicreg(
     covariance_weight: float = 1.0,
     variance_target: float = 1.0,
     eps: float = 1e-4,
+    gather_distributed: bool = False,
 ) -> dict[str, torch.Tensor]:
     """VICReg (Bardes et al. 2022): lambda s(Z, Z') + mu [v(Z) + v(Z')] + nu [c(Z) + c(Z')].
 
     s: mean squared error; v: mean_j max(0, gamma - sqrt(Var z_j + eps)), halved per view as in the
-    reference code; c: sum of squared off-diagonal covariances / d.
+    reference code; c: sum of squared off-diagonal covariances / d. With gather_distributed every
+    term is computed on the global batch (as in the reference code).
     """
     _check_pair("vicreg", z1, z2)
+    if gather_distributed:
+        z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
     batch, dim = z1.shape
     invariance = F.mse_loss(z1, z2)
     variance = z1.new_zeros(())

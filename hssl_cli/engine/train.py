@@ -17,6 +17,7 @@ from torch import nn
 from hssl_cli.data.augment import Augmenter, channel_stats, normalize
 from hssl_cli.data.sources import load_split
 from hssl_cli.engine import checkpoint as ckpt
+from hssl_cli.engine import distributed
 from hssl_cli.engine.optim import build_optimizer, learning_rate
 from hssl_cli.errors import HsslError, TrainingDiverged
 from hssl_cli.methods import build_method
@@ -35,6 +36,7 @@ class RunResult:
     wall_seconds: float
     images_per_second: float
     interrupted: bool
+    is_main: bool = True  # False on the other ranks of a distributed run: they report nothing
 
 
 class StopRequest:
@@ -106,24 +108,42 @@ def pretrain(
     diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None = None,
 ) -> RunResult:
     """Train `recipe` and write checkpoints; `progress` receives a dict per logged row; `diagnostics`
-    (method, held normalised images) -> metrics runs every train.diagnostics_every epochs, in eval mode."""
-    device = resolve_device(device_name)
-    stop = stop or StopRequest()
-    state = None
-    if resume is not None:
-        state_path = find_resume_state(resume, output_root, recipe)
-        state = ckpt.load_checkpoint(state_path, kind="training_state")
-        altered = [key for key in changed_keys(state.recipe, recipe) if key not in RESUME_SAFE_KEYS]
-        if altered:
-            raise HsslError(f"--resume {state_path}: the recipe differs from the run's in {', '.join(altered)}; "
-                            "restore those keys or start a new run")
-        run_dir = state_path.parent
-    else:
-        run_dir = new_run_dir(output_root, recipe)
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    (method, held normalised images) -> metrics runs every train.diagnostics_every epochs, in eval mode.
+    Under torchrun/srun every rank runs this; rank 0 alone writes files and reports progress."""
+    context, device = distributed.setup(resolve_device(device_name))
+    try:
+        return _pretrain(recipe, output_root, device, context, resume, progress, stop or StopRequest(), diagnostics)
+    finally:
+        distributed.teardown(context)
 
-    train = load_split(recipe.data, recipe.data.train_split, progress=True)
+
+def _run_dir_and_state(recipe: Recipe, output_root: Path, resume: str | None, context: distributed.Distributed
+                       ) -> tuple[Path, ckpt.Checkpoint | None]:
+    if resume is None:
+        run_dir = new_run_dir(output_root, recipe) if context.is_main else None
+        return Path(context.broadcast(str(run_dir))), None
+    state_path = find_resume_state(resume, output_root, recipe)
+    state = ckpt.load_checkpoint(state_path, kind="training_state")
+    altered = [key for key in changed_keys(state.recipe, recipe) if key not in RESUME_SAFE_KEYS]
+    if altered:
+        raise HsslError(f"--resume {state_path}: the recipe differs from the run's in {', '.join(altered)}; "
+                        "restore those keys or start a new run")
+    return state_path.parent, state
+
+
+def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: distributed.Distributed,
+              resume: str | None, progress: Callable[[dict], None] | None, stop: StopRequest,
+              diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None) -> RunResult:
     batch_size = recipe.train.batch_size
+    if batch_size % context.world_size:
+        raise HsslError(f"train.batch_size={batch_size} (the global batch) must divide evenly over "
+                        f"{context.world_size} processes")
+    rank_batch = batch_size // context.world_size
+    run_dir, state = _run_dir_and_state(recipe, output_root, resume, context)
+    if context.is_main:
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+
+    train = load_split(recipe.data, recipe.data.train_split, progress=context.is_main)
     steps_per_epoch = len(train.labels) // batch_size
     if steps_per_epoch == 0:
         raise HsslError(f"train.batch_size={batch_size} exceeds the {len(train.labels)} images of "
@@ -140,25 +160,28 @@ def pretrain(
     bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
+    model = distributed.wrap(method, context, device)
     optimizer = build_optimizer(method, recipe.optim, fused=device.type == "cuda" and recipe.optim.name != "lars")
     start_step = 0
     if state is not None:
         ckpt.load_module_state(method, state.prefixed("model"), state.path, "model")
         ckpt.restore_optimizer(optimizer, state)
         start_step = state.step
-    forward = torch.compile(method) if recipe.train.compile else method
+    forward = torch.compile(model) if recipe.train.compile else model
 
     total_steps = steps_per_epoch * recipe.train.epochs
     warmup_steps = round(recipe.optim.warmup_epochs * steps_per_epoch)
-    metrics_log = (run_dir / "metrics.jsonl").open("a")
+    metrics_log = (run_dir / "metrics.jsonl").open("a") if context.is_main else None
     held_order = torch.randperm(len(images), generator=seeded_generator(device, recipe.seed, 0), device=device)
     held_images = normalize(images[held_order[:HELD_BATCH]], augmenter.mean, augmenter.std)
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
     saved_step = -1
 
     def save(step: int, with_epoch_file: bool, metrics: dict[str, float]) -> None:
         nonlocal saved_step
+        saved_step = step
+        if not context.is_main:
+            return
         epoch = step // steps_per_epoch
         if with_epoch_file:
             epoch_file = run_dir / f"epoch-{epoch:04d}.safetensors"
@@ -166,7 +189,11 @@ def pretrain(
         ckpt.save_model(run_dir / "last.safetensors", method, recipe, epoch, step, metrics, data_stats)
         ckpt.save_training_state(run_dir / "last.state.safetensors", method, optimizer, recipe, epoch, step,
                                  data_stats)
-        saved_step = step
+
+    def log(entry: dict) -> None:
+        if metrics_log is not None:
+            metrics_log.write(json.dumps(entry) + "\n")
+            metrics_log.flush()
 
     started = time.perf_counter()
     last_log_time, last_log_step = started, start_step
@@ -174,16 +201,17 @@ def pretrain(
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     row: dict[str, float] = {}
     permutation = None
-    step = start_step
+    step, stopping = start_step, False
     try:
-        method.train()
-        while step < total_steps and not stop.requested:
+        model.train()
+        while step < total_steps and not stopping:
             epoch, index_in_epoch = divmod(step, steps_per_epoch)
             if permutation is None or index_in_epoch == 0:
                 permutation = torch.randperm(len(images), generator=seeded_generator(device, recipe.seed, epoch),
                                              device=device)
-            batch = images[permutation[index_in_epoch * batch_size:(index_in_epoch + 1) * batch_size]]
-            generator = seeded_generator(device, recipe.seed, 1 + epoch, step)
+            first = index_in_epoch * batch_size + context.rank * rank_batch  # this rank's share of the batch
+            batch = images[permutation[first:first + rank_batch]]
+            generator = seeded_generator(device, recipe.seed, 1 + epoch, step, context.rank)
             views, params = zip(*(augmenter(batch, generator, with_params=True) for _ in range(method.num_views)),
                                 strict=True)
             if device.type == "cuda":
@@ -201,43 +229,44 @@ def pretrain(
             step += 1
             method.after_optimizer_step(step / total_steps)
 
-            # Accumulate on the device; the host syncs only every log_every steps.
+            # Accumulate on the device; the host syncs (and ranks agree) only every log_every steps.
             all_finite &= torch.isfinite(losses["loss"].detach())
             for name, value in losses.items():
                 loss_sums[name] = loss_sums.get(name, 0) + value.detach().float()
             epoch_done = step % steps_per_epoch == 0
-            if step % recipe.train.log_every == 0 or epoch_done or step == total_steps or stop.requested:
-                if not bool(all_finite):
+            if step % recipe.train.log_every == 0 or epoch_done or step == total_steps:
+                if context.any(~all_finite, device):
                     raise TrainingDiverged(
                         f"the loss became NaN/inf before step {step} (epoch {step // steps_per_epoch}); "
                         f"the last good checkpoint in {run_dir} is untouched; lower optim.lr or check the data"
                     )
                 now = time.perf_counter()
                 count = step - last_log_step
+                averaged = context.mean({name: total / count for name, total in loss_sums.items()})
                 row = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                       **{name: (total / count).item() for name, total in loss_sums.items()},
+                       **{name: value.item() for name, value in averaged.items()},
                        "images_per_second": count * batch_size / max(now - last_log_time, 1e-9),
                        "elapsed_seconds": now - started}
-                metrics_log.write(json.dumps(row) + "\n")
-                metrics_log.flush()
+                log(row)
                 loss_sums, last_log_time, last_log_step = {}, now, step
-                if progress is not None:
+                if progress is not None and context.is_main:
                     progress(row | {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch})
+                stopping = context.any(stop.requested, device)
             if epoch_done:
                 finished_epoch = step // steps_per_epoch
-                periodic = finished_epoch % recipe.train.checkpoint_every == 0 or step == total_steps
-                if periodic:
+                if finished_epoch % recipe.train.checkpoint_every == 0 or step == total_steps:
                     save(step, with_epoch_file=True, metrics={"loss": row.get("loss", float("nan"))})
                 every = recipe.train.diagnostics_every
-                if diagnostics is not None and every and (finished_epoch % every == 0 or step == total_steps):
+                due = every and (finished_epoch % every == 0 or step == total_steps)
+                if diagnostics is not None and due and context.is_main:
                     method.eval()
                     with torch.no_grad():
                         measured = diagnostics(method, held_images)
                     method.train()
-                    metrics_log.write(json.dumps({"step": step, "epoch": finished_epoch,
-                                                  **{f"diagnostics/{k}": v for k, v in measured.items()}}) + "\n")
+                    log({"step": step, "epoch": finished_epoch, **{f"diagnostics/{k}": v for k, v in measured.items()}})
     finally:
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
@@ -247,7 +276,7 @@ def pretrain(
     done_steps = step - start_step
     return RunResult(run_dir, run_dir / "last.safetensors", step // steps_per_epoch, step,
                      row.get("loss", float("nan")), wall, done_steps * batch_size / max(wall, 1e-9),
-                     interrupted=step < total_steps)
+                     interrupted=step < total_steps, is_main=context.is_main)
 
 
 def _fit_closed_form(method: nn.Module, recipe: Recipe, run_dir: Path, images: torch.Tensor,

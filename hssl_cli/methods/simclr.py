@@ -19,4 +19,4 @@ class SimCLR(SSLMethod):
 
     def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
         z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)  # z = g(f(t(x)))
-        return {"loss": info_nce(z1, z2, self.temperature)}
+        return {"loss": info_nce(z1, z2, self.temperature, gather_distributed=True)}
