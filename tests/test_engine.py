@@ -94,3 +94,15 @@ def test_sigterm_writes_a_checkpoint_and_returns(tmp_path, tiny_recipe):
 def test_batch_larger_than_the_dataset_is_a_user_error(tmp_path, tiny_recipe):
     with pytest.raises(HsslError, match="train.batch_size=5000 exceeds the 1437 images"):
         pretrain(tiny_recipe("train.batch_size=5000"), tmp_path, device_name="cpu")
+
+
+def test_resume_auto_without_an_earlier_run_starts_one(tmp_path, tiny_recipe):
+    result = pretrain(tiny_recipe("train.epochs=1"), tmp_path, device_name="cpu", resume="auto")
+    assert not result.interrupted and result.checkpoint.exists()
+    again = pretrain(tiny_recipe("train.epochs=1"), tmp_path, device_name="cpu", resume="auto")
+    assert again.run_dir == result.run_dir and again.steps == result.steps  # found the finished run
+
+
+def test_explicit_resume_path_that_does_not_exist_is_a_user_error(tmp_path, tiny_recipe):
+    with pytest.raises(HsslError, match="no such checkpoint file"):
+        pretrain(tiny_recipe(), tmp_path, device_name="cpu", resume=str(tmp_path / "nowhere"))

@@ -21,6 +21,7 @@ from hssl_cli.engine import distributed
 from hssl_cli.engine.optim import build_optimizer, learning_rate
 from hssl_cli.errors import HsslError, TrainingDiverged
 from hssl_cli.methods import build_method
+from hssl_cli.methods.base import SSLMethod
 from hssl_cli.recipe import RESUME_SAFE_KEYS, Recipe, changed_keys, recipe_to_yaml
 
 HELD_BATCH = 512  # images of the fixed batch that training-time diagnostics are measured on
@@ -67,8 +68,9 @@ def seeded_generator(device: torch.device, *parts: int) -> torch.Generator:
     return generator
 
 
-def find_resume_state(resume: str, output_root: Path, recipe: Recipe) -> Path:
-    """`auto`: the newest run folder of this recipe with a readable training state; else a path."""
+def find_resume_state(resume: str, output_root: Path, recipe: Recipe) -> Path | None:
+    """`auto`: the newest run folder of this recipe with a readable training state (None when there is
+    none yet: a requeued job's first start); else the state file beside the given path."""
     if resume != "auto":
         path = Path(resume)
         if path.is_dir():
@@ -83,8 +85,7 @@ def find_resume_state(resume: str, output_root: Path, recipe: Recipe) -> Path:
             return candidate
         except HsslError:
             continue
-    raise HsslError(f"--resume auto: no complete run of '{recipe.name}' under {output_root / recipe.name}; "
-                    "start a new run without --resume")
+    return None
 
 
 def new_run_dir(output_root: Path, recipe: Recipe) -> Path:
@@ -96,6 +97,25 @@ def new_run_dir(output_root: Path, recipe: Recipe) -> Path:
         suffix += 1
     run_dir.mkdir(parents=True)
     return run_dir
+
+
+def training_step(method: SSLMethod, forward: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Augmenter,
+                  batch: torch.Tensor, generator: torch.Generator, lr: float, bf16: bool) -> dict[str, torch.Tensor]:
+    """One optimiser step on a uint8 batch: augment (all views in batched calls), forward through
+    `forward` (the method, or its DDP/compiled wrapper), backward, update. No host synchronisation."""
+    augmented = [augmenter(batch, generator, with_params=True) for _ in range(method.num_views)]
+    memory_format = torch.channels_last if batch.is_cuda else torch.contiguous_format
+    views = [view.contiguous(memory_format=memory_format) for view, _ in augmented]
+    params = [view_params for _, view_params in augmented]
+    original = normalize(batch, augmenter.mean, augmenter.std) if method.needs_original else None
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        losses = forward(views, params, original)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    return losses
 
 
 def pretrain(
@@ -119,10 +139,10 @@ def pretrain(
 
 def _run_dir_and_state(recipe: Recipe, output_root: Path, resume: str | None, context: distributed.Distributed
                        ) -> tuple[Path, ckpt.Checkpoint | None]:
-    if resume is None:
+    state_path = find_resume_state(resume, output_root, recipe) if resume is not None else None
+    if state_path is None:
         run_dir = new_run_dir(output_root, recipe) if context.is_main else None
         return Path(context.broadcast(str(run_dir))), None
-    state_path = find_resume_state(resume, output_root, recipe)
     state = ckpt.load_checkpoint(state_path, kind="training_state")
     altered = [key for key in changed_keys(state.recipe, recipe) if key not in RESUME_SAFE_KEYS]
     if altered:
@@ -212,20 +232,9 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
             first = index_in_epoch * batch_size + context.rank * rank_batch  # this rank's share of the batch
             batch = images[permutation[first:first + rank_batch]]
             generator = seeded_generator(device, recipe.seed, 1 + epoch, step, context.rank)
-            views, params = zip(*(augmenter(batch, generator, with_params=True) for _ in range(method.num_views)),
-                                strict=True)
-            if device.type == "cuda":
-                views = [view.contiguous(memory_format=torch.channels_last) for view in views]
 
             lr = learning_rate(step, total_steps, warmup_steps, recipe.optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            original = normalize(batch, augmenter.mean, augmenter.std) if method.needs_original else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                losses = forward(list(views), list(params), original)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            losses = training_step(method, forward, optimizer, augmenter, batch, generator, lr, bf16)
             step += 1
             method.after_optimizer_step(step / total_steps)
 
