@@ -15,6 +15,7 @@ from rich.table import Table
 
 from hssl_cli import __version__
 from hssl_cli.errors import HsslError
+from hssl_cli.evaluate.verdict import DEFAULT_THRESHOLD, VERDICT_RULE
 
 app = typer.Typer(
     help="Equivariant and homomorphic self-supervised learning on images.\n\n"
@@ -109,7 +110,8 @@ def pretrain(
     ] = Path("checkpoints"),
     resume: Annotated[str | None, typer.Option(
         "--resume", help="Continue a killed run: a run folder, its last.safetensors, or 'auto' (the newest "
-        "complete run of this recipe under --output). The recipe must match the run's. Example: --resume auto")
+        "complete run of this recipe under --output, or a new run when there is none yet: what a requeued "
+        "job wants). The recipe must match the run's. Example: --resume auto")
     ] = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -128,9 +130,13 @@ the run, bit for bit on the CPU. A NaN/inf loss stops the run and leaves the las
 
     recipe = load_recipe(recipe_path, overrides or [])
     from hssl_cli.engine.train import pretrain as run_pretrain
+    from hssl_cli.evaluate.spectrum import training_diagnostics
 
     with TrainingProgress(console, f"pretrain {recipe.name}") as progress:
-        result = run_pretrain(recipe, output_dir, device_name=device, resume=resume, progress=progress.update)
+        result = run_pretrain(recipe, output_dir, device_name=device, resume=resume, progress=progress.update,
+                              diagnostics=training_diagnostics)
+    if not result.is_main:
+        raise typer.Exit(143 if result.interrupted else 0)
     suffix = " (interrupted: continue with --resume)" if result.interrupted else ""
     table = Table(title=f"pretrain {recipe.name}{suffix}")
     for column in ("epochs", "steps", "final loss", "wall time", "images/s"):
@@ -184,6 +190,163 @@ a weighted kNN (cosine, k=20 and k=200, temperature 0.07) votes. Top-1/top-5 on 
     output.print(table)
     output.print(f"checkpoint: {report['checkpoint']} (epoch {report['epoch']}, {report['method']}, "
                  f"{report['backbone']}); {report['seconds']:.1f} s", soft_wrap=True, highlight=False)
+
+
+@app.command("collapse-report", help=f"""Is the representation collapsing? Covariance spectra of a checkpoint's layers.
+
+    On a fixed sample of images (no augmentation), each layer the method has (backbone features f(x), \
+projector output z, predictor output q(z)) gets: effective rank (exp of the entropy of the normalised \
+covariance eigenvalues), RankMe (the same on the singular values of the uncentred embeddings), \
+participation ratio, the mean std of L2-normalised embeddings next to the healthy 1/sqrt(D), the number of \
+eigenvalues below THRESHOLD x the largest, and a verdict. Where there is a predictor (BYOL, DirectPred, \
+IsoLoss): the alignment of its eigenvectors with those of the correlation z^T z / N (1: aligned).
+
+    Verdict rule, per layer: {VERDICT_RULE}. The checkpoint's verdict is its projector's (the backbone's \
+when there is no projector).
+
+    Example: hssl collapse-report checkpoints/quickstart/20261123-120000/last.safetensors --plot spectrum.png
+""")
+@user_errors
+def collapse_report(
+    checkpoint: Annotated[Path, typer.Argument(
+        metavar="CKPT", help="A model checkpoint or run folder. Example: checkpoints/quickstart/<run>/last.safetensors",
+        show_default=False)],
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", help="Measure on another dataset than the checkpoint's (digits, mnist, cifar10, stl10, "
+        "imagefolder). Example: --dataset cifar10 --data-root ~/data/cifar10")] = None,
+    data_root: Annotated[str | None, typer.Option(
+        "--data-root", help="Folder of the dataset files (default: the checkpoint's data.root).")] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", help="Split to sample (default: the data's test split). Example: --split train")] = None,
+    samples: Annotated[int, typer.Option(
+        "--samples", help="Images in the sample (fewer when the split is smaller); at least the layer width "
+        "D, or only N-1 eigenvalues exist. Example: --samples 4096")] = 2048,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", help="An eigenvalue below this fraction of the largest counts as a collapsed dimension. "
+        "Example: --threshold 1e-4")] = DEFAULT_THRESHOLD,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Write a PNG: the log-scale spectrum of each layer side by side. Example: --plot out.png")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with the eigenvalues) "
+                                          "instead of the table.")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    from hssl_cli.evaluate.collapse_report import collapse_report as run_report
+
+    report = run_report(checkpoint, dataset=dataset, data_root=data_root, split=split, samples=samples,
+                        threshold=threshold, plot=plot, device_name=device, progress=not as_json)
+    if as_json:
+        output.print_json(json.dumps(report))
+        return
+    table = Table(title=f"collapse report: {report['samples']} {report['dataset']}/{report['split']} images, "
+                  f"threshold {report['threshold']:g}")
+    for column in ("layer", "D", "eff. rank", "RankMe", "part. ratio", "std(z/|z|) / healthy", "collapsed dims",
+                   "verdict"):
+        table.add_column(column, justify="left" if column in ("layer", "verdict") else "right")
+    colours = {"healthy": "green", "dimensional collapse": "yellow", "complete collapse": "bold red"}
+    for name, layer in report["layers"].items():
+        table.add_row(name, str(layer["dim"]), f"{layer['effective_rank']:.1f}", f"{layer['rankme']:.1f}",
+                      f"{layer['participation_ratio']:.1f}",
+                      f"{layer['normalized_std']:.4f} / {layer['healthy_std']:.4f}",
+                      f"{layer['collapsed_dims']} of {layer['available_dims']}",
+                      f"[{colours[layer['verdict']]}]{layer['verdict']}[/]")
+    output.print(table)
+    alignment = report["predictor_alignment"]
+    if alignment is not None:
+        output.print(f"predictor alignment with the correlation's eigenvectors: {alignment['alignment']:.3f} "
+                     f"(linear fit of the predictor: R^2 {alignment['linear_fit_r2']:.3f})", highlight=False)
+    output.print(f"verdict ({report['verdict_layer']}): {report['verdict']}", highlight=False)
+    if report["plot"]:
+        output.print(f"plot: {report['plot']}", soft_wrap=True, highlight=False)
+    output.print(f"checkpoint: {report['checkpoint']} (epoch {report['epoch']}, {report['method']}, "
+                 f"{report['backbone']}); {report['seconds']:.1f} s", soft_wrap=True, highlight=False)
+
+@app.command("equivariance-check")
+@user_errors
+def equivariance_check(
+    checkpoint: Annotated[Path | None, typer.Argument(
+        metavar="[CKPT]", help="A model checkpoint or run folder (or use --recipe). "
+        "Example: checkpoints/hssl_rotmnist_c8/<run>/last.safetensors", show_default=False)] = None,
+    recipe_path: Annotated[Path | None, typer.Option(
+        "--recipe", help="Check the untrained model that a recipe builds instead of a checkpoint: an architecture "
+        "check before spending GPU time. Example: --recipe recipes/hssl_rotmnist_c8.yaml")] = None,
+    group: Annotated[str | None, typer.Option(
+        "--group", help="Test group C<N> or D<N> (default: the model's group; C4 for ordinary backbones). "
+        "Example: --group D4")] = None,
+    samples: Annotated[int, typer.Option(
+        "--samples", help="Test images: a fixed random subset of the test split. Example: --samples 256")] = 64,
+    tolerance: Annotated[float, typer.Option(
+        "--tolerance", help="Exit code 1 when an error at an exact element (multiples of 90 degrees, flips) "
+        "exceeds this. Example: --tolerance 1e-5")] = 1e-4,
+    data_root: Annotated[str | None, typer.Option(
+        "--data-root", help="Folder of the dataset files (default: the recipe's data.root).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the tables.")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """How equivariant is each layer, how invariant are the features, under a rotation/flip group?
+
+    Equivariant (e2_*) backbones: per layer ||f(T_g x) - L_g f(x)|| / ||f(x)|| for every element g of the \
+test group (L_g moves the map and permutes the fibres). Any backbone: the invariance error of the pooled \
+features and of the embedding under the group, and under one draw of the recipe's augmentations. Multiples \
+of 90 degrees and flips are exact pixel permutations; other angles interpolate, so their errors are shown \
+but not gated.
+
+    Exit code 0 when every error at an exact element is within --tolerance, 1 otherwise (scripts can gate on it).
+
+    Example: hssl equivariance-check --recipe recipes/hssl_rotmnist_c8.yaml --group C4 --tolerance 1e-5
+    """
+    from hssl_cli.evaluate.equivariance import check_equivariance
+
+    report = check_equivariance(checkpoint, recipe_path, group=group, samples=samples, tolerance=tolerance,
+                                device_name=device, data_root=data_root)
+    if as_json:
+        output.print_json(json.dumps(report))
+    else:
+        _print_equivariance(report)
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+def _print_equivariance(report: dict) -> None:
+    """Rows: layers (or feature kinds); columns: the worst error over exact and over interpolated elements
+    (every element's value is in --json). Gated values are green or red, the others dim."""
+    exact = {element["label"]: element["exact"] for element in report["elements"]}
+    tolerance = report["tolerance"]
+
+    def table(title: str, rows: list[tuple[str, dict, bool]], augmentations: dict[str, float] | None = None
+              ) -> Table:
+        result = Table(title=title)
+        for column in ("", "max, exact g", "at g", "max, interpolated g", "at g"):
+            result.add_column(column, justify="left" if column == "" else "right")
+        if augmentations is not None:
+            result.add_column("augmentations", justify="right")
+        for name, errors, gated in rows:
+            cells = [name]
+            for want_exact in (True, False):
+                chosen = {label: error for label, error in errors.items() if exact[label] == want_exact}
+                if not chosen:
+                    cells += ["-", "-"]
+                    continue
+                label = max(chosen, key=chosen.get)
+                colour = ("green" if chosen[label] <= tolerance else "red") if want_exact and gated else "dim"
+                cells += [f"[{colour}]{chosen[label]:.1e}[/]", label]
+            if augmentations is not None:
+                cells.append(f"{augmentations[name]:.3f}" if name in augmentations else "-")
+            result.add_row(*cells)
+        return result
+
+    if report["layers"]:
+        output.print(table(f"equivariance |f(T_g x) - L_g f(x)| / |f(x)|: {report['model_group']} backbone, "
+                           f"test group {report['test_group']}",
+                           [(row["name"], row["errors"], True) for row in report["layers"]]))
+    output.print(table(f"invariance |f(T_g x) - f(x)| / |f(x)|: test group {report['test_group']}",
+                       [(name, errors, name == "pooled features") for name, errors in report["invariance"].items()],
+                       report["augmentation_invariance"]))
+    verdict = "[green]passed[/]" if report["passed"] else "[bold red]failed[/]"
+    output.print(f"{verdict}: worst error at exact elements {report['worst_exact_error']:.2e} (tolerance "
+                 f"{tolerance:g}; interpolated elements are shown, not gated); {report['samples']} "
+                 f"{report['dataset']} images; {report['source']} ({report['method']}, {report['backbone']}"
+                 f"{'' if report['trained'] else ', untrained'}); {report['seconds']:.1f} s", soft_wrap=True)
 
 
 def main() -> None:

@@ -38,6 +38,13 @@ class DataConfig(Section):
     image_size: int = Field(32, ge=8, le=512, description="side of the square images fed to the model")
     train_split: str = Field("train", description="split used for pretraining and for fitting probes")
     test_split: str = Field("test", description="split used to report probe accuracy")
+    subset: int | None = Field(
+        None, ge=1, description="pretrain on this many train images (a seeded random subset; probes use all)"
+    )
+    random_rotation: bool = Field(
+        False, description="rotate each image by its own fixed random angle (rotated-MNIST protocol; the same "
+        "angles in pretrain, probe and checks)"
+    )
 
 
 class ColorJitterConfig(Section):
@@ -86,18 +93,41 @@ class AugmentConfig(Section):
         return _ordered_pair(ratio, 1e-2, 100.0, "crop_ratio")
 
 
+class GroupConfig(Section):
+    name: Literal["C", "D"] = Field("C", description="C: rotations by multiples of 360/N; D: those and reflections")
+    order: int = Field(8, ge=1, le=64, description="N; the group has N (C) or 2N (D) elements")
+
+
 class ModelConfig(Section):
-    backbone: Literal["resnet18_cifar", "small_convnet"] = Field(
-        "resnet18_cifar", description="feature extractor f; small_convnet is for quick CPU runs"
+    backbone: Literal["resnet18_cifar", "small_convnet", "e2_convnet", "e2_resnet18"] = Field(
+        "resnet18_cifar", description="feature extractor f; small_convnet is for quick CPU runs; e2_*: "
+        "equivariant to model.group (escnn)"
     )
     projector: list[Annotated[int, Field(ge=1)]] = Field(
         [2048, 2048, 128], min_length=1, description="widths of the projector g's layers; the last is z's size"
     )
+    group: GroupConfig | None = Field(None, description="symmetry group of e2_* backbones and of H-SSL's fibres")
+    widths: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, description="e2_* backbones: regular fields per stage (|G| channels each); default "
+        "e2_convnet [16, 32, 64], e2_resnet18 [16, 32, 64, 128]"
+    )
+
+
+class EquiModConfig(Section):
+    """EquiMod (Devillers & Lefort 2023): predict how the embedding moves under known augmentation parameters."""
+
+    weight: float = Field(1.0, ge=0, description="lambda in L = L_inv + lambda L_equi")
+    temperature: float = Field(0.2, gt=0, description="tau_y of the equivariance NT-Xent")
+    projector: list[Annotated[int, Field(ge=1)]] = Field(
+        [2048, 2048, 128], min_length=1, description="widths of g_eq; its last layer ends in a BN without affine"
+    )
+    param_embedding: int = Field(128, ge=1, description="width of the parameter encoder enc(a_t) (Linear+BN)")
 
 
 class SimCLRConfig(Section):
     name: Literal["simclr"] = "simclr"
     temperature: float = Field(0.5, gt=0, description="NT-Xent temperature tau")
+    equimod: EquiModConfig | None = Field(None, description="add EquiMod's equivariance branch (null: off)")
 
 
 class BYOLConfig(Section):
@@ -106,6 +136,7 @@ class BYOLConfig(Section):
         [4096, 256], min_length=1, description="widths of the predictor q's layers; the last equals z's size"
     )
     ema_start: float = Field(0.99, ge=0, lt=1, description="tau_0 of the target EMA, raised to 1 by a cosine")
+    equimod: EquiModConfig | None = Field(None, description="add EquiMod's equivariance branch (null: off)")
 
 
 class VICRegConfig(Section):
@@ -117,7 +148,117 @@ class VICRegConfig(Section):
     eps: float = Field(1e-4, gt=0, description="epsilon inside the variance's square root")
 
 
-MethodConfig = Annotated[SimCLRConfig | BYOLConfig | VICRegConfig, Field(discriminator="name")]
+class DirectPredConfig(Section):
+    """DirectPred (Tian et al. 2021): the predictor W_P = U diag(s^alpha) U^T is set from the EMA
+    correlation of the online embeddings, not learned."""
+
+    name: Literal["directpred"] = "directpred"
+    alpha: float = Field(0.5, ge=0, description="exponent on the normalised eigenvalues; 0 gives W_P = I "
+                         "(no predictor: the collapsing ablation)")
+    eps: float = Field(0.1, ge=0, description="added to the eigenvalues after dividing by the largest")
+    rho: float = Field(0.998, ge=0, lt=1, description="EMA rate of the correlation C <- rho C + (1-rho) z^T z / B")
+    ema: bool = Field(True, description="EMA target network (BYOL); false: the target is the online "
+                      "embedding under stop-gradient (SimSiam)")
+    ema_start: float = Field(0.99, ge=0, lt=1, description="tau_0 of the target EMA, raised to 1 by a cosine")
+    loss: Literal["byol", "iso"] = Field("byol", description="byol: 2 - 2 cos(W_P z, z'); iso: IsoLoss "
+                                         "(Halvagal et al. 2023), the same gradient applied to z directly")
+
+
+class DirectCopyConfig(DirectPredConfig):
+    """DirectCopy (Wang et al. 2021): DirectPred with alpha = 1 (W_P is the normalised correlation plus eps I)."""
+
+    name: Literal["directcopy"] = "directcopy"
+    alpha: float = Field(1.0, ge=0, description="exponent on the normalised eigenvalues (1: W_P copies C)")
+    eps: float = Field(0.25, ge=0, description="added to the eigenvalues after dividing by the largest")
+
+
+class KernelConfig(Section):
+    """Kernel-regime SSL (Kiani et al. 2022): a closed-form solve on num_samples originals x their views,
+    no SGD (optim and train.epochs/batch_size are not used). model.backbone is the network of the ntk and
+    random_features kernels and is unused otherwise."""
+
+    name: Literal["kernel"] = "kernel"
+    kernel: Literal["rbf", "linear", "random_features", "ntk"] = Field(
+        "rbf", description="k on normalised pixels: rbf, linear, random_features (features of the randomly "
+        "initialised model.backbone) or ntk (its empirical neural tangent kernel, torch.func)")
+    objective: Literal["contrastive", "non_contrastive", "kernel_pca"] = Field(
+        "contrastive", description="contrastive: |F^T F - A|^2; non_contrastive: tr(F L F^T) with F F^T/N = I; "
+        "kernel_pca: no augmentation graph, the base kernel's own top-d features (a baseline)")
+    embedding_dim: int = Field(64, ge=1, description="d: size of the representation F(x)")
+    num_samples: int = Field(1000, ge=2, description="originals drawn from the train split; the points are "
+                             "num_samples x views, which sets the solve's size")
+    augmentations_per_sample: int = Field(2, ge=1, description="augmented views of each original")
+    include_original: bool = Field(True, description="also put the un-augmented image in each original's group")
+    ridge: float = Field(1e-2, gt=0, description="lambda relative to mean(diag K): M = F (K + lambda I)^-1")
+    bandwidth: float | None = Field(None, gt=0, description="rbf sigma in exp(-|x-y|^2 / 2 sigma^2) on normalised "
+                                    "pixels; null: the median pairwise distance of the points")
+    approximation: Literal["exact", "nystrom", "random_features"] = Field(
+        "exact", description="exact: the N x N kernel matrix; nystrom: rank landmarks; random_features: rank "
+        "random Fourier features (rbf only)")
+    rank: int = Field(1024, ge=1, description="landmarks (nystrom) or random Fourier features")
+    block_size: int = Field(512, ge=1, description="points per block of kernel evaluation (bounds the memory of "
+                            "pixels/Jacobians held at once)")
+
+    @property
+    def views(self) -> int:
+        return self.augmentations_per_sample + int(self.include_original)
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> KernelConfig:
+        if self.objective == "kernel_pca" and self.embedding_dim > self.num_samples * self.views:
+            raise ValueError(f"method.embedding_dim={self.embedding_dim} exceeds the {self.num_samples * self.views} "
+                             "points (num_samples x views) that kernel_pca has directions for; lower it")
+        if self.objective != "kernel_pca" and self.embedding_dim > self.num_samples:
+            raise ValueError(f"method.embedding_dim={self.embedding_dim} exceeds method.num_samples="
+                             f"{self.num_samples}: the augmentation graph has one component per original, so at "
+                             "most num_samples directions are invariant; lower embedding_dim")
+        if self.approximation == "random_features" and self.kernel != "rbf":
+            raise ValueError(f"method.approximation=random_features approximates the rbf kernel, not "
+                             f"'{self.kernel}'; use approximation: nystrom")
+        if self.approximation != "exact" and self.rank < self.embedding_dim:
+            raise ValueError(f"method.rank={self.rank} is below method.embedding_dim={self.embedding_dim}; "
+                             "a rank-r kernel gives at most r directions")
+        if self.approximation == "nystrom" and self.rank > self.num_samples * self.views:
+            raise ValueError(f"method.rank={self.rank} landmarks exceed the {self.num_samples * self.views} "
+                             "points (num_samples x views); lower rank or use approximation: exact")
+        return self
+
+
+class HSSLPairsConfig(Section):
+    """p(G): how each image's pair g1 != g2 is drawn; it plays the augmentation distribution's role."""
+
+    distribution: Literal["uniform", "neighbourhood", "subset"] = Field(
+        "uniform", description="uniform: any g1 != g2; neighbourhood: g2 is g1 rotated by 1..max_steps steps "
+        "either way (a weaker augmentation); subset: g1 != g2 both from elements")
+    max_steps: int = Field(1, ge=1, description="neighbourhood: largest relative rotation, in steps of 360/N")
+    elements: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="subset: element indices, k = rotation by k*360/N, N+k = horizontal flip then it")
+
+
+class HSSLConfig(Section):
+    """Homomorphic SSL (Keller et al. 2023): positives are two fibres z_g1(x), z_g2(x) of one forward pass
+    of an equivariant backbone, through one shared head; negatives are the other images' fibres."""
+
+    name: Literal["hssl"] = "hssl"
+    loss: Literal["nt_xent", "vicreg", "byol"] = Field("nt_xent", description="pairwise loss on the two fibres")
+    temperature: float = Field(0.5, gt=0, description="NT-Xent temperature tau (loss: nt_xent)")
+    pairs: HSSLPairsConfig = Field(default_factory=HSSLPairsConfig)
+    pairing: Literal["fibres", "augmented_fibres", "inputs"] = Field(
+        "fibres", description="fibres: z_g1(x), z_g2(x) of one pass; augmented_fibres: z_g1(t1 x), z_g2(t2 x) with "
+        "t from augment:; inputs: the augmentation-SSL twin, identity fibres of T_g1 t1 x and T_g2 t2 x")
+    structure: Literal["kept", "removed"] = Field(
+        "kept", description="removed: the ablation; the backbone's layout without equivariance, its channels "
+        "split into |G| pseudo-fibres")
+    predictor: list[Annotated[int, Field(ge=1)]] = Field(
+        [512, 128], min_length=1, description="loss byol: widths of the predictor q; the last equals the projector's")
+    ema_start: float = Field(0.99, ge=0, lt=1, description="loss byol: tau_0 of the target EMA, raised to 1")
+    invariance_weight: float = Field(25.0, ge=0, description="loss vicreg: lambda (invariance)")
+    variance_weight: float = Field(25.0, ge=0, description="loss vicreg: mu (variance hinge)")
+    covariance_weight: float = Field(1.0, ge=0, description="loss vicreg: nu (covariance)")
+
+
+MethodConfig = Annotated[SimCLRConfig | BYOLConfig | VICRegConfig | DirectPredConfig | DirectCopyConfig | KernelConfig
+                         | HSSLConfig, Field(discriminator="name")]
 
 
 class OptimConfig(Section):
@@ -167,6 +308,38 @@ class Recipe(Section):
             )
         if self.data.dataset != "digits" and self.data.root is None:
             raise ValueError(f"data.root is required for dataset '{self.data.dataset}'")
+        return self
+
+    @model_validator(mode="after")
+    def _group_fits(self) -> Recipe:
+        model, method, hssl = self.model, self.method, isinstance(self.method, HSSLConfig)
+        equivariant = model.backbone.startswith("e2_")
+        if (equivariant or hssl) and model.group is None:
+            needs = f"model.backbone '{model.backbone}'" if equivariant else "method hssl (it pairs the group's fibres)"
+            raise ValueError(f"model.group is required for {needs}; e.g. group: {{name: C, order: 8}}")
+        if model.widths is not None and not equivariant:
+            raise ValueError(f"model.widths: only e2_* backbones take widths, not '{model.backbone}'; remove it")
+        if model.backbone == "e2_resnet18" and model.widths is not None and len(model.widths) != 4:
+            raise ValueError(f"model.widths: e2_resnet18 has 4 stages, got {len(model.widths)} widths")
+        if not hssl:
+            return self
+        if method.structure == "kept" and not equivariant:
+            raise ValueError(f"method.structure 'kept' needs an equivariant model.backbone (e2_convnet, e2_resnet18), "
+                             f"got '{model.backbone}'; for the ablation set method.structure: removed")
+        size = model.group.order * (2 if model.group.name == "D" else 1)
+        pairs = method.pairs
+        if pairs.distribution == "subset" and (pairs.elements is None or len(set(pairs.elements)) < 2
+                                               or max(pairs.elements) >= size):
+            raise ValueError(f"method.pairs.elements: subset needs at least two distinct indices below |G| = {size}, "
+                             f"got {pairs.elements}")
+        if pairs.distribution == "neighbourhood" and 2 * pairs.max_steps > model.group.order:
+            raise ValueError(f"method.pairs.max_steps={pairs.max_steps} exceeds half of N={model.group.order}; "
+                             "use distribution: uniform")
+        if size < 2:
+            raise ValueError("model.group: H-SSL needs at least two group elements to pair")
+        if method.loss == "byol" and method.predictor[-1] != model.projector[-1]:
+            raise ValueError(f"method.predictor must end in the projector's width {model.projector[-1]}, "
+                             f"got {method.predictor[-1]}")
         return self
 
 

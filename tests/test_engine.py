@@ -106,3 +106,9 @@ def test_resume_auto_without_an_earlier_run_starts_one(tmp_path, tiny_recipe):
 def test_explicit_resume_path_that_does_not_exist_is_a_user_error(tmp_path, tiny_recipe):
     with pytest.raises(HsslError, match="no such checkpoint file"):
         pretrain(tiny_recipe(), tmp_path, device_name="cpu", resume=str(tmp_path / "nowhere"))
+
+
+def test_data_subset_limits_the_pretraining_images(tmp_path, tiny_recipe):
+    result = pretrain(tiny_recipe("data.subset=300", "train.batch_size=100", "train.epochs=1"), tmp_path,
+                      device_name="cpu")
+    assert result.steps == 3

@@ -321,3 +321,15 @@ class Augmenter:
         flat = F.conv2d(flat, kernel.view(-1, 1, 1, 2 * radius + 1), groups=batch * channels)
         flat = F.conv2d(flat, kernel.view(-1, 1, 2 * radius + 1, 1), groups=batch * channels)
         return torch.where((sigma > 0).view(-1, 1, 1, 1), flat.view_as(images), images)
+
+
+def param_vector_stats(config: AugmentConfig, image_size: int, samples: int = 16384, seed: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of `ViewParams.as_vector()` under the augmentation distribution itself, estimated
+    from `samples` draws (EquiMod standardises its parameter vectors with these). Constant columns get
+    std 1, so they standardise to 0 instead of dividing by zero."""
+    unit = torch.ones(1)
+    augmenter = Augmenter(config, image_size, unit * 0.5, unit * 0.5)
+    vectors = augmenter.sample(samples, torch.Generator().manual_seed(seed), "cpu").as_vector().double()
+    std = vectors.std(dim=0)
+    return vectors.mean(dim=0).float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()

@@ -75,6 +75,12 @@ class ImageSplit:
 
 def load_split(config: DataConfig, split: str, progress: bool = False) -> ImageSplit:
     """Load one split of the recipe's dataset at `config.image_size`; a user's mistake is a DataError."""
+    if config.random_rotation:  # one fixed angle per image, the same wherever the split is loaded
+        from hssl_cli.data.groups import random_rotation_angles, rotate_uint8
+
+        upright = load_split(config.model_copy(update={"random_rotation": False}), split, progress)
+        angles = random_rotation_angles(len(upright.labels), split)
+        return ImageSplit(rotate_uint8(upright.images, angles), upright.labels, upright.classes)
     if config.dataset == "digits":
         _check_split("digits", split, SPLITS["digits"])
         data = _load_digits(split)

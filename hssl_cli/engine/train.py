@@ -163,13 +163,16 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
     if context.is_main:
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
 
-    train = load_split(recipe.data, recipe.data.train_split, progress=context.is_main)
-    steps_per_epoch = len(train.labels) // batch_size
+    train_images = load_split(recipe.data, recipe.data.train_split, progress=context.is_main).images
+    if recipe.data.subset is not None and recipe.data.subset < len(train_images):
+        keep = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(recipe.seed))
+        train_images = train_images[keep[:recipe.data.subset]]
+    steps_per_epoch = len(train_images) // batch_size
     if steps_per_epoch == 0:
-        raise HsslError(f"train.batch_size={batch_size} exceeds the {len(train.labels)} images of "
+        raise HsslError(f"train.batch_size={batch_size} exceeds the {len(train_images)} images of "
                         f"{recipe.data.dataset}/{recipe.data.train_split}; lower it")
-    images = train.images.to(device)
-    mean, std = channel_stats(train.images)
+    images = train_images.to(device)
+    mean, std = channel_stats(train_images)
     data_stats = {"mean": mean.float(), "std": std.float()}
     augmenter = Augmenter(recipe.augment, recipe.data.image_size, mean.to(device), std.to(device))
 

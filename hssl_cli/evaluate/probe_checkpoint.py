@@ -11,10 +11,26 @@ from hssl_cli.recipe import DataConfig
 KNN_NEIGHBOURS = (20, 200)
 
 
-def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | None = None,
-                     features: str = "backbone", device_name: str = "auto", progress: bool = True) -> dict:
+def evaluation_data(data: DataConfig, dataset: str | None, data_root: str | None) -> DataConfig:
+    """The checkpoint's data section, or `--dataset` (its default splits) and `--data-root` instead."""
     from pydantic import ValidationError
 
+    fields = data.model_dump()
+    if dataset is not None and dataset != fields["dataset"]:
+        fields.update(dataset=dataset, root=None, train_split="train", test_split="test")
+    if data_root is not None:
+        fields["root"] = data_root
+    try:
+        data_config = DataConfig.model_validate(fields)
+    except ValidationError as error:
+        raise HsslError(f"--dataset {dataset}: {error.errors()[0]['msg']}") from None
+    if data_config.dataset != "digits" and data_config.root is None:
+        raise HsslError(f"--dataset {data_config.dataset} needs --data-root (the folder with its files)")
+    return data_config
+
+
+def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | None = None,
+                     features: str = "backbone", device_name: str = "auto", progress: bool = True) -> dict:
     from hssl_cli.data.sources import load_split
     from hssl_cli.engine.checkpoint import load_checkpoint
     from hssl_cli.engine.train import resolve_device
@@ -25,18 +41,7 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     started = time.perf_counter()
     device = resolve_device(device_name)
     checkpoint = load_checkpoint(path)
-    data = checkpoint.recipe.data.model_dump()
-    if dataset is not None and dataset != data["dataset"]:
-        data.update(dataset=dataset, root=None, train_split="train", test_split="test")
-    if data_root is not None:
-        data["root"] = data_root
-    try:
-        data_config = DataConfig.model_validate(data)
-    except ValidationError as error:
-        raise HsslError(f"--dataset {dataset}: {error.errors()[0]['msg']}") from None
-    if data_config.dataset != "digits" and data_config.root is None:
-        raise HsslError(f"--dataset {data_config.dataset} needs --data-root (the folder with its files)")
-
+    data_config = evaluation_data(checkpoint.recipe.data, dataset, data_root)
     frozen = load_frozen(checkpoint, device, features)
     train = load_split(data_config, data_config.train_split, progress=progress)
     test = load_split(data_config, data_config.test_split, progress=progress)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hssl_cli.recipe import ModelConfig
+
 
 def resnet18_cifar(in_channels: int = 3) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first conv and no max-pool."""
@@ -43,6 +45,19 @@ class SmallConvNet(nn.Module):
 BACKBONES = {"resnet18_cifar": resnet18_cifar, "small_convnet": SmallConvNet}
 
 
-def build_backbone(name: str, in_channels: int) -> nn.Module:
-    """A backbone by its recipe name (`model.backbone`); it exposes `feature_dim`."""
-    return BACKBONES[name](in_channels=in_channels)
+def build_backbone(model: ModelConfig | str, in_channels: int, plain: bool = False) -> nn.Module:
+    """The recipe's backbone (`model`, or just a plain backbone's name); it exposes `feature_dim`.
+
+    e2_* backbones (escnn, imported only for them) need model.group; `plain` builds their
+    structure-removed twin (same layout, ordinary layers, |G| pseudo-fibres).
+    """
+    name = model if isinstance(model, str) else model.backbone
+    if name in BACKBONES:
+        return BACKBONES[name](in_channels=in_channels)
+    if isinstance(model, str) or model.group is None:
+        raise ValueError(f"backbone '{name}' is equivariant and needs model.group; pass the ModelConfig")
+    from hssl_cli.data.groups import Group
+    from hssl_cli.models.equivariant import build_equivariant_backbone
+
+    group = Group(model.group.name, model.group.order)
+    return build_equivariant_backbone(name, group, in_channels, model.widths, plain=plain)

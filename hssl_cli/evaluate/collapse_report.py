@@ -1,0 +1,84 @@
+"""`hssl collapse-report`: the spectra of a checkpoint's layers on a data sample, a verdict per layer,
+the predictor alignment and an optional PNG. The CLI only renders the dict returned here."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from hssl_cli.errors import HsslError
+from hssl_cli.evaluate.verdict import DEFAULT_THRESHOLD
+
+CHUNK = 512  # images per forward pass
+
+
+def collapse_report(path: Path, dataset: str | None = None, data_root: str | None = None, split: str | None = None,
+                    samples: int = 2048, threshold: float = DEFAULT_THRESHOLD, plot: Path | None = None,
+                    device_name: str = "auto", progress: bool = True) -> dict:
+    """Spectral collapse metrics of every layer (backbone, projector, predictor) of a checkpoint on
+    `samples` images of `split` (default: the data's test split), drawn with a fixed seed."""
+    import torch
+
+    from hssl_cli.data.augment import normalize
+    from hssl_cli.data.sources import load_split
+    from hssl_cli.engine.checkpoint import load_checkpoint, load_module_state
+    from hssl_cli.engine.train import resolve_device
+    from hssl_cli.errors import CheckpointError
+    from hssl_cli.evaluate.probe_checkpoint import evaluation_data
+    from hssl_cli.evaluate.spectrum import layer_outputs, layer_spectrum, plot_spectra, predictor_alignment
+    from hssl_cli.methods import build_method
+
+    if samples < 2:
+        raise HsslError(f"--samples {samples}: need at least 2 images for a covariance")
+    if not 0 < threshold < 1:
+        raise HsslError(f"--threshold {threshold}: a fraction of the largest eigenvalue, between 0 and 1 (e.g. 1e-3)")
+    started = time.perf_counter()
+    device = resolve_device(device_name)
+    checkpoint = load_checkpoint(path)
+    data_config = evaluation_data(checkpoint.recipe.data, dataset, data_root)
+    split = split or data_config.test_split
+    if "data.mean" not in checkpoint.tensors:
+        raise CheckpointError(f"{checkpoint.path}: no data.mean/data.std tensors; not written by hssl pretrain")
+    mean, std = checkpoint.tensors["data.mean"].to(device), checkpoint.tensors["data.std"].to(device)
+    method = build_method(checkpoint.recipe, in_channels=mean.numel())
+    load_module_state(method, {k: v for k, v in checkpoint.tensors.items() if not k.startswith("data.")},
+                      checkpoint.path, "model")
+    method = method.to(device).eval().requires_grad_(False)
+
+    images = load_split(data_config, split, progress=progress).images
+    if images.shape[1] != mean.numel():
+        raise HsslError(f"{data_config.dataset} has {images.shape[1]} channel(s) but the checkpoint's model reads "
+                        f"{mean.numel()}; use a dataset with {mean.numel()}")
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:samples]
+    chunks: dict[str, list] = {}
+    with torch.no_grad():
+        for start in range(0, len(chosen), CHUNK):
+            batch = normalize(images[chosen[start:start + CHUNK]].to(device), mean, std)
+            for name, output in layer_outputs(method, batch).items():
+                chunks.setdefault(name, []).append(output.cpu())
+    outputs = {name: torch.cat(parts) for name, parts in chunks.items()}
+
+    layers = {name: layer_spectrum(embeddings, threshold) for name, embeddings in outputs.items()}
+    alignment = predictor_alignment(outputs["projector"], outputs["predictor"]) if "predictor" in outputs else None
+    # the verdict of the representation the loss shapes: the projector output when there is one
+    verdict_layer = "projector" if "projector" in layers else "backbone"
+    title = f"{checkpoint.path.name}: {checkpoint.recipe.method.name}, {checkpoint.recipe.model.backbone}, " \
+            f"epoch {checkpoint.epoch}, {len(chosen)} {data_config.dataset}/{split} images"
+    if plot is not None:
+        plot_spectra(layers, plot, title, threshold)
+    return {
+        "checkpoint": str(checkpoint.path),
+        "method": checkpoint.recipe.method.name,
+        "backbone": checkpoint.recipe.model.backbone,
+        "epoch": checkpoint.epoch,
+        "dataset": data_config.dataset,
+        "split": split,
+        "samples": len(chosen),
+        "threshold": threshold,
+        "verdict": layers[verdict_layer]["verdict"],
+        "verdict_layer": verdict_layer,
+        "layers": layers,
+        "predictor_alignment": alignment,
+        "plot": str(plot) if plot is not None else None,
+        "seconds": round(time.perf_counter() - started, 2),
+    }

@@ -1,0 +1,204 @@
+"""`hssl equivariance-check`: does a model have the symmetry it claims, layer by layer?
+
+For a test group T (C_N or D_N acting on images, data/groups.py) and a batch x of test images:
+- equivariance of every layer of an equivariant backbone: ||f_l(T_g x) - L_g f_l(x)|| / ||f_l(x)||,
+  where L_g moves the map on its grid and permutes the fibres of each regular field, plus the same for
+  the spatially pooled lifted features (pure fibre permutation, meaningful for every angle);
+- invariance of the pooled features f(x) and of the embedding, for any backbone:
+  ||f(T_g x) - f(x)|| / ||f(x)||, and the same under one draw of the recipe's augmentations.
+Norms are Frobenius norms over the whole batch. Elements that are multiples of 90 degrees (and flips)
+act on the pixel grid exactly; the others interpolate, so their errors measure the network and the
+interpolation together: they are reported, while only exact elements are gated against the tolerance.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hssl_cli.data.groups import Group, act_on_feature_maps, act_on_fibres, act_on_images
+from hssl_cli.errors import HsslError
+from hssl_cli.recipe import Recipe
+
+DEFAULT_TEST_GROUP = "C4"
+
+
+@dataclass
+class CheckedModel:
+    method: nn.Module  # eval mode, gradients off
+    recipe: Recipe
+    mean: torch.Tensor
+    std: torch.Tensor
+    source: str
+    trained: bool
+
+
+def relative_error(measured: torch.Tensor, expected: torch.Tensor, reference: torch.Tensor) -> float:
+    """||measured - expected|| / ||reference|| over the whole batch."""
+    return float((measured - expected).norm() / reference.norm().clamp_min(1e-12))
+
+
+def model_element(test_group: Group, element: int, model_group: Group) -> int | None:
+    """The model group's element that acts like `element` of the test group, or None (e.g. a flip for C_N,
+    or 45 degrees for C4)."""
+    flip, steps = test_group.flip_and_steps(element)
+    if flip and model_group.kind == "C":
+        return None
+    model_steps, remainder = divmod(steps * model_group.order, test_group.order)
+    return None if remainder else flip * model_group.order + model_steps
+
+
+@torch.no_grad()
+def layer_equivariance(backbone: nn.Module, images: torch.Tensor, test_group: Group) -> list[dict]:
+    """Per layer of an equivariant backbone: {name, errors: {element label: relative error}}; elements
+    outside the model's group are skipped."""
+    model_group: Group = backbone.group
+    reference = backbone.layer_outputs(images)
+    reference_lifted = backbone.lifted(images)
+    rows = [{"name": name, "errors": {}} for name, _ in reference] + [{"name": "lifted (pooled)", "errors": {}}]
+    for element in range(test_group.size):
+        mapped = model_element(test_group, element, model_group)
+        if mapped is None:
+            continue
+        label = test_group.label(element)
+        transformed = act_on_images(images, element, test_group)
+        outputs = backbone.layer_outputs(transformed)
+        for index, ((_, expected_from), (_, measured)) in enumerate(zip(reference, outputs, strict=True)):
+            expected = act_on_feature_maps(expected_from, mapped, model_group, regular=index > 0)
+            rows[index]["errors"][label] = relative_error(measured, expected, expected_from)
+        lifted = backbone.lifted(transformed)
+        rows[-1]["errors"][label] = relative_error(lifted, act_on_fibres(reference_lifted, mapped, model_group),
+                                                   reference_lifted)
+    return rows
+
+
+@torch.no_grad()
+def group_invariance(function: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                     test_group: Group) -> dict[str, float]:
+    reference = function(images)
+    return {test_group.label(element): relative_error(function(act_on_images(images, element, test_group)),
+                                                      reference, reference)
+            for element in range(test_group.size)}
+
+
+def embedding_function(method: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The method's embedding of one view: its own `embedding` when it has one (H-SSL reads a fibre),
+    else projector(backbone(x)); None for methods without a projector."""
+    if hasattr(method, "embedding"):
+        return method.embedding
+    if hasattr(method, "projector"):
+        return lambda images: method.projector(method.backbone(images))
+    return None
+
+
+def load_checked_model(checkpoint: Path | None, recipe_path: Path | None, device: torch.device,
+                       overrides: list[str] | None = None) -> CheckedModel:
+    """A trained model from a checkpoint, or a freshly initialised one from a recipe (no training)."""
+    from hssl_cli.engine.checkpoint import load_checkpoint, load_module_state
+    from hssl_cli.methods import build_method
+
+    if (checkpoint is None) == (recipe_path is None):
+        raise HsslError("give a checkpoint (CKPT) or --recipe R.yaml, not both or neither")
+    if recipe_path is not None:
+        from hssl_cli.data.augment import channel_stats
+        from hssl_cli.data.sources import load_split
+        from hssl_cli.recipe import load_recipe
+
+        recipe = load_recipe(recipe_path, overrides or [])
+        mean, std = channel_stats(load_split(recipe.data, recipe.data.test_split).images)
+        torch.manual_seed(recipe.seed)
+        method = build_method(recipe, in_channels=mean.numel())
+        return CheckedModel(_frozen(method, device), recipe, mean.float().to(device), std.float().to(device),
+                            str(recipe_path), trained=False)
+    stored = load_checkpoint(checkpoint)
+    if "data.mean" not in stored.tensors:
+        raise HsslError(f"{stored.path}: no data.mean/data.std tensors; not written by hssl pretrain")
+    recipe = stored.recipe
+    if overrides:
+        from hssl_cli.recipe import parse_recipe, recipe_to_yaml
+
+        recipe = parse_recipe(recipe_to_yaml(recipe), f"{stored.path} (stored recipe)", overrides)
+    mean, std = stored.tensors["data.mean"], stored.tensors["data.std"]
+    method = build_method(stored.recipe, in_channels=mean.numel())
+    load_module_state(method, {k: v for k, v in stored.tensors.items() if not k.startswith("data.")}, stored.path,
+                      "model")
+    return CheckedModel(_frozen(method, device), recipe, mean.to(device), std.to(device), str(stored.path),
+                        trained=True)
+
+
+def _frozen(method: nn.Module, device: torch.device) -> nn.Module:
+    return method.to(device).eval().requires_grad_(False)
+
+
+def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None = None, group: str | None = None,
+                       samples: int = 64, tolerance: float = 1e-4, device_name: str = "auto",
+                       data_root: str | None = None) -> dict:
+    """Measure everything in the module docstring; `passed` is False when an exact element's error
+    (any layer, the lifted features, the pooled features) exceeds `tolerance`."""
+    from hssl_cli.data.augment import Augmenter, normalize
+    from hssl_cli.data.sources import load_split
+    from hssl_cli.engine.train import resolve_device
+
+    if samples < 2:
+        raise HsslError(f"--samples {samples}: need at least 2 images")
+    started = time.perf_counter()
+    device = resolve_device(device_name)
+    overrides = [f"data.root={data_root}"] if data_root is not None else []
+    checked = load_checked_model(checkpoint, recipe_path, device, overrides)
+    recipe, method = checked.recipe, checked.method
+    backbone = method.backbone
+    model_group: Group | None = getattr(backbone, "group", None)
+    default = model_group.name if model_group is not None else DEFAULT_TEST_GROUP
+    test_group = Group.parse(group or default)
+
+    split = load_split(recipe.data, recipe.data.test_split)
+    order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(0))[:samples]
+    raw = split.images[order].to(device)
+    images = normalize(raw, checked.mean, checked.std)
+
+    layers = layer_equivariance(backbone, images, test_group) if getattr(backbone, "equivariant", False) else []
+    invariance = {"pooled features": group_invariance(backbone, images, test_group)}
+    embed = embedding_function(method)
+    if embed is not None:
+        invariance["embedding"] = group_invariance(embed, images, test_group)
+    augmenter = Augmenter(recipe.augment, recipe.data.image_size, checked.mean, checked.std)
+    views = augmenter(raw, torch.Generator(device=device).manual_seed(0))
+    augmentations = {}
+    with torch.no_grad():
+        for name, function in (("pooled features", backbone), ("embedding", embed)):
+            if function is not None:
+                reference = function(images)
+                augmentations[name] = relative_error(function(views), reference, reference)
+
+    exact = {test_group.label(e) for e in range(test_group.size) if test_group.is_exact(e)}
+    gated = [error for row in [*layers, {"errors": invariance["pooled features"]}]
+             for label, error in row["errors"].items() if label in exact]
+    worst = max(gated, default=0.0)
+    return {
+        "source": checked.source,
+        "trained": checked.trained,
+        "method": recipe.method.name,
+        "backbone": recipe.model.backbone,
+        "equivariant_backbone": bool(layers),
+        "model_group": model_group.name if model_group is not None else None,
+        "test_group": test_group.name,
+        "elements": [{"index": e, "label": test_group.label(e), "exact": test_group.is_exact(e),
+                      "in_model_group": model_group is not None
+                      and model_element(test_group, e, model_group) is not None}
+                     for e in range(test_group.size)],
+        "samples": len(order),
+        "image_size": recipe.data.image_size,
+        "dataset": recipe.data.dataset,
+        "layers": layers,
+        "invariance": invariance,
+        "augmentation_invariance": augmentations,
+        "tolerance": tolerance,
+        "worst_exact_error": worst,
+        "passed": worst <= tolerance,
+        "seconds": round(time.perf_counter() - started, 2),
+    }

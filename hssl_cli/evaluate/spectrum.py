@@ -1,0 +1,198 @@
+"""Is a representation collapsing? Spectral metrics of plain (N, D) embeddings, a verdict, the
+predictor-to-correlation alignment, the training-time diagnostics and the spectrum plot.
+
+Every metric takes a plain tensor, so a new kind of features (e.g. an equivariant backbone's lifted
+output) is one more entry in the dict that `layer_outputs` returns. Maths runs on the CPU in float64:
+D is at most a few thousand and the tails of collapsed spectra sit far below float32's resolution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hssl_cli.evaluate.verdict import DEFAULT_THRESHOLD, VERDICTS, collapse_verdict
+
+
+def _as_float64(embeddings: Tensor) -> Tensor:
+    if embeddings.ndim != 2 or embeddings.shape[0] < 2:
+        raise ValueError(f"expected (N, D) embeddings with N >= 2, got {tuple(embeddings.shape)}")
+    return embeddings.detach().to("cpu", torch.float64)
+
+
+def covariance_eigenvalues(embeddings: Tensor) -> Tensor:
+    """Eigenvalues of the (centred, N-1) covariance, descending, the min(D, N-1) that can be non-zero."""
+    z = _as_float64(embeddings)
+    centred = z - z.mean(dim=0)
+    # singular values of the centred data: cheaper than eigh of D x D when N < D, and never negative
+    eigenvalues = torch.linalg.svdvals(centred).pow(2) / (z.shape[0] - 1)
+    return eigenvalues[: min(z.shape[1], z.shape[0] - 1)]
+
+
+def _entropy_rank(weights: Tensor) -> float:
+    # exp(-sum_k p_k log p_k), p = weights / sum(weights); 0 log 0 = 0
+    total = weights.sum()
+    if total <= 0:
+        return 0.0
+    p = weights / total
+    return float(torch.exp(-torch.special.xlogy(p, p).sum()))
+
+
+def effective_rank(eigenvalues: Tensor) -> float:
+    """Roy & Vetterli (2007): exp of the Shannon entropy of the normalised eigenvalues; 0 for no variance."""
+    return _entropy_rank(eigenvalues.clamp_min(0))
+
+
+def rankme(embeddings: Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023): exp(-sum p_k log p_k), p_k = sigma_k / ||sigma||_1 + eps, sigma the
+    singular values of the uncentred embeddings."""
+    singular_values = torch.linalg.svdvals(_as_float64(embeddings))
+    total = singular_values.sum()
+    if total <= 0:
+        return 0.0
+    p = singular_values / total + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def participation_ratio(eigenvalues: Tensor) -> float:
+    """(sum lambda)^2 / sum lambda^2: D for an isotropic spectrum, 1 for a single direction."""
+    squares = eigenvalues.pow(2).sum()
+    return float(eigenvalues.sum().pow(2) / squares) if squares > 0 else 0.0
+
+
+def normalized_std(embeddings: Tensor) -> float:
+    """Mean over dimensions of the std of z / |z| (Jing et al. 2022): 1/sqrt(D) for directions spread
+    evenly on the sphere, 0 for complete collapse."""
+    return float(F.normalize(_as_float64(embeddings), dim=1).std(dim=0).mean())
+
+
+def normalized_variance(embeddings: Tensor) -> float:
+    """Total variance of z / |z| = 1 - |mean of the unit vectors|^2 (population): in [0, 1]."""
+    unit = F.normalize(_as_float64(embeddings), dim=1)
+    return float(1 - unit.mean(dim=0).pow(2).sum())
+
+
+def collapsed_dimensions(eigenvalues: Tensor, threshold: float = DEFAULT_THRESHOLD) -> int:
+    """Eigenvalues below threshold x the largest (all of them when there is no variance at all)."""
+    top = eigenvalues.max() if eigenvalues.numel() else eigenvalues.new_zeros(())
+    return int((eigenvalues <= threshold * top).sum()) if top > 0 else int(eigenvalues.numel())
+
+
+def layer_spectrum(embeddings: Tensor, threshold: float = DEFAULT_THRESHOLD) -> dict:
+    """Every collapse metric of one layer's (N, D) embeddings, the verdict and the eigenvalues."""
+    eigenvalues = covariance_eigenvalues(embeddings)
+    dim = embeddings.shape[1]
+    collapsed = collapsed_dimensions(eigenvalues, threshold)
+    total_variance = normalized_variance(embeddings)
+    return {
+        "dim": dim,
+        "available_dims": eigenvalues.numel(),
+        "effective_rank": effective_rank(eigenvalues),
+        "rankme": rankme(embeddings),
+        "participation_ratio": participation_ratio(eigenvalues),
+        "normalized_std": normalized_std(embeddings),
+        "healthy_std": dim**-0.5,
+        "normalized_variance": total_variance,
+        "collapsed_dims": collapsed,
+        "verdict": collapse_verdict(total_variance, collapsed, eigenvalues.numel()),
+        "eigenvalues": eigenvalues.tolist(),
+    }
+
+
+def predictor_alignment(embeddings: Tensor, predictions: Tensor) -> dict[str, float]:
+    """How well the predictor's eigenvectors match those of the embeddings' correlation C = z^T z / N.
+
+    The predictor is read as its best linear map p ~ W z (least squares on centred data; exact for
+    DirectPred's W_P; `linear_fit_r2` says how linear an MLP predictor is). With C = sum_j s_j u_j u_j^T,
+    alignment = sum_j s_j |cos(W u_j, u_j)| / sum_j s_j: 1 when every u_j is an eigenvector of W.
+    """
+    z, p = _as_float64(embeddings), _as_float64(predictions)
+    if z.shape != p.shape:
+        raise ValueError(f"predictor_alignment: embeddings {tuple(z.shape)} and predictions {tuple(p.shape)} differ")
+    z_centred, p_centred = z - z.mean(dim=0), p - p.mean(dim=0)
+    solution = torch.linalg.lstsq(z_centred, p_centred, driver="gelsd").solution  # p_c ~ z_c X, W = X^T
+    residual = (p_centred - z_centred @ solution).pow(2).sum()
+    total = p_centred.pow(2).sum()
+    strengths, directions = torch.linalg.eigh(z.T @ z / z.shape[0])
+    mapped = solution.T @ directions  # column j: W u_j
+    cosines = F.cosine_similarity(mapped, directions, dim=0).abs()
+    weights = strengths.clamp_min(0)
+    alignment = float((weights * cosines).sum() / weights.sum()) if weights.sum() > 0 else 0.0
+    return {"alignment": alignment, "linear_fit_r2": float(1 - residual / total) if total > 0 else 0.0}
+
+
+def _input_width(module: nn.Module) -> int | None:
+    first_linear = next((layer for layer in module.modules() if isinstance(layer, nn.Linear)), None)
+    return first_linear.in_features if first_linear is not None else None
+
+
+@torch.no_grad()
+def layer_outputs(method: nn.Module, images: Tensor) -> dict[str, Tensor]:
+    """The (N, D) outputs of a normalised batch to measure, by layer name. Call in eval mode.
+
+    Default: backbone features f(x); an equivariant backbone's lifted features (its `lifted`, every
+    fibre side by side) as "backbone_lifted"; projector output g(f(x)) and predictor output q(g(f(x)))
+    where the method has them (named as in its checkpoint). A method whose heads read something else than
+    f(x) (e.g. one fibre) defines `collapse_layers(images) -> dict[str, Tensor]`, used instead. Heads
+    whose input width differs from f(x)'s are left out rather than guessed.
+    """
+    custom = getattr(method, "collapse_layers", None)
+    if callable(custom):
+        return {name: output.float().flatten(1) for name, output in custom(images).items()}
+    features = method.backbone(images)
+    outputs = {"backbone": features}
+    if callable(getattr(method.backbone, "lifted", None)):
+        outputs["backbone_lifted"] = method.backbone.lifted(images)
+    projector = getattr(method, "projector", None)
+    if isinstance(projector, nn.Module) and _input_width(projector) in (None, features.shape[1]):
+        outputs["projector"] = projector(features)
+        predictor = getattr(method, "predictor", None)
+        if isinstance(predictor, nn.Module) and _input_width(predictor) in (None, outputs["projector"].shape[1]):
+            outputs["predictor"] = predictor(outputs["projector"])
+    return {name: output.float().flatten(1) for name, output in outputs.items()}
+
+
+def training_diagnostics(method: nn.Module, held_images: Tensor) -> dict[str, float]:
+    """The engine's `diagnostics` hook: per layer effective rank, RankMe, std of the normalised
+    embeddings x sqrt(D) (1 when healthy), collapsed dimensions and the verdict as a level (0 healthy,
+    1 dimensional, 2 complete collapse); the predictor alignment where there is a predictor."""
+    outputs = layer_outputs(method, held_images)
+    metrics: dict[str, float] = {}
+    for name, embeddings in outputs.items():
+        spectrum = layer_spectrum(embeddings)
+        metrics |= {f"{name}/effective_rank": spectrum["effective_rank"], f"{name}/rankme": spectrum["rankme"],
+                    f"{name}/std_ratio": spectrum["normalized_std"] / spectrum["healthy_std"],
+                    f"{name}/collapsed_dims": float(spectrum["collapsed_dims"]),
+                    f"{name}/collapse_level": float(VERDICTS.index(spectrum["verdict"]))}
+    if "predictor" in outputs:
+        alignment = predictor_alignment(outputs["projector"], outputs["predictor"])
+        metrics |= {f"predictor/{key}": value for key, value in alignment.items()}
+    return metrics
+
+
+def plot_spectra(layers: dict[str, dict], path: Path, title: str, threshold: float = DEFAULT_THRESHOLD) -> None:
+    """One log-scale panel per layer: eigenvalues / the largest, by rank, with the threshold line."""
+    from matplotlib.figure import Figure  # lazily: plotting is optional; Figure needs no pyplot state
+
+    figure = Figure(figsize=(4.2 * len(layers), 3.8), layout="constrained")
+    axes = figure.subplots(1, len(layers), squeeze=False)[0]
+    floor = 1e-12  # zeros cannot be drawn on a log axis; they sit on the floor
+    for axis, (name, layer) in zip(axes, layers.items(), strict=True):
+        eigenvalues = torch.tensor(layer["eigenvalues"], dtype=torch.float64)
+        relative = (eigenvalues / eigenvalues.max()).clamp_min(floor) if eigenvalues.max() > 0 else \
+            torch.full_like(eigenvalues, floor)
+        axis.semilogy(range(1, len(relative) + 1), relative.numpy(), marker=".", markersize=3, linewidth=1)
+        axis.axhline(threshold, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+        axis.set_ylim(min(float(relative.min()), threshold) / 3, 3)
+        axis.set_xlabel("eigenvalue rank")
+        axis.set_ylabel("eigenvalue / largest")
+        axis.set_title(f"{name} (D={layer['dim']})\neff. rank {layer['effective_rank']:.1f}: {layer['verdict']}",
+                       fontsize=10)
+        axis.grid(True, which="major", alpha=0.3)
+        axis.legend(loc="lower left", fontsize=8)
+    figure.suptitle(title, fontsize=11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)

@@ -1,0 +1,57 @@
+"""EquiMod (Devillers & Lefort 2023): an equivariance branch added to SimCLR or BYOL.
+
+y = g_eq(f(.)) on the un-augmented x0 and on each view t(x); y_hat_t = u([y0 ; enc(a_t)]) predicts the
+view's embedding from x0's and the view's standardised augmentation parameters a_t;
+L_equi = NT-Xent over {y_hat_t1, y_hat_t2, y_t1, y_t2} with positives (y_hat_t, y_t), temperature tau_y.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hssl_cli.data.augment import PARAM_NAMES, ViewParams, param_vector_stats
+from hssl_cli.losses import info_nce
+from hssl_cli.models.heads import EquiModPredictor, mlp
+from hssl_cli.recipe import AugmentConfig, EquiModConfig
+
+
+class EquiModBranch(nn.Module):
+    def __init__(self, feature_dim: int, config: EquiModConfig, augment: AugmentConfig, image_size: int):
+        super().__init__()
+        self.projector = mlp(feature_dim, config.projector, last_batchnorm=True)  # g_eq
+        self.predictor = EquiModPredictor(len(PARAM_NAMES), config.param_embedding, config.projector[-1])
+        mean, std = param_vector_stats(augment, image_size)
+        self.register_buffer("param_mean", mean)
+        self.register_buffer("param_std", std)
+        self.temperature = config.temperature
+        self.weight = config.weight
+
+    def forward(self, view_features: list[torch.Tensor], original_features: torch.Tensor,
+                params: list[ViewParams]) -> dict[str, torch.Tensor]:
+        count = len(view_features)
+        embeddings = self.projector(torch.cat([*view_features, original_features])).float()
+        *views, original = embeddings.chunk(count + 1)
+        standardized = [(p.as_vector() - self.param_mean) / self.param_std for p in params]
+        predicted = self.predictor(original.repeat(count, 1), torch.cat(standardized)).float().chunk(count)
+        loss = info_nce(torch.cat(predicted), torch.cat(views), self.temperature, gather_distributed=True)
+        with torch.no_grad():
+            # gain = cos(y_t, y_hat_t) - cos(y_t, y_0): 0 means the predictor ignores a_t (invariance)
+            gain = torch.stack([F.cosine_similarity(y, y_hat).mean() - F.cosine_similarity(y, original).mean()
+                                for y, y_hat in zip(views, predicted, strict=True)]).mean()
+        return {"loss/equivariance": loss, "equimod/gain": gain}
+
+    def add_to(self, invariance: torch.Tensor, view_features: list[torch.Tensor], original_features: torch.Tensor,
+               params: list[ViewParams]) -> dict[str, torch.Tensor]:
+        """L = L_inv + lambda L_equi, with both terms and the gain reported."""
+        terms = self(view_features, original_features, params)
+        return {"loss": invariance + self.weight * terms["loss/equivariance"], "loss/invariance": invariance, **terms}
+
+
+def backbone_features(backbone: nn.Module, views: list[torch.Tensor], original: torch.Tensor | None
+                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """f of every view (and of x0 when given) in one forward pass, split back per input."""
+    inputs = [*views, original] if original is not None else views
+    features = list(backbone(torch.cat(inputs)).chunk(len(inputs)))
+    return (features[:-1], features[-1]) if original is not None else (features, None)

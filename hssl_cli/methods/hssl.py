@@ -1,0 +1,169 @@
+"""Homomorphic SSL (Keller, Suau & Zappella 2023): self-supervision from the structure of an equivariant
+backbone instead of from input augmentations.
+
+f(T_g x) = L_g f(x) with (L_g z)_h = z_{g^-1 h}, so a head reading the identity fibre sees
+h(z_e(T_g x)) = h(z_{g^-1}(x)): the augmented pair (T_g1 x, T_g2 x) is two fibres of ONE forward pass.
+Positives (h(z_g1(x)), h(z_g2(x))), g1 != g2 ~ p(G); negatives the other images' fibres; the pairwise
+loss is NT-Xent, VICReg or BYOL's. `pairing: inputs` is the augmentation-SSL twin (identity fibres of
+T_g1 x and T_g2 x, two passes); `structure: removed` the ablation on a non-equivariant backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from hssl_cli.data.groups import Group, act_on_images
+from hssl_cli.errors import HsslError
+from hssl_cli.losses import byol_cosine, info_nce, vicreg
+from hssl_cli.methods.base import SSLMethod
+from hssl_cli.models.heads import mlp
+from hssl_cli.recipe import HSSLConfig, HSSLPairsConfig, ModelConfig
+
+IDENTITY = 0  # index of the identity element in every group of data/groups.py
+
+
+class PairSampler(nn.Module):
+    """Draws one pair g1 != g2 ~ p(G) per image. The generator is seeded by (seed, step) and both travel
+    in the checkpoint (extra state), so a resumed run draws the pairs an uninterrupted one would."""
+
+    def __init__(self, group: Group, config: HSSLPairsConfig, seed: int):
+        super().__init__()
+        self.group, self.config = group, config
+        self.seed, self.step = seed, 0
+        if config.distribution == "subset":
+            self.register_buffer("subset", torch.tensor(sorted(set(config.elements))), persistent=False)
+
+    @torch.compiler.disable  # a Python counter that changes every step would recompile a compiled graph
+    def sample(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.step)
+        self.step += 1
+        config, size = self.config, self.group.size
+
+        def draw(low: int, high: int) -> torch.Tensor:
+            return torch.randint(low, high, (batch,), generator=generator, device=device)
+
+        if config.distribution == "subset":
+            first = draw(0, len(self.subset))
+            second = (first + draw(1, len(self.subset))) % len(self.subset)  # any other member
+            return self.subset[first], self.subset[second]
+        g1 = draw(0, size)
+        if config.distribution == "uniform":
+            relative = draw(1, size)  # any h != e, so g2 = g1 h != g1
+        else:  # neighbourhood: h a rotation by 1..max_steps steps, either way
+            steps = draw(1, config.max_steps + 1) * (2 * draw(0, 2) - 1)
+            relative = steps % self.group.order
+        return g1, self.group.cayley.to(device)[g1, relative]
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.seed, self.step], dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.seed, self.step = (int(value) for value in state.tolist())
+
+
+def lifted_features(backbone: nn.Module, images: torch.Tensor, group: Group) -> torch.Tensor:
+    """z(x): (B, |G|, C). Equivariant backbones (and their plain twins) say which channels form fibre g;
+    any other backbone's features are cut into |G| consecutive pseudo-fibres."""
+    if hasattr(backbone, "lifted"):
+        return backbone.lifted(images)
+    features = backbone(images)
+    return features.view(len(features), group.size, -1)
+
+
+def fibre_pair(backbone: nn.Module, first: torch.Tensor, second: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
+               group: Group, pairing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two positives (B, C) before the head.
+
+    fibres: z_g1(first), z_g2(first), one pass (`second` is `first`);
+    augmented_fibres: z_g1(first), z_g2(second), one pass over both views;
+    inputs: z_e(T_g1 first), z_e(T_g2 second), the augmentation-SSL construction.
+    """
+    rows = torch.arange(len(first), device=first.device)
+    if pairing == "inputs":
+        both = torch.cat([act_on_images(first, g1, group), act_on_images(second, g2, group)])
+        return lifted_features(backbone, both, group)[:, IDENTITY].chunk(2)
+    if pairing == "fibres":
+        lifted = lifted_features(backbone, first, group)
+        return lifted[rows, g1], lifted[rows, g2]
+    lifted_first, lifted_second = lifted_features(backbone, torch.cat([first, second]), group).chunk(2)
+    return lifted_first[rows, g1], lifted_second[rows, g2]
+
+
+class HSSL(SSLMethod):
+    def __init__(self, backbone: nn.Module, model: ModelConfig, config: HSSLConfig):
+        super().__init__(backbone)
+        self.group = Group(model.group.name, model.group.order)
+        self.pairing, self.loss_name = config.pairing, config.loss
+        self.projector = mlp(self._fibre_dim(backbone, model), model.projector)  # the shared head h
+        self.pair_sampler = PairSampler(self.group, config.pairs, seed=int(torch.randint(0, 2**31 - 1, ())))
+        # fibres: one pass over the un-augmented batch; the engine's one view is then unused.
+        self.num_views = 1 if config.pairing == "fibres" else 2
+        self.needs_original = config.pairing == "fibres"
+        self.temperature = config.temperature
+        self.vicreg_weights = {"invariance_weight": config.invariance_weight,
+                               "variance_weight": config.variance_weight,
+                               "covariance_weight": config.covariance_weight}
+        if config.loss == "byol":
+            self.predictor = mlp(model.projector[-1], config.predictor)
+            self.target = nn.ModuleDict({"backbone": copy.deepcopy(backbone),
+                                         "projector": copy.deepcopy(self.projector)})
+            self.target.requires_grad_(False)
+            self.ema_start = config.ema_start
+
+    def _fibre_dim(self, backbone: nn.Module, model: ModelConfig) -> int:
+        if hasattr(backbone, "lifted"):
+            return backbone.feature_dim
+        if backbone.feature_dim % self.group.size:
+            raise HsslError(f"model.backbone '{model.backbone}' gives {backbone.feature_dim} features, which do not "
+                            f"split into |G| = {self.group.size} pseudo-fibres; pick a group whose size divides it")
+        return backbone.feature_dim // self.group.size
+
+    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
+        first, second = (original, original) if self.pairing == "fibres" else views
+        g1, g2 = self.pair_sampler.sample(len(first), first.device)
+        return self.pair_losses(first, second, g1, g2)
+
+    def pair_losses(self, first: torch.Tensor, second: torch.Tensor, g1: torch.Tensor,
+                    g2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss for explicit group elements (forward draws them from p(G))."""
+        # Heads see both positives in one batch, as SimCLR's projector sees both views (shared BN statistics).
+        h1, h2 = self.projector(torch.cat(fibre_pair(self.backbone, first, second, g1, g2, self.group,
+                                                     self.pairing))).chunk(2)
+        if self.loss_name == "nt_xent":
+            return {"loss": info_nce(h1, h2, self.temperature)}
+        if self.loss_name == "vicreg":
+            return vicreg(h1.float(), h2.float(), **self.vicreg_weights)
+        p1, p2 = self.predictor(torch.cat([h1, h2])).chunk(2)
+        with torch.no_grad():
+            t1, t2 = self.target["projector"](torch.cat(fibre_pair(self.target["backbone"], first, second, g1, g2,
+                                                                   self.group, self.pairing))).chunk(2)
+        return {"loss": byol_cosine(p1, t2) + byol_cosine(p2, t1)}
+
+    def embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """h(z_e(x)): the embedding of one view, as the loss sees it (equivariance-check measures it)."""
+        return self.projector(lifted_features(self.backbone, images, self.group)[:, IDENTITY])
+
+    def collapse_layers(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What collapse diagnostics measure: f(x), all fibres, and the heads on one fibre as trained."""
+        lifted = lifted_features(self.backbone, images, self.group)
+        layers = {"backbone": self.backbone(images), "backbone_lifted": lifted.flatten(1),
+                  "projector": self.projector(lifted[:, IDENTITY])}
+        if self.loss_name == "byol":
+            layers["predictor"] = self.predictor(layers["projector"])
+        return layers
+
+    @torch.no_grad()
+    def after_optimizer_step(self, progress: float) -> None:
+        if self.loss_name != "byol":
+            return
+        # tau_k = 1 - (1 - tau_0) (cos(pi k / K) + 1) / 2; target <- tau target + (1 - tau) online
+        tau = 1 - (1 - self.ema_start) * (math.cos(math.pi * progress) + 1) / 2
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        torch._foreach_lerp_(list(self.target.parameters()), online, 1 - tau)
+        online_buffers = [*self.backbone.buffers(), *self.projector.buffers()]
+        for target_buffer, online_buffer in zip(self.target.buffers(), online_buffers, strict=True):
+            target_buffer.copy_(online_buffer)

@@ -1,0 +1,99 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hssl_cli.cli import app
+from tests.conftest import TINY_RECIPE
+
+runner = CliRunner()
+
+RUNS = {
+    # BYOL with neither a predictor nor a target EMA: DirectPred with alpha = 0 (W_P = I) and ema off.
+    "collapsing": ["method={name: directpred, alpha: 0, ema: false}"],
+    "simclr": [],
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny digits runs through `hssl pretrain` (4 epochs, diagnostics every 2): their last.safetensors."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runs")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE)
+    paths = {}
+    for name, overrides in RUNS.items():
+        arguments = ["pretrain", str(recipe), "--output", str(root / name), "--device", "cpu",
+                     "--set", "train.epochs=4", "--set", "train.diagnostics_every=2"]
+        for override in overrides:
+            arguments += ["--set", override]
+        result = runner.invoke(app, arguments)
+        assert result.exit_code == 0, result.output
+        paths[name] = next((root / name / "tiny").glob("*/last.safetensors"))
+    return paths
+
+
+def _report(path, *options) -> dict:
+    result = runner.invoke(app, ["collapse-report", str(path), "--json", "--device", "cpu", *options])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_collapsing_run_is_reported_collapsed_and_a_simclr_run_healthy(checkpoints):
+    collapsing, healthy = _report(checkpoints["collapsing"]), _report(checkpoints["simclr"])
+    # measured: projector effective rank 1.8 (16 of 32 dims collapsed) vs 9.0 (3 of 32) for SimCLR
+    assert collapsing["verdict"] in ("dimensional collapse", "complete collapse"), collapsing["layers"]["projector"]
+    assert healthy["verdict"] == "healthy", healthy["layers"]["projector"]
+    assert collapsing["layers"]["projector"]["effective_rank"] < 2.5
+    assert healthy["layers"]["projector"]["effective_rank"] > 2 * collapsing["layers"]["projector"]["effective_rank"]
+    assert healthy["samples"] == 360 and healthy["split"] == "test" and healthy["verdict_layer"] == "projector"
+    assert set(healthy["layers"]) == {"backbone", "projector"} and healthy["predictor_alignment"] is None
+    # DirectPred's predictor is U diag(s^alpha) U^T of the EMA correlation: aligned by construction
+    assert collapsing["predictor_alignment"]["alignment"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_training_logs_the_collapse_diagnostics_every_few_epochs(checkpoints):
+    last = {}
+    for name, path in checkpoints.items():
+        rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+        diagnostics = [row for row in rows if "diagnostics/projector/effective_rank" in row]
+        assert [row["epoch"] for row in diagnostics] == [2, 4]
+        last[name] = diagnostics[-1]
+    assert last["collapsing"]["diagnostics/projector/effective_rank"] < 2.5
+    assert last["simclr"]["diagnostics/projector/effective_rank"] > 2.5
+    assert last["collapsing"]["diagnostics/projector/collapse_level"] >= 1  # dimensional (1) or complete (2)
+    assert last["simclr"]["diagnostics/projector/collapse_level"] == 0
+
+
+def test_table_and_plot(checkpoints, tmp_path):
+    plot = tmp_path / "spectrum.png"
+    result = runner.invoke(app, ["collapse-report", str(checkpoints["collapsing"]), "--device", "cpu",
+                                 "--samples", "200", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert "200 digits/test images" in result.output and "predictor alignment" in result.output
+    assert "verdict (projector):" in result.output and "collapse" in result.output.split("verdict (projector):")[1]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_threshold_changes_the_collapsed_dimension_count(checkpoints):
+    strict, loose = (_report(checkpoints["simclr"], "--threshold", value)["layers"]["projector"]
+                     for value in ("1e-6", "0.1"))
+    assert strict["collapsed_dims"] < loose["collapsed_dims"]
+
+
+def test_bad_options_are_one_red_line_with_exit_code_2(checkpoints):
+    for options, message in ((["--samples", "1"], "--samples 1"), (["--threshold", "2"], "--threshold 2.0")):
+        result = runner.invoke(app, ["collapse-report", str(checkpoints["simclr"]), "--device", "cpu", *options])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_help_states_the_verdict_rule_without_importing_torch():
+    code = ("import sys\nfrom hssl_cli.cli import app\ntry:\n    app(['collapse-report', '--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
+    assert "complete collapse when" in done.stdout and "dimensional collapse when" in done.stdout
