@@ -258,8 +258,10 @@ def collapse_report(
     output.print(f"verdict ({report['verdict_layer']}): {report['verdict']}", highlight=False)
     if report["plot"]:
         output.print(f"plot: {report['plot']}", soft_wrap=True, highlight=False)
-    output.print(f"checkpoint: {report['checkpoint']} (epoch {report['epoch']}, {report['method']}, "
+    loss = f" ({report['loss']} loss)" if report["loss"] else ""
+    output.print(f"checkpoint: {report['checkpoint']} (epoch {report['epoch']}, {report['method']}{loss}, "
                  f"{report['backbone']}); {report['seconds']:.1f} s", soft_wrap=True, highlight=False)
+
 
 @app.command("equivariance-check")
 @user_errors

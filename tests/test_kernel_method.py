@@ -144,7 +144,7 @@ def test_pretrain_then_probe_a_kernel_checkpoint_from_the_cli(tmp_path, digits):
     assert checkpoint.tensors["backbone.coefficients"].shape == (32, 900)
     assert "backbone.kernel.bandwidth" in checkpoint.tensors
     row = json.loads((checkpoint_path.parent / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["solve_seconds"] > 0 and row["points"] == 900
+    assert row["fit_seconds"] > 0 and row["points"] == 900
 
     probed = runner.invoke(app, ["probe", str(checkpoint_path), "--json", "--device", "cpu"])
     assert probed.exit_code == 0, probed.output

@@ -167,10 +167,6 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
     if recipe.data.subset is not None and recipe.data.subset < len(train_images):
         keep = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(recipe.seed))
         train_images = train_images[keep[:recipe.data.subset]]
-    steps_per_epoch = len(train_images) // batch_size
-    if steps_per_epoch == 0:
-        raise HsslError(f"train.batch_size={batch_size} exceeds the {len(train_images)} images of "
-                        f"{recipe.data.dataset}/{recipe.data.train_split}; lower it")
     images = train_images.to(device)
     mean, std = channel_stats(train_images)
     data_stats = {"mean": mean.float(), "std": std.float()}
@@ -180,6 +176,10 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
     method = build_method(recipe, in_channels=images.shape[1]).to(device)
     if method.closed_form:
         return _fit_closed_form(method, recipe, run_dir, images, augmenter, data_stats)
+    steps_per_epoch = len(images) // batch_size
+    if steps_per_epoch == 0:
+        raise HsslError(f"train.batch_size={batch_size} exceeds the {len(images)} images of "
+                        f"{recipe.data.dataset}/{recipe.data.train_split}; lower it")
     bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
@@ -293,13 +293,13 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
 
 def _fit_closed_form(method: nn.Module, recipe: Recipe, run_dir: Path, images: torch.Tensor,
                      augmenter: Augmenter, data_stats: dict[str, torch.Tensor]) -> RunResult:
-    """Methods whose objective has a closed-form optimum (kernel regime): one solve, one checkpoint."""
+    """Methods whose objective has a closed-form optimum (kernel regime): one solve, one checkpoint
+    (epoch 0, step 0: train.epochs and the optimiser do not apply)."""
     started = time.perf_counter()
     metrics = method.fit_closed_form(images, augmenter, seeded_generator(images.device, recipe.seed, 1))
     wall = time.perf_counter() - started
-    epochs = recipe.train.epochs
-    ckpt.save_model(run_dir / "last.safetensors", method, recipe, epochs, 0, metrics, data_stats)
+    ckpt.save_model(run_dir / "last.safetensors", method, recipe, 0, 0, metrics, data_stats)
     with (run_dir / "metrics.jsonl").open("a") as metrics_log:
-        metrics_log.write(json.dumps({"step": 0, "epoch": epochs, "solve_seconds": wall, **metrics}) + "\n")
-    return RunResult(run_dir, run_dir / "last.safetensors", epochs, 0, metrics.get("loss", float("nan")), wall,
+        metrics_log.write(json.dumps({"step": 0, "epoch": 0, "fit_seconds": wall, **metrics}) + "\n")
+    return RunResult(run_dir, run_dir / "last.safetensors", 0, 0, metrics.get("loss", float("nan")), wall,
                      len(images) / max(wall, 1e-9), interrupted=False)

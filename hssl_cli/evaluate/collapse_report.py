@@ -62,13 +62,17 @@ def collapse_report(path: Path, dataset: str | None = None, data_root: str | Non
     alignment = predictor_alignment(outputs["projector"], outputs["predictor"]) if "predictor" in outputs else None
     # the verdict of the representation the loss shapes: the projector output when there is one
     verdict_layer = "projector" if "projector" in layers else "backbone"
-    title = f"{checkpoint.path.name}: {checkpoint.recipe.method.name}, {checkpoint.recipe.model.backbone}, " \
-            f"epoch {checkpoint.epoch}, {len(chosen)} {data_config.dataset}/{split} images"
+    loss = getattr(checkpoint.recipe.method, "loss", None)  # e.g. DirectPred's byol | iso
+    method_label = checkpoint.recipe.method.name + (f" ({loss} loss)" if loss else "")
+    title = (f"{checkpoint.path.parent.name}/{checkpoint.path.name}: {method_label}, "
+             f"{checkpoint.recipe.model.backbone}, epoch {checkpoint.epoch}, "
+             f"{len(chosen)} {data_config.dataset}/{split} images")
     if plot is not None:
         plot_spectra(layers, plot, title, threshold)
     return {
         "checkpoint": str(checkpoint.path),
         "method": checkpoint.recipe.method.name,
+        "loss": loss,
         "backbone": checkpoint.recipe.model.backbone,
         "epoch": checkpoint.epoch,
         "dataset": data_config.dataset,

@@ -32,18 +32,15 @@ def covariance_eigenvalues(embeddings: Tensor) -> Tensor:
     return eigenvalues[: min(z.shape[1], z.shape[0] - 1)]
 
 
-def _entropy_rank(weights: Tensor) -> float:
-    # exp(-sum_k p_k log p_k), p = weights / sum(weights); 0 log 0 = 0
+def effective_rank(eigenvalues: Tensor) -> float:
+    """Roy & Vetterli (2007): exp of the Shannon entropy of the normalised eigenvalues; 0 for no variance."""
+    # exp(-sum_k p_k log p_k), p = lambda / sum(lambda); 0 log 0 = 0
+    weights = eigenvalues.clamp_min(0)
     total = weights.sum()
     if total <= 0:
         return 0.0
     p = weights / total
     return float(torch.exp(-torch.special.xlogy(p, p).sum()))
-
-
-def effective_rank(eigenvalues: Tensor) -> float:
-    """Roy & Vetterli (2007): exp of the Shannon entropy of the normalised eigenvalues; 0 for no variance."""
-    return _entropy_rank(eigenvalues.clamp_min(0))
 
 
 def rankme(embeddings: Tensor, eps: float = 1e-7) -> float:

@@ -144,9 +144,9 @@ class KernelMethod(SSLMethod):
             "fit_relative_error": float((fitted - representations).norm() / representations.norm()),
             "points": float(len(points)),
             "tied_dimensions": float(solution.tied),
-            "ridge": system.ridge,
+            "ridge_lambda": system.ridge,  # absolute: method.ridge x mean(diag K)
             "kernel_seconds": kernel_done - started,
-            "solve_seconds": solved - kernel_done,
+            "eigensolve_seconds": solved - kernel_done,
             "held_megabytes": held_bytes / MEGABYTE,
         }
         if hasattr(feature_map.kernel, "bandwidth"):
