@@ -43,12 +43,42 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_dist
     candidates = F.normalize(torch.cat([all1, all2]), dim=1)
     total = all1.shape[0]
     offset = batch * (dist.get_rank() if total > batch else 0)  # where this rank's rows sit among candidates
-    local = torch.arange(batch, device=z1.device) + offset
+    return _nt_xent(queries @ candidates.T, batch, total, offset, temperature)
+
+
+def _nt_xent(similarity: torch.Tensor, batch: int, total: int, offset: int, temperature: float) -> torch.Tensor:
+    """Cross-entropy of NT-Xent from the (2 batch, 2 total) similarities of local views to all views."""
+    local = torch.arange(batch, device=similarity.device) + offset
     own = torch.cat([local, local + total])  # each query's own column
     positive = torch.cat([local + total, local])  # the other view of the same image
-    logits = queries @ candidates.T / temperature
-    logits[torch.arange(2 * batch, device=z1.device), own] = float("-inf")
+    logits = similarity / temperature
+    logits[torch.arange(2 * batch, device=similarity.device), own] = float("-inf")
     return F.cross_entropy(logits, positive)
+
+
+def invariant_info_nce(u: torch.Tensor, v: torch.Tensor, fibre_permutations: torch.Tensor, temperature: float,
+                       soft_temperature: float | None = None) -> torch.Tensor:
+    """InfoNCE on lifted features (B, |G|, C) with a group-invariant similarity (SSL for G-equivariant
+    networks): sim(a, b) = max_g cos(a, rho(g) b), or soft_temperature * logsumexp_g(cos / soft_temperature).
+
+    fibre_permutations (|G|, |G|): row g maps fibre h to the index of g^-1 h, so (rho(g) b)_h = b[row_g[h]].
+    For the trivial group it is NT-Xent on the flattened features; transforming one view by any rho(h)
+    leaves it unchanged, since {rho(g) rho(h)} = {rho(g)}.
+    """
+    if u.ndim != 3 or u.shape != v.shape or fibre_permutations.shape != (u.shape[1], u.shape[1]):
+        raise ValueError(f"invariant_info_nce: expected two (batch, |G|, C) tensors and a (|G|, |G|) permutation "
+                         f"table, got {tuple(u.shape)}, {tuple(v.shape)}, {tuple(fibre_permutations.shape)}")
+    batch, group_size, _ = u.shape
+    views = F.normalize(torch.cat([u, v]).flatten(1), dim=1).view(2 * batch, group_size, -1)
+    fibre_products = torch.einsum("iac,jbc->ijab", views, views)  # <x_i[a], x_j[b]>
+    fibres = torch.arange(group_size, device=u.device)
+    # cos(x_i, rho(g) x_j) = sum_h <x_i[h], x_j[row_g[h]]>, for every g: (2B, 2B, |G|)
+    per_element = fibre_products[:, :, fibres[None, :], fibre_permutations.to(u.device)].sum(-1)
+    if soft_temperature is None:
+        similarity = per_element.max(dim=-1).values
+    else:
+        similarity = soft_temperature * torch.logsumexp(per_element / soft_temperature, dim=-1)
+    return _nt_xent(similarity, batch, batch, 0, temperature)
 
 
 def byol_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -257,8 +257,30 @@ class HSSLConfig(Section):
     covariance_weight: float = Field(1.0, ge=0, description="loss vicreg: nu (covariance)")
 
 
+class EquivariantPretextConfig(Section):
+    """Rotation (and, for D_N, flip) prediction with an equivariant head on an e2_* backbone: the logit of
+    element h reads fibre h, so logits(T_g x) = P_g logits(x); the target of T_g x is g (= g . e)."""
+
+    name: Literal["equivariant_pretext"] = "equivariant_pretext"
+    contrastive_weight: float = Field(0.0, ge=0, description="weight of an added NT-Xent on two augmented views")
+    temperature: float = Field(0.5, gt=0, description="NT-Xent temperature of the contrastive term")
+
+
+class InvariantContrastiveConfig(Section):
+    """InfoNCE with sim(u, v) = max_g cos(u, rho(g) v) on the lifted features of two views of an e2_* backbone."""
+
+    name: Literal["invariant_contrastive"] = "invariant_contrastive"
+    temperature: float = Field(0.5, gt=0, description="InfoNCE temperature tau")
+    similarity: Literal["max", "logsumexp"] = Field("max", description="how the similarity reduces over g")
+    soft_temperature: float = Field(0.1, gt=0, description="similarity logsumexp: its temperature")
+    transform_views: bool = Field(
+        True, description="apply a random group element to each view, which the invariant similarity absorbs"
+    )
+
+
 MethodConfig = Annotated[SimCLRConfig | BYOLConfig | VICRegConfig | DirectPredConfig | DirectCopyConfig | KernelConfig
-                         | HSSLConfig, Field(discriminator="name")]
+                         | HSSLConfig | EquivariantPretextConfig | InvariantContrastiveConfig,
+                         Field(discriminator="name")]
 
 
 class OptimConfig(Section):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hssl_cli.losses import byol_cosine, info_nce, vicreg
+from hssl_cli.losses import byol_cosine, info_nce, invariant_info_nce, vicreg
 
 
 def test_info_nce_matches_hand_computed_value():
@@ -52,3 +52,40 @@ def test_vicreg_variance_hinge_penalises_a_collapsed_dimension():
     terms = vicreg(z, z.clone())
     assert terms["loss/variance"].item() == pytest.approx(0.99 / 2, abs=1e-6)
     assert terms["loss"].item() == pytest.approx(25 * 0.99 / 2, abs=1e-5)
+
+
+def _cyclic_permutations(order: int) -> torch.Tensor:
+    # C_N regular representation: row g maps fibre h to g^-1 h = h - g (mod N)
+    return (torch.arange(order)[None, :] - torch.arange(order)[:, None]) % order
+
+
+def test_invariant_info_nce_is_plain_info_nce_for_the_trivial_group():
+    generator = torch.Generator().manual_seed(0)
+    u, v = torch.randn(6, 1, 5, generator=generator), torch.randn(6, 1, 5, generator=generator)
+    trivial = torch.zeros(1, 1, dtype=torch.long)
+    expected = info_nce(u.flatten(1), v.flatten(1), temperature=0.3)
+    assert invariant_info_nce(u, v, trivial, temperature=0.3).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("soft", [None, 0.1])
+def test_invariant_info_nce_is_unchanged_when_one_view_is_transformed(soft):
+    generator = torch.Generator().manual_seed(1)
+    u, v = torch.randn(5, 4, 3, generator=generator), torch.randn(5, 4, 3, generator=generator)
+    permutations = _cyclic_permutations(4)
+    before = invariant_info_nce(u, v, permutations, temperature=0.5, soft_temperature=soft)
+    for element in range(1, 4):
+        rotated = v[:, permutations[element], :]  # rho(g) v for every sample
+        after = invariant_info_nce(u, rotated, permutations, temperature=0.5, soft_temperature=soft)
+        assert after.item() == pytest.approx(before.item(), abs=1e-5)
+    # the plain loss does see the transformation
+    assert info_nce(u.flatten(1), v[:, permutations[1], :].flatten(1), 0.5).item() != pytest.approx(
+        info_nce(u.flatten(1), v.flatten(1), 0.5).item(), abs=1e-3)
+
+
+def test_invariant_info_nce_similarity_is_the_best_aligned_cosine():
+    # one image per view: u = (e0, e1) fibres, v = u with its fibres swapped; C2 aligns them exactly, so the
+    # positive's similarity is 1 and with a single pair the only other column is the row itself (masked).
+    u = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    v = u[:, [1, 0], :]
+    loss = invariant_info_nce(u, v, _cyclic_permutations(2), temperature=1.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # a lone positive: -log(1) = 0

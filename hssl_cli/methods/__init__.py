@@ -14,13 +14,14 @@ def build_method(recipe: Recipe, in_channels: int) -> SSLMethod:
         return KernelMethod(recipe, in_channels)
     from hssl_cli.methods.byol import BYOL
     from hssl_cli.methods.directpred import DirectPred
+    from hssl_cli.methods.equivariant_heads import EquivariantPretext, InvariantContrastive
     from hssl_cli.methods.hssl import HSSL
     from hssl_cli.methods.simclr import SimCLR
     from hssl_cli.methods.vicreg import VICReg
     from hssl_cli.models.backbones import build_backbone
 
     methods = {"simclr": SimCLR, "byol": BYOL, "vicreg": VICReg, "directpred": DirectPred, "directcopy": DirectPred,
-               "hssl": HSSL}
+               "hssl": HSSL, "equivariant_pretext": EquivariantPretext, "invariant_contrastive": InvariantContrastive}
     structure_removed = getattr(recipe.method, "structure", "kept") == "removed"  # H-SSL's ablation
     backbone = build_backbone(recipe.model, in_channels, plain=structure_removed)
     equimod = getattr(recipe.method, "equimod", None)

@@ -1,0 +1,87 @@
+"""SSL for G-equivariant networks: an equivariant rotation/flip pretext task and the invariant InfoNCE.
+
+Both read the lifted features z(x) in R^{|G| x C} of an e2_* backbone (`backbone.lifted`), and apply
+heads fibre by fibre, which commutes with the fibre permutation L_g and so keeps the equivariance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hssl_cli.data.groups import Group, act_on_images
+from hssl_cli.errors import HsslError
+from hssl_cli.losses import info_nce, invariant_info_nce
+from hssl_cli.methods.base import SSLMethod
+from hssl_cli.models.heads import mlp
+from hssl_cli.recipe import EquivariantPretextConfig, InvariantContrastiveConfig, ModelConfig
+
+
+def _group_of(backbone: nn.Module, method: str) -> Group:
+    if not hasattr(backbone, "lifted"):
+        raise HsslError(f"method.name={method} needs an equivariant backbone: set model.backbone to e2_convnet or "
+                        "e2_resnet18 and model.group")
+    return backbone.group
+
+
+def per_fibre(head: nn.Module, lifted: torch.Tensor) -> torch.Tensor:
+    """h applied to every fibre: (B, |G|, C) -> (B, |G|, D)."""
+    batch, group_size, channels = lifted.shape
+    return head(lifted.reshape(batch * group_size, channels)).view(batch, group_size, -1)
+
+
+def random_elements(batch: int, group: Group, device: torch.device) -> torch.Tensor:
+    # drawn from torch's default generator, which the engine seeds
+    return torch.randint(group.size, (batch,)).to(device)
+
+
+class EquivariantPretext(SSLMethod):
+    """Predict g from T_g x: logits_h(x) = w . z_h(x), so logits(T_g x) = P_g logits(x) exactly, and the
+    cross-entropy target g = g . e is reachable by an exactly equivariant network."""
+
+    def __init__(self, backbone: nn.Module, model: ModelConfig, config: EquivariantPretextConfig):
+        super().__init__(backbone)
+        self.group = _group_of(backbone, config.name)
+        self.classifier = nn.Linear(backbone.feature_dim, 1)  # shared over fibres: the equivariant head
+        self.contrastive_weight = config.contrastive_weight
+        self.temperature = config.temperature
+        self.num_views = 2 if config.contrastive_weight > 0 else 1
+        if config.contrastive_weight > 0:
+            self.projector = mlp(backbone.feature_dim, model.projector)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, |G|) rotation/flip logits, equivariant: logits(T_g x) = P_g logits(x)."""
+        return per_fibre(self.classifier, self.backbone.lifted(images)).squeeze(-1)
+
+    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
+        elements = random_elements(len(views[0]), self.group, views[0].device)
+        pretext = F.cross_entropy(self.logits(act_on_images(views[0], elements, self.group)), elements)
+        if self.contrastive_weight == 0:
+            return {"loss": pretext}
+        z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)
+        contrastive = info_nce(z1, z2, self.temperature, gather_distributed=True)
+        return {"loss": pretext + self.contrastive_weight * contrastive, "loss/pretext": pretext,
+                "loss/contrastive": contrastive}
+
+
+class InvariantContrastive(SSLMethod):
+    """InfoNCE with sim(u, v) = max_g cos(u, rho(g) v) between per-fibre embeddings of two views."""
+
+    def __init__(self, backbone: nn.Module, model: ModelConfig, config: InvariantContrastiveConfig):
+        super().__init__(backbone)
+        self.group = _group_of(backbone, config.name)
+        self.projector = mlp(backbone.feature_dim, model.projector)  # applied per fibre
+        self.temperature = config.temperature
+        self.soft_temperature = config.soft_temperature if config.similarity == "logsumexp" else None
+        self.transform_views = config.transform_views
+        self.register_buffer("fibre_permutations", self.group.fibre_permutation(torch.arange(self.group.size)),
+                             persistent=False)
+
+    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
+        if self.transform_views:
+            views = [act_on_images(view, random_elements(len(view), self.group, view.device), self.group)
+                     for view in views]
+        u, v = per_fibre(self.projector, self.backbone.lifted(torch.cat(views))).chunk(2)
+        return {"loss": invariant_info_nce(u.float(), v.float(), self.fibre_permutations, self.temperature,
+                                           self.soft_temperature)}

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from hssl_cli.data.groups import act_on_images
+from hssl_cli.engine.train import pretrain
+from hssl_cli.errors import HsslError
+from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+from hssl_cli.methods import build_method
+from hssl_cli.recipe import parse_recipe
+
+C4_MODEL = "model: {backbone: e2_convnet, group: {name: C, order: 4}, widths: [2, 3], projector: [16, 8]}\n"
+
+
+def _method(method: str, model: str = C4_MODEL):
+    torch.manual_seed(0)
+    return build_method(parse_recipe(model + f"method: {method}\n", "x.yaml"), in_channels=1).eval()
+
+
+def test_pretext_head_is_exactly_equivariant_for_90_degree_rotations():
+    method = _method("{name: equivariant_pretext}")
+    images = torch.randn(3, 1, 17, 17, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = method.logits(images)
+        for element in range(4):
+            rotated = method.logits(act_on_images(images, element, method.group))
+            # logits(T_g x)_h = logits(x)_{g^-1 h}
+            permutation = method.group.fibre_permutation(torch.full((3,), element))
+            assert torch.allclose(rotated, logits.gather(1, permutation), atol=1e-5), element
+
+
+def test_pretext_loss_is_cross_entropy_against_the_applied_rotation():
+    method = _method("{name: equivariant_pretext}").train()
+    images = torch.randn(8, 1, 17, 17, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    loss = method([images])["loss"]
+    torch.manual_seed(5)
+    elements = torch.randint(4, (8,))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(method.logits(act_on_images(images, elements, method.group)),
+                                                     elements)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_invariant_contrastive_absorbs_a_group_element_between_the_views():
+    method = _method("{name: invariant_contrastive, transform_views: false}")
+    images = torch.randn(6, 1, 17, 17, generator=torch.Generator().manual_seed(3))
+    other = images + 0.1 * torch.randn(6, 1, 17, 17, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = method([images, other])["loss"]
+        after = method([images, act_on_images(other, 1, method.group)])["loss"]
+    assert after.item() == pytest.approx(before.item(), abs=1e-4)
+
+
+def test_methods_on_a_plain_backbone_are_a_user_error():
+    with pytest.raises(HsslError, match="needs an equivariant backbone"):
+        _method("{name: invariant_contrastive}", model="model: {backbone: small_convnet, projector: [16]}\n")
+
+
+@pytest.mark.parametrize("method", ["{name: equivariant_pretext, contrastive_weight: 1.0}",
+                                    "{name: invariant_contrastive, similarity: logsumexp}"])
+def test_trains_and_probes_on_digits(tmp_path, tiny_recipe, method):
+    recipe = tiny_recipe(f"method={method}", "model={backbone: e2_convnet, group: {name: C, order: 4}, "
+                         "widths: [4, 8], projector: [32, 16]}", "train.epochs=1")
+    result = pretrain(recipe, tmp_path, device_name="cpu")
+    report = probe_checkpoint(result.checkpoint, device_name="cpu", progress=False)
+    assert report["feature_dim"] == 8 and report["results"]["linear"]["top1"] > 30
