@@ -10,9 +10,6 @@ T_g1 x and T_g2 x, two passes); `structure: removed` the ablation on a non-equiv
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
 from torch import nn
 
@@ -20,6 +17,7 @@ from hssl_cli.data.groups import Group, act_on_images
 from hssl_cli.errors import HsslError
 from hssl_cli.losses import byol_cosine, info_nce, vicreg
 from hssl_cli.methods.base import SSLMethod
+from hssl_cli.methods.byol import make_target, target_momentum, update_target
 from hssl_cli.models.heads import mlp
 from hssl_cli.recipe import HSSLConfig, HSSLPairsConfig, ModelConfig
 
@@ -100,8 +98,8 @@ class HSSL(SSLMethod):
         self.pairing, self.loss_name = config.pairing, config.loss
         self.projector = mlp(self._fibre_dim(backbone, model), model.projector)  # the shared head h
         self.pair_sampler = PairSampler(self.group, config.pairs, seed=int(torch.randint(0, 2**31 - 1, ())))
-        # fibres: one pass over the un-augmented batch; the engine's one view is then unused.
-        self.num_views = 1 if config.pairing == "fibres" else 2
+        # fibres: one pass over the un-augmented batch, no augmented views at all
+        self.num_views = 0 if config.pairing == "fibres" else 2
         self.needs_original = config.pairing == "fibres"
         self.temperature = config.temperature
         self.vicreg_weights = {"invariance_weight": config.invariance_weight,
@@ -109,9 +107,7 @@ class HSSL(SSLMethod):
                                "covariance_weight": config.covariance_weight}
         if config.loss == "byol":
             self.predictor = mlp(model.projector[-1], config.predictor)
-            self.target = nn.ModuleDict({"backbone": copy.deepcopy(backbone),
-                                         "projector": copy.deepcopy(self.projector)})
-            self.target.requires_grad_(False)
+            self.target = make_target(backbone, self.projector)
             self.ema_start = config.ema_start
 
     def _fibre_dim(self, backbone: nn.Module, model: ModelConfig) -> int:
@@ -156,14 +152,6 @@ class HSSL(SSLMethod):
             layers["predictor"] = self.predictor(layers["projector"])
         return layers
 
-    @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
-        if self.loss_name != "byol":
-            return
-        # tau_k = 1 - (1 - tau_0) (cos(pi k / K) + 1) / 2; target <- tau target + (1 - tau) online
-        tau = 1 - (1 - self.ema_start) * (math.cos(math.pi * progress) + 1) / 2
-        online = [*self.backbone.parameters(), *self.projector.parameters()]
-        torch._foreach_lerp_(list(self.target.parameters()), online, 1 - tau)
-        online_buffers = [*self.backbone.buffers(), *self.projector.buffers()]
-        for target_buffer, online_buffer in zip(self.target.buffers(), online_buffers, strict=True):
-            target_buffer.copy_(online_buffer)
+        if self.loss_name == "byol":
+            update_target(self.target, self.backbone, self.projector, target_momentum(progress, self.ema_start))
