@@ -93,6 +93,14 @@ class TrainingProgress:
                                soft_wrap=True)
 
 
+CheckpointArgument = Annotated[Path, typer.Argument(
+    metavar="CKPT", help="A model checkpoint or run folder. Example: checkpoints/quickstart/<run>/last.safetensors",
+    show_default=False)]
+DatasetOption = Annotated[str | None, typer.Option(
+    "--dataset", help="Use another dataset than the checkpoint's (digits, mnist, cifar10, stl10, imagefolder). "
+    "Example: --dataset cifar10 --data-root ~/data/cifar10")]
+DataRootOption = Annotated[str | None, typer.Option(
+    "--data-root", help="Folder of the dataset files (default: the checkpoint's data.root).")]
 DeviceOption = Annotated[str, typer.Option(
     "--device", help="cpu, cuda or auto (cuda when one is visible). Example: --device cpu")]
 
@@ -153,14 +161,9 @@ the run, bit for bit on the CPU. A NaN/inf loss stops the run and leaves the las
 @app.command()
 @user_errors
 def probe(
-    checkpoint: Annotated[Path, typer.Argument(
-        metavar="CKPT", help="A model checkpoint or run folder. Example: checkpoints/quickstart/<run>/last.safetensors",
-        show_default=False)],
-    dataset: Annotated[str | None, typer.Option(
-        "--dataset", help="Probe on another dataset than the checkpoint's (digits, mnist, cifar10, stl10, "
-        "imagefolder). Example: --dataset cifar10 --data-root ~/data/cifar10")] = None,
-    data_root: Annotated[str | None, typer.Option(
-        "--data-root", help="Folder of the dataset files (default: the checkpoint's data.root).")] = None,
+    checkpoint: CheckpointArgument,
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
     features: Annotated[str, typer.Option(
         "--features", help="backbone (f(x), the usual choice) or projector (g(f(x))).")] = "backbone",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
@@ -208,14 +211,9 @@ when there is no projector).
 """)
 @user_errors
 def collapse_report(
-    checkpoint: Annotated[Path, typer.Argument(
-        metavar="CKPT", help="A model checkpoint or run folder. Example: checkpoints/quickstart/<run>/last.safetensors",
-        show_default=False)],
-    dataset: Annotated[str | None, typer.Option(
-        "--dataset", help="Measure on another dataset than the checkpoint's (digits, mnist, cifar10, stl10, "
-        "imagefolder). Example: --dataset cifar10 --data-root ~/data/cifar10")] = None,
-    data_root: Annotated[str | None, typer.Option(
-        "--data-root", help="Folder of the dataset files (default: the checkpoint's data.root).")] = None,
+    checkpoint: CheckpointArgument,
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
     split: Annotated[str | None, typer.Option(
         "--split", help="Split to sample (default: the data's test split). Example: --split train")] = None,
     samples: Annotated[int, typer.Option(
