@@ -303,7 +303,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast and channels_last on CUDA, fp32 on the CPU"
     )
-    compile: bool = Field(False, description="torch.compile the model (pays off on long GPU runs)")
+    compile: bool = Field(False, description="torch.compile the model and the augmentation "
+                          "(pays off on long GPU runs)")
     checkpoint_every: int = Field(10, ge=1, description="write epoch-NNNN.safetensors every this many epochs")
     log_every: int = Field(10, ge=1, description="steps between rows of the JSONL metrics log")
     diagnostics_every: int = Field(

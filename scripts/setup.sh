@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up hssl on a fresh Debian machine: gfortran (py3nj, needed by escnn), a virtual environment
+# Set up hssl on a fresh Debian machine: gfortran and g++ when missing, a virtual environment
 # in .venv, the pinned torch/torchvision pair and `pip install -e ".[dev]"`. Idempotent: a second
 # run with unchanged pyproject.toml/constraints.txt returns in a second.
 set -euo pipefail
@@ -8,12 +8,17 @@ cd "$(dirname "$0")/.."
 python_bin="${HSSL_PYTHON:-python3.11}"
 command -v "$python_bin" >/dev/null || python_bin=python3
 
-if ! command -v gfortran >/dev/null; then
-    echo "setup: installing gfortran (py3nj, needed by escnn, compiles Fortran)"
+# gfortran: py3nj (needed by escnn) compiles Fortran; g++: torch.compile's CPU backend compiles C++.
+missing=""
+command -v gfortran >/dev/null || missing="$missing gfortran"
+command -v g++ >/dev/null || missing="$missing g++"
+if [ -n "$missing" ]; then
+    echo "setup: installing$missing with apt"
     sudo_cmd=""
     [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
     $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq gfortran >/dev/null
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq $missing >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -328,3 +328,24 @@ def test_channel_stats_match_a_direct_float64_computation_in_chunks():
         assert torch.allclose(mean, values.mean(dim=(0, 2, 3)), atol=1e-12)
         assert torch.allclose(std, values.std(dim=(0, 2, 3), unbiased=False), atol=1e-12)
     assert math.isclose(channel_stats(torch.full((2, 1, 4, 4), 255, dtype=torch.uint8))[0].item(), 1.0)
+
+
+def test_compiled_augmenter_gives_the_eager_views_without_recompiling_for_new_draws():
+    """`train.compile` compiles `apply` into one graph (no graph break); one compilation must serve every
+    step's fresh parameters."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = make_augmenter(**EVERYTHING_ON)
+    compiled = make_augmenter(**EVERYTHING_ON).compile()
+    images = photo_patches()[:16]
+    generator = torch.Generator().manual_seed(5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            params = eager.sample(16, generator, "cpu")
+            torch.testing.assert_close(compiled.apply(images, params), eager.apply(images, params),
+                                       atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]

@@ -2,7 +2,8 @@
 
 Two gloo processes on the CPU. torch's SyncBatchNorm runs only on GPUs, so BatchNorm layers are
 replaced by identities here: the test isolates what hssl owns (gathered negatives whose backward sums
-gradients across ranks, the per-rank loss scaling under DDP's gradient averaging).
+gradients across ranks, the per-rank loss scaling under DDP's gradient averaging, DirectPred's
+all-reduced correlation).
 """
 
 import torch
@@ -19,6 +20,8 @@ METHODS = {
     "simclr": [],
     "byol": ["method={name: byol, predictor: [64, 32]}"],
     "vicreg": ["method={name: vicreg}"],
+    "directpred": ["method={name: directpred}"],  # C is all-reduced: every rank's W_P is the 1-rank W_P
+    "isoloss": ["method={name: directpred, loss: iso}"],
 }
 PER_RANK_BATCH = 4
 
@@ -44,6 +47,7 @@ def _loss_and_gradients(name: str, views: list[torch.Tensor], wrap=lambda m: m) 
     loss = model(views)["loss"]
     loss.backward()
     result = {f"grad.{key}": p.grad.clone() for key, p in method.named_parameters() if p.grad is not None}
+    result |= {key: buffer.clone() for key, buffer in method.named_buffers() if key.endswith("correlation")}
     return result | {"loss": loss.detach().reshape(1)}
 
 
@@ -71,4 +75,4 @@ def test_two_ranks_match_one_rank_with_the_double_batch(tmp_path):
         assert single.keys() == double.keys(), name
         for key in single:
             assert torch.allclose(single[key], double[key], atol=1e-5, rtol=1e-4), (name, key)
-        assert single["loss"].item() > 0
+        assert single["loss"].item() != 0 and any(single[key].abs().sum() > 0 for key in single if "grad" in key)

@@ -121,3 +121,40 @@ def test_plain_backbones_are_still_built_by_name():
     assert build_backbone("small_convnet", 1).feature_dim == 256
     with pytest.raises(ValueError, match="needs model.group"):
         build_backbone("e2_convnet", 1)
+
+
+@pytest.mark.parametrize("method", [
+    "{name: simclr}", "{name: byol, predictor: [16, 8]}", "{name: hssl}", "{name: hssl, pairing: augmented_fibres}",
+    "{name: hssl, loss: byol, predictor: [16, 8]}", "{name: invariant_contrastive}", "{name: equivariant_pretext}",
+])  # fmt: skip
+def test_a_training_step_expands_each_escnn_filter_once_and_eval_reuses_the_cache(method, monkeypatch):
+    """escnn rebuilds a convolution's filter from its basis on every training forward; all views of a step
+    must share one pass, and eval mode must not rebuild at all."""
+    from hssl_cli.methods import build_method
+    from hssl_cli.recipe import parse_recipe
+
+    escnn = _import_escnn()
+    expansions: dict[int, int] = {}
+    expand = escnn.nn.R2Conv.expand_parameters
+
+    def counting_expand(self):
+        expansions[id(self)] = expansions.get(id(self), 0) + 1
+        return expand(self)
+
+    torch.manual_seed(0)
+    recipe = parse_recipe("model: {backbone: e2_convnet, group: {name: C, order: 4}, widths: [2, 3], "
+                          f"projector: [16, 8]}}\nmethod: {method}\n", "x.yaml")
+    model = build_method(recipe, in_channels=1).train()
+    convolutions = [module for module in model.modules() if isinstance(module, escnn.nn.R2Conv)]
+    images = torch.randn(4, 1, 17, 17, generator=torch.Generator().manual_seed(0))
+    views = [images + 0.1 * k for k in range(model.num_views)]
+    monkeypatch.setattr(escnn.nn.R2Conv, "expand_parameters", counting_expand)
+    model(views, None, images if model.needs_original else None)["loss"].backward()
+    assert convolutions and expansions == {id(conv): 1 for conv in convolutions}
+
+    model.eval()  # escnn expands once on entering eval mode, then serves the cached filter
+    expansions.clear()
+    with torch.no_grad():
+        model.backbone(images)
+        model.backbone(images)
+    assert expansions == {}

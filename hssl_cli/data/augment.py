@@ -172,6 +172,12 @@ class Augmenter:
                             max(0.0, 1 - jitter.saturation), -jitter.hue)
         self._jitter_high = (1 + jitter.brightness, 1 + jitter.contrast, 1 + jitter.saturation, jitter.hue)
 
+    def compile(self) -> Augmenter:
+        """torch.compile `apply` (the per-pixel work; `sample` is one small draw): its crop, jitter, blur and
+        normalisation fuse into few kernels. Shapes are static, so one compilation serves a whole run."""
+        self.apply = torch.compile(self.apply, dynamic=False)
+        return self
+
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator, with_params: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, ViewParams]:

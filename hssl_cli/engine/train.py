@@ -171,6 +171,8 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
     mean, std = channel_stats(train_images)
     data_stats = {"mean": mean.float(), "std": std.float()}
     augmenter = Augmenter(recipe.augment, recipe.data.image_size, mean.to(device), std.to(device))
+    if recipe.train.compile:
+        augmenter.compile()
 
     torch.manual_seed(recipe.seed)
     method = build_method(recipe, in_channels=images.shape[1]).to(device)
