@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
 import struct
 import tarfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from torchvision.io import decode_jpeg, encode_jpeg, encode_png
 
 from hssl_cli.data import sources
@@ -246,7 +248,27 @@ def test_imagefolder_cache_is_keyed_on_the_file_list_and_image_size(tmp_path, ti
     load_split(folder_config(root, image_size=8), "train")
     load_split(folder_config(root, image_size=8), "train")
     assert decode_calls == [5, 6, 6, 6]
-    assert len(list((root / ".hssl-cache").iterdir())) == 4
+    # each rebuild replaced the cache it invalidated; the two image sizes keep one cache each
+    assert sorted(path.name.split("-")[1] for path in (root / ".hssl-cache").iterdir()) == ["16px", "8px"]
+
+
+def test_stale_caches_of_other_folders_in_the_shared_home_cache_are_kept(tmp_path, tiny_tree, home):
+    shared = home / ".cache" / "hssl"
+    roots = [tmp_path / "folder", tmp_path / "copy"]
+    shutil.copytree(roots[0], roots[1])
+    write_image(roots[1] / "train" / "dog" / "y.png", random_image(3, 16, 16, seed=6))
+    for root in roots:
+        (root / ".hssl-cache").write_text("in the way")  # both fall back to the shared home cache
+        load_split(folder_config(root), "train")
+    assert len(list(shared.iterdir())) == 2
+    write_image(roots[1] / "train" / "dog" / "z.png", random_image(3, 16, 16, seed=7))
+    load_split(folder_config(roots[1]), "train")
+    sources = []
+    for path in shared.iterdir():
+        with safe_open(path, framework="pt") as handle:
+            sources.append((handle.metadata()["source"], handle.get_tensor("labels").numel()))
+    # the copy's old 6-image cache is gone, its new 7-image one is there, the other folder's is untouched
+    assert sorted(sources) == sorted([(str(roots[0]), 5), (str(roots[1]), 7)])
 
 
 def test_imagefolder_corrupt_cache_is_ignored_and_rebuilt(tmp_path, tiny_tree, decode_calls):

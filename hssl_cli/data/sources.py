@@ -15,7 +15,8 @@ differs from `data.image_size`), so training never resizes. Sources and their sp
 - imagefolder: data.root/<split>/<class>/*.jpg|jpeg|png (any case); classes are the sorted class
   folder names and a label is its class's index. Decoded once, then cached as safetensors in
   data.root/.hssl-cache/ (or ~/.cache/hssl/ when data.root is not writable), keyed on the file
-  list (relative paths, sizes, mtimes) and the image size, so a changed folder is decoded again.
+  list (relative paths, sizes, mtimes) and the image size, so a changed folder is decoded again
+  (and the folder's cache it replaces is deleted).
 """
 
 from __future__ import annotations
@@ -396,10 +397,28 @@ def _write_cache(root: Path, name: str, data: ImageSplit) -> None:
     for folder in _cache_folders(root):
         try:
             save_safetensors_atomically(folder / name, tensors, metadata)
-            return
         except (OSError, SafetensorError) as error:
             problems.append(f"{folder}: {error}")
+            continue
+        _remove_stale_caches(folder, name, str(root))
+        return
     warnings.warn(
         f"could not cache the decoded images ({'; '.join(problems)}); the next load decodes again",
         stacklevel=3,
     )
+
+
+def _remove_stale_caches(folder: Path, current: str, source: str) -> None:
+    """Delete this split's and size's older caches of the same folder (its files changed since): a
+    CIFAR-10 train cache is ~150 MB. Caches of other folders sharing ~/.cache/hssl are left alone."""
+    split_and_size = current.rsplit("-", 1)[0]
+    for path in folder.glob(f"{split_and_size}-*.safetensors"):
+        if path.name == current:
+            continue
+        try:
+            with safe_open(path, framework="pt") as handle:
+                stale = (handle.metadata() or {}).get("source") == source
+            if stale:
+                path.unlink()
+        except (OSError, SafetensorError):
+            continue
