@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+def full_precision(loss: Callable) -> Callable:
+    """Run `loss` outside autocast on float32 copies of its floating tensor arguments: under bf16 autocast
+    (the GPU path) a cosine or a variance would otherwise carry 8 bits of mantissa. A no-op in fp32."""
+
+    def upcast(value):
+        return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    @functools.wraps(loss)
+    def in_float32(*args, **kwargs):
+        device_type = next(a.device.type for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type, enabled=False):
+            return loss(*map(upcast, args), **{name: upcast(value) for name, value in kwargs.items()})
+
+    return in_float32
 
 
 def _check_pair(name: str, first: torch.Tensor, second: torch.Tensor) -> None:
@@ -29,6 +47,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return torch.cat(all_gather(tensor), dim=0)
 
 
+@full_precision
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_distributed: bool = False
              ) -> torch.Tensor:
     """NT-Xent (SimCLR, Chen et al. 2020) over the 2N views; row i's positive is its other view.
@@ -56,6 +75,7 @@ def _nt_xent(similarity: torch.Tensor, batch: int, total: int, offset: int, temp
     return F.cross_entropy(logits, positive)
 
 
+@full_precision
 def invariant_info_nce(u: torch.Tensor, v: torch.Tensor, fibre_permutations: torch.Tensor, temperature: float,
                        soft_temperature: float | None = None) -> torch.Tensor:
     """InfoNCE on lifted features (B, |G|, C) with a group-invariant similarity (SSL for G-equivariant
@@ -81,12 +101,14 @@ def invariant_info_nce(u: torch.Tensor, v: torch.Tensor, fibre_permutations: tor
     return _nt_xent(similarity, batch, batch, 0, temperature)
 
 
+@full_precision
 def byol_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BYOL (Grill et al. 2020): 2 - 2 cos(q(z), z'), mean over the batch; pass a detached target."""
     _check_pair("byol_cosine", prediction, target)
     return (2 - 2 * F.cosine_similarity(prediction, target, dim=1)).mean()
 
 
+@full_precision
 def iso_loss(z: torch.Tensor, target: torch.Tensor, predictor_weight: torch.Tensor) -> torch.Tensor:
     """IsoLoss (Halvagal, Laborieux, Zenke 2023): a loss on z whose gradient is BYOL's gradient w.r.t.
     the prediction p = W_P z, so no eigenvalue of W_P scales the learning rate of its direction.
@@ -108,6 +130,7 @@ def iso_loss(z: torch.Tensor, target: torch.Tensor, predictor_weight: torch.Tens
     return -2 * similarity.mean()
 
 
+@full_precision
 def vicreg(
     z1: torch.Tensor,
     z2: torch.Tensor,

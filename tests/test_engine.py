@@ -112,3 +112,37 @@ def test_data_subset_limits_the_pretraining_images(tmp_path, tiny_recipe):
     result = pretrain(tiny_recipe("data.subset=300", "train.batch_size=100", "train.epochs=1"), tmp_path,
                       device_name="cpu")
     assert result.steps == 3
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["method.equimod={projector: [32, 16], param_embedding: 8}"], ["method={name: byol, predictor: [64, 32]}"],
+    ["method={name: vicreg}"], ["method={name: directpred}"], ["method={name: directpred, loss: iso}"],
+    ["model={backbone: e2_convnet, group: {name: C, order: 4}, widths: [2, 3], projector: [16, 8]}",
+     "method={name: hssl}"],
+], ids=["simclr", "simclr+equimod", "byol", "vicreg", "directpred", "isoloss", "hssl"])  # fmt: skip
+def test_a_bf16_autocast_step_gives_the_fp32_loss_and_finite_updates(tiny_recipe, overrides):
+    """The GPU path's bf16 autocast, run on the CPU: every method's dtypes meet, and the loss agrees with
+    fp32 to bf16 precision."""
+    from hssl_cli.data.augment import Augmenter, channel_stats
+    from hssl_cli.data.sources import load_split
+    from hssl_cli.engine.optim import build_optimizer
+    from hssl_cli.engine.train import training_step
+    from hssl_cli.methods import build_method
+
+    recipe = tiny_recipe(*overrides)
+    images = load_split(recipe.data, "train").images[:32]
+    mean, std = channel_stats(images)
+    augmenter = Augmenter(recipe.augment, recipe.data.image_size, mean.float(), std.float())
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        method = build_method(recipe, in_channels=1)
+        before = [p.detach().clone() for p in method.parameters()]
+        optimizer = build_optimizer(method, recipe.optim)
+        generator = torch.Generator().manual_seed(1)
+        losses[bf16] = training_step(method, method, optimizer, augmenter, images, generator, 1e-3, bf16)["loss"]
+        after = list(method.parameters())
+        assert all(p.isfinite().all() for p in after)
+        assert any(not torch.equal(old, new) for old, new in zip(before, after, strict=True))
+    assert losses[True].dtype == torch.float32
+    assert losses[True].item() == pytest.approx(losses[False].item(), rel=0.03, abs=0.02)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hssl_cli.losses import byol_cosine, info_nce, invariant_info_nce, vicreg
+from hssl_cli.losses import byol_cosine, info_nce, invariant_info_nce, iso_loss, vicreg
 
 
 def test_info_nce_matches_hand_computed_value():
@@ -89,3 +89,21 @@ def test_invariant_info_nce_similarity_is_the_best_aligned_cosine():
     v = u[:, [1, 0], :]
     loss = invariant_info_nce(u, v, _cyclic_permutations(2), temperature=1.0)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)  # a lone positive: -log(1) = 0
+
+
+SYMMETRIC_WEIGHT = torch.eye(16) + torch.arange(16.0).outer(torch.arange(16.0)) / 256  # a W_P for iso_loss
+
+
+@pytest.mark.parametrize("loss", [
+    lambda a, b: info_nce(a, b, 0.1), byol_cosine, lambda a, b: vicreg(a, b)["loss"],
+    lambda a, b: iso_loss(a, b, SYMMETRIC_WEIGHT),
+], ids=["info_nce", "byol_cosine", "vicreg", "iso_loss"])  # fmt: skip
+def test_losses_compute_in_float32_under_bf16_autocast(loss):
+    """The GPU path runs the model under bf16 autocast; the losses must not inherit its 8-bit mantissa."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(32, 16, generator=generator), torch.randn(32, 16, generator=generator)
+    expected = loss(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loss(a, b)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, expected, rtol=1e-6, atol=1e-6)

@@ -83,5 +83,5 @@ class InvariantContrastive(SSLMethod):
             views = [act_on_images(view, random_elements(len(view), self.group, view.device), self.group)
                      for view in views]
         u, v = per_fibre(self.projector, self.backbone.lifted(torch.cat(views))).chunk(2)
-        return {"loss": invariant_info_nce(u.float(), v.float(), self.fibre_permutations, self.temperature,
+        return {"loss": invariant_info_nce(u, v, self.fibre_permutations, self.temperature,
                                            self.soft_temperature)}

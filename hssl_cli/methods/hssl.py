@@ -132,7 +132,7 @@ class HSSL(SSLMethod):
         if self.loss_name == "nt_xent":
             return {"loss": info_nce(h1, h2, self.temperature)}
         if self.loss_name == "vicreg":
-            return vicreg(h1.float(), h2.float(), **self.vicreg_weights)
+            return vicreg(h1, h2, **self.vicreg_weights)
         p1, p2 = self.predictor(torch.cat([h1, h2])).chunk(2)
         with torch.no_grad():
             t1, t2 = self.target["projector"](torch.cat(fibre_pair(self.target["backbone"], first, second, g1, g2,

@@ -19,4 +19,4 @@ class VICReg(SSLMethod):
 
     def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
         z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)
-        return vicreg(z1.float(), z2.float(), **self.weights, gather_distributed=True)
+        return vicreg(z1, z2, **self.weights, gather_distributed=True)
