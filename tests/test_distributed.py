@@ -63,6 +63,7 @@ def _rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
             result["loss"] /= world_size  # DDP averages gradients; the global loss is the mean of ranks'
             if rank == 0:
                 save_file(result, f"{out_dir}/{name}.safetensors")
+        dist.barrier()  # neither rank tears gloo down while the other may still be using it
     finally:
         dist.destroy_process_group()
 

@@ -46,6 +46,11 @@ class Distributed:
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         return dict(zip(values, stacked / self.world_size, strict=True))
 
+    def barrier(self) -> None:
+        """Wait for every rank; before tearing down, so that no rank leaves while others still talk."""
+        if self.enabled:
+            dist.barrier()
+
     def broadcast(self, value: object) -> object:
         """Rank 0's value on every rank (e.g. the run folder's name)."""
         if not self.enabled:

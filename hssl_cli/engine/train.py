@@ -132,7 +132,9 @@ def pretrain(
     Under torchrun/srun every rank runs this; rank 0 alone writes files and reports progress."""
     context, device = distributed.setup(resolve_device(device_name))
     try:
-        return _pretrain(recipe, output_root, device, context, resume, progress, stop or StopRequest(), diagnostics)
+        result = _pretrain(recipe, output_root, device, context, resume, progress, stop or StopRequest(), diagnostics)
+        context.barrier()  # no rank exits before rank 0 has written the last checkpoint
+        return result
     finally:
         distributed.teardown(context)
 
