@@ -28,3 +28,16 @@ def tiny_recipe():
         return parse_recipe(TINY_RECIPE, "tiny.yaml", overrides=list(overrides))
 
     return make
+
+
+def train_stopped_and_resumed(recipe, root, stop_step: int):
+    """Train `recipe` once whole, once stopped at `stop_step` and resumed with --resume auto; returns the
+    RunResults (whole, stopped, resumed), for bit-exact resume tests."""
+    from hssl_cli.engine.train import StopRequest, pretrain
+
+    whole = pretrain(recipe, root / "whole", device_name="cpu")
+    stop = StopRequest()
+    stopped = pretrain(recipe, root / "split", device_name="cpu", stop=stop,
+                       progress=lambda row: stop() if row["step"] >= stop_step else None)
+    resumed = pretrain(recipe, root / "split", device_name="cpu", resume="auto")
+    return whole, stopped, resumed

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hssl_cli.engine.train import StopRequest, pretrain
 from hssl_cli.losses import byol_cosine, iso_loss
 from hssl_cli.methods import build_method
 from hssl_cli.methods.byol import target_momentum
 from hssl_cli.methods.directpred import CorrelationPredictor
 from hssl_cli.recipe import load_recipe, parse_recipe
+from tests.conftest import train_stopped_and_resumed
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -123,17 +123,9 @@ def test_target_momentum_rises_from_tau0_to_one_by_a_cosine():
 
 @pytest.mark.parametrize("method", ["{name: directpred, loss: iso}", "{name: directcopy, ema: false}"])
 def test_directpred_resume_after_stop_continues_bit_exact(tmp_path, tiny_recipe, method):
-    recipe = tiny_recipe(f"method={method}", "train.epochs=1")
-    whole = pretrain(recipe, tmp_path / "whole", device_name="cpu")
-    stop = StopRequest()
-
-    def stop_at_step_4(row):
-        if row["step"] >= 4:
-            stop()
-
-    first = pretrain(recipe, tmp_path / "split", device_name="cpu", progress=stop_at_step_4, stop=stop)
+    whole, first, second = train_stopped_and_resumed(tiny_recipe(f"method={method}", "train.epochs=1"), tmp_path,
+                                                     stop_step=4)
     assert first.interrupted and first.steps < whole.steps
-    second = pretrain(recipe, tmp_path / "split", device_name="cpu", resume="auto")
     expected, resumed = load_file(whole.checkpoint), load_file(second.checkpoint)
     assert "predictor.correlation" in expected and expected.keys() == resumed.keys()
     for key in expected:

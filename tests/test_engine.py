@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from hssl_cli.engine.checkpoint import load_checkpoint
-from hssl_cli.engine.train import StopRequest, pretrain
+from hssl_cli.engine.train import pretrain
 from hssl_cli.errors import HsslError, TrainingDiverged
+from tests.conftest import train_stopped_and_resumed
 
 
 def _weights(path):
@@ -40,18 +41,8 @@ def test_training_lowers_the_loss(tmp_path, tiny_recipe):
 def test_resume_after_stop_continues_bit_exact(tmp_path, tiny_recipe, method):
     overrides = {"simclr": [], "byol": ["method={name: byol, predictor: [64, 32]}"],
                  "vicreg": ["method={name: vicreg}", "optim.name=lars", "optim.lr=0.3"]}[method]
-    recipe = tiny_recipe(*overrides)
-    whole = pretrain(recipe, tmp_path / "whole", device_name="cpu")
-
-    stop = StopRequest()
-
-    def stop_at_step_6(row):
-        if row["step"] >= 6:
-            stop()
-
-    first = pretrain(recipe, tmp_path / "split", device_name="cpu", progress=stop_at_step_6, stop=stop)
+    whole, first, second = train_stopped_and_resumed(tiny_recipe(*overrides), tmp_path, stop_step=6)
     assert first.interrupted and first.steps == 6
-    second = pretrain(recipe, tmp_path / "split", device_name="cpu", resume="auto")
     assert second.run_dir == first.run_dir and second.steps == whole.steps
     expected, resumed = _weights(whole.checkpoint), _weights(second.checkpoint)
     assert expected.keys() == resumed.keys()

@@ -3,12 +3,12 @@ import torch
 from safetensors.torch import load_file
 
 from hssl_cli.engine.checkpoint import load_checkpoint
-from hssl_cli.engine.train import StopRequest, pretrain
 from hssl_cli.errors import HsslError, RecipeError
 from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
 from hssl_cli.methods import build_method
 from hssl_cli.methods.hssl import fibre_pair
 from hssl_cli.recipe import parse_recipe
+from tests.conftest import train_stopped_and_resumed
 
 C4_MODEL = "model: {backbone: e2_convnet, group: {name: C, order: 4}, widths: [2, 3], projector: [16, 8]}\n"
 
@@ -123,13 +123,9 @@ train: {epochs: 2, batch_size: 256, checkpoint_every: 1, log_every: 2, diagnosti
 
 
 def test_pretrain_resumes_bit_exact_and_probe_reads_group_pooled_features(tmp_path):
-    recipe = parse_recipe(TINY_HSSL, "tiny_hssl.yaml")
-    whole = pretrain(recipe, tmp_path / "whole", device_name="cpu")
-    stop = StopRequest()
-    first = pretrain(recipe, tmp_path / "split", device_name="cpu", stop=stop,
-                     progress=lambda row: stop() if row["step"] >= 4 else None)
+    whole, first, second = train_stopped_and_resumed(parse_recipe(TINY_HSSL, "tiny_hssl.yaml"), tmp_path,
+                                                     stop_step=4)
     assert first.interrupted and first.steps == 4
-    second = pretrain(recipe, tmp_path / "split", device_name="cpu", resume="auto")
     expected, resumed = load_file(whole.checkpoint), load_file(second.checkpoint)
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
