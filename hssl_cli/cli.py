@@ -16,6 +16,7 @@ from rich.table import Table
 from hssl_cli import __version__
 from hssl_cli.errors import HsslError
 from hssl_cli.evaluate.verdict import DEFAULT_THRESHOLD, VERDICT_RULE
+from hssl_cli.files import write_text_atomically
 
 app = typer.Typer(
     help="Equivariant and homomorphic self-supervised learning on images.\n\n"
@@ -149,7 +150,8 @@ the run, bit for bit on the CPU. A NaN/inf loss stops the run and leaves the las
     table = Table(title=f"pretrain {recipe.name}{suffix}")
     for column in ("epochs", "steps", "final loss", "wall time", "images/s"):
         table.add_column(column, justify="right")
-    table.add_row(str(result.epochs), str(result.steps), f"{result.final_loss:.4f}", f"{result.wall_seconds:.1f} s",
+    final_loss = f"{result.final_loss:.4f}" if result.steps else "untrained"
+    table.add_row(str(result.epochs), str(result.steps), final_loss, f"{result.wall_seconds:.1f} s",
                   f"{result.images_per_second:.0f}")
     output.print(table)
     output.print(f"checkpoint: {result.checkpoint}\nevaluate it: hssl probe {result.checkpoint}", soft_wrap=True,
@@ -165,7 +167,20 @@ def probe(
     dataset: DatasetOption = None,
     data_root: DataRootOption = None,
     features: Annotated[str, typer.Option(
-        "--features", help="backbone (f(x), the usual choice) or projector (g(f(x))).")] = "backbone",
+        "--features", help="backbone (f(x), the usual choice) or projector (the method's embedding of one view, "
+        "as its loss sees it: g(f(x)), or the head on one fibre for H-SSL).")] = "backbone",
+    train_samples: Annotated[int | None, typer.Option(
+        "--train-samples", help="Fit the probes on a fixed random subset of train (default: all). "
+        "Example: --train-samples 6000")] = None,
+    test_samples: Annotated[int | None, typer.Option(
+        "--test-samples", help="Score on a fixed random subset of test (default: all). Example: --test-samples 3000")
+    ] = None,
+    test_rotations: Annotated[list[float] | None, typer.Option(
+        "--test-rotation", help="Also score the same probes on the test images rotated by this angle in degrees "
+        "(bilinear); repeatable. Example: --test-rotation 17 --test-rotation 100")] = None,
+    validation: Annotated[bool, typer.Option(
+        "--validation", help="Score on held-out train images (--test-samples of them, default 10%), never on "
+        "test: the split to choose settings on.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     device: DeviceOption = "auto",
 ) -> None:
@@ -180,11 +195,14 @@ a weighted kNN (cosine, k=20 and k=200, temperature 0.07) votes. Top-1/top-5 on 
     from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
 
     report = probe_checkpoint(checkpoint, dataset=dataset, data_root=data_root, features=features,
-                              device_name=device, progress=not as_json)
+                              device_name=device, progress=not as_json, train_samples=train_samples,
+                              test_samples=test_samples, test_rotations=test_rotations or [],
+                              validation=validation)
     if as_json:
         output.print_json(json.dumps(report))
         return
-    table = Table(title=f"probe: {report['dataset']} {report['train_size']} train / {report['test_size']} test, "
+    table = Table(title=f"probe: {report['dataset']} {report['train_size']} train / {report['test_size']} "
+                  f"{report['test_split']}, "
                   f"{report['features']} features (d={report['feature_dim']})")
     for column in ("evaluation", "top-1 %", "top-5 %", "detail"):
         table.add_column(column)
@@ -199,8 +217,9 @@ a weighted kNN (cosine, k=20 and k=200, temperature 0.07) votes. Top-1/top-5 on 
 
     On a fixed sample of images (no augmentation), each layer the method has (backbone features f(x), \
 projector output z, predictor output q(z)) gets: effective rank (exp of the entropy of the normalised \
-covariance eigenvalues), RankMe (the same on the singular values of the uncentred embeddings), \
-participation ratio, the mean std of L2-normalised embeddings next to the healthy 1/sqrt(D), the number of \
+eigenvalues of the standardised features, i.e. of the correlation matrix: what a linear probe sees; the raw \
+covariance's is shown too), RankMe (on the singular values of the uncentred embeddings), participation \
+ratio, the mean std of L2-normalised embeddings next to the healthy 1/sqrt(D), the number of correlation \
 eigenvalues below THRESHOLD x the largest, and a verdict. Where there is a predictor (BYOL, DirectPred, \
 IsoLoss): the alignment of its eigenvectors with those of the correlation z^T z / N (1: aligned).
 
@@ -238,12 +257,13 @@ def collapse_report(
         return
     table = Table(title=f"collapse report: {report['samples']} {report['dataset']}/{report['split']} images, "
                   f"threshold {report['threshold']:g}")
-    for column in ("layer", "D", "eff. rank", "RankMe", "part. ratio", "std(z/|z|) / healthy", "collapsed dims",
-                   "verdict"):
+    for column in ("layer", "D", "eff. rank", "raw eff. rank", "RankMe", "part. ratio", "std(z/|z|) / healthy",
+                   "collapsed dims", "verdict"):
         table.add_column(column, justify="left" if column in ("layer", "verdict") else "right")
     colours = {"healthy": "green", "dimensional collapse": "yellow", "complete collapse": "bold red"}
     for name, layer in report["layers"].items():
-        table.add_row(name, str(layer["dim"]), f"{layer['effective_rank']:.1f}", f"{layer['rankme']:.1f}",
+        table.add_row(name, str(layer["dim"]), f"{layer['effective_rank']:.1f}", f"{layer['effective_rank_raw']:.1f}",
+                      f"{layer['rankme']:.1f}",
                       f"{layer['participation_ratio']:.1f}",
                       f"{layer['normalized_std']:.4f} / {layer['healthy_std']:.4f}",
                       f"{layer['collapsed_dims']} of {layer['available_dims']}",
@@ -305,6 +325,114 @@ but not gated.
         _print_equivariance(report)
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def sweep(
+    suite_path: Annotated[Path, typer.Argument(
+        metavar="SUITE", help="Suite YAML. Example: suites/hssl_rotmnist.yaml", show_default=False)],
+    cell: Annotated[int | None, typer.Option(
+        "--cell", help="Run only cell N (0-based, see --list): one SLURM array task or one job of a shell loop. "
+        "Example: --cell $SLURM_ARRAY_TASK_ID")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a recipe key in every cell (after the suite's own overrides); repeatable. "
+        "Example: --set data.root=~/data/mnist")] = None,
+    list_cells: Annotated[bool, typer.Option("--list", help="List the cells and their status; run nothing.")] = False,
+    report_only: Annotated[bool, typer.Option(
+        "--report", help="Run nothing: aggregate the finished cells into a table (mean ± std over seeds), "
+        "written as report.md, report.csv and report.png beside the cells.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --report or --list: print JSON instead.")] = False,
+    output_dir: Annotated[Path, typer.Option(
+        "--output", help="Root of suite folders: <output>/<suite name>/cells/<cell>/. "
+        "Example: --output /scratch/sweeps")
+    ] = Path("checkpoints/sweeps"),
+    device: DeviceOption = "auto",
+) -> None:
+    """Run a suite of experiments: recipes x overrides (x a swept key) x seeds, one cell each.
+
+    A cell is one pretrain, then a probe (and, if the suite asks, collapse-report and equivariance-check), \
+in its own folder; its result.json marks it finished. Finished cells are skipped, a killed cell resumes its \
+pretraining, and a cell another `hssl sweep` process is running is left to it: start two processes on \
+one suite to use two GPUs or two cores. A suite edited after cells finished is refused rather than mixed.
+
+    Examples: hssl sweep suites/hssl_rotmnist.yaml (run every cell, then print the report); \
+hssl sweep S.yaml --list; hssl sweep S.yaml --cell 3; hssl sweep S.yaml --report --json
+    """
+    from hssl_cli.sweep.report import as_json as report_json
+    from hssl_cli.sweep.report import collect, markdown, plot, protocol_line, rich_table, write_csv
+    from hssl_cli.sweep.suite import load_suite
+
+    loaded = load_suite(suite_path, overrides or [])
+    cells = loaded.cells
+    if cell is not None:
+        if not 0 <= cell < len(cells):
+            raise HsslError(f"--cell {cell}: {suite_path} has cells 0 to {len(cells) - 1} (see --list)")
+        cells = [cells[cell]]
+    if list_cells:
+        _print_cells(loaded, cells, output_dir, as_json)
+        return
+    if not report_only:
+        _run_cells(loaded, cells, output_dir, device)
+        if cell is not None:
+            return
+    report = collect(loaded, output_dir)
+    folder = output_dir / loaded.name
+    command = " ".join(["hssl sweep", str(suite_path), *(f"--set {o}" for o in overrides or [])])
+    write_text_atomically(folder / "report.md", markdown(report, command))
+    write_csv(report, folder / "report.csv")
+    if report.results:
+        plot(report, folder / "report.png")
+    if as_json:
+        output.print_json(json.dumps(report_json(report)))
+        return
+    output.print(rich_table(report))
+    output.print(protocol_line(report), soft_wrap=True, highlight=False)
+    output.print(f"{len(report.results)} of {len(loaded.cells)} cells done, {report.cell_seconds / 60:.1f} min of "
+                 f"cell time; written: {folder}/report.md, report.csv" + (", report.png" if report.results else ""),
+                 soft_wrap=True, highlight=False)
+
+
+def _run_cells(loaded, cells: list, output_dir: Path, device: str) -> None:
+    from hssl_cli.evaluate.spectrum import training_diagnostics
+    from hssl_cli.sweep.run import run_cell
+
+    for number, one in enumerate(cells, start=1):
+        prefix = f"[{number}/{len(cells)}] cell {one.index} {one.id}"
+
+        def status(text: str, prefix: str = prefix) -> None:
+            console.print(f"{prefix}: {text}", highlight=False, soft_wrap=True)
+
+        with TrainingProgress(console, prefix) as progress:
+            result = run_cell(loaded, one, output_dir, device, progress=progress.update,
+                              diagnostics=training_diagnostics, status=status)
+        if result is not None and result["status"] == "diverged":
+            status(f"[yellow]diverged[/]: {result['error']}")
+        elif result is not None:
+            shown = ", ".join(f"{name} {result['metrics'].get(name, float('nan')):.2f}"
+                              for name in loaded.suite.report.metrics)
+            status(f"done in {result['seconds']:.0f} s: {shown}")
+
+
+def _print_cells(loaded, cells: list, output_dir: Path, as_json: bool) -> None:
+    from hssl_cli.sweep.run import cell_folder, read_result
+
+    rows = []
+    for one in cells:
+        folder = cell_folder(output_dir, loaded, one)
+        result = read_result(folder, loaded, one)
+        state = result["status"] if result is not None else "started" if folder.exists() else "pending"
+        rows.append({"index": one.index, "cell": one.id, "status": state, "folder": str(folder),
+                     "overrides": one.overrides})
+    if as_json:
+        output.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"{loaded.path}: {len(loaded.cells)} cells")
+    for column in ("cell", "id", "status", "overrides"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["index"]), row["cell"], row["status"], " ".join(row["overrides"]))
+    output.print(table)
 
 
 def _print_equivariance(report: dict) -> None:

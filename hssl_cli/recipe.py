@@ -262,6 +262,9 @@ class EquivariantPretextConfig(Section):
     element h reads fibre h, so logits(T_g x) = P_g logits(x); the target of T_g x is g (= g . e)."""
 
     name: Literal["equivariant_pretext"] = "equivariant_pretext"
+    head: Literal["equivariant", "invariant"] = Field(
+        "equivariant", description="equivariant: logit h reads fibre h; invariant: plain rotation prediction, a "
+        "linear classifier on the group-pooled features, which an invariant backbone cannot solve (a baseline)")
     contrastive_weight: float = Field(0.0, ge=0, description="weight of an added NT-Xent on two augmented views")
     temperature: float = Field(0.5, gt=0, description="NT-Xent temperature of the contrastive term")
 
@@ -271,7 +274,9 @@ class InvariantContrastiveConfig(Section):
 
     name: Literal["invariant_contrastive"] = "invariant_contrastive"
     temperature: float = Field(0.5, gt=0, description="InfoNCE temperature tau")
-    similarity: Literal["max", "logsumexp"] = Field("max", description="how the similarity reduces over g")
+    similarity: Literal["max", "logsumexp", "plain"] = Field(
+        "max", description="how the similarity reduces over g; plain: cos of the flattened lifted features, i.e. "
+        "ordinary InfoNCE on them (the baseline the invariant similarity improves on)")
     soft_temperature: float = Field(0.1, gt=0, description="similarity logsumexp: its temperature")
     transform_views: bool = Field(
         True, description="apply a random group element to each view, which the invariant similarity absorbs"
@@ -298,7 +303,8 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(100, ge=1, description="passes over the training split")
+    epochs: int = Field(100, ge=0, description="passes over the training split; 0 writes the initialised model "
+                        "(the untrained baseline a comparison needs)")
     batch_size: int = Field(256, ge=2, description="images per step (each gives two views)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast and channels_last on CUDA, fp32 on the CPU"
@@ -381,7 +387,8 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     return recipe
 
 
-def parse_recipe(text: str, source: str, overrides: typing.Sequence[str] = ()) -> Recipe:
+def read_yaml_mapping(text: str, source: str, what: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """A YAML document that must be a mapping (an empty one is {}), and the line of every key path."""
     try:
         raw = yaml.safe_load(text)
         lines = _key_lines(yaml.compose(text))
@@ -396,7 +403,12 @@ def parse_recipe(text: str, source: str, overrides: typing.Sequence[str] = ()) -
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping of sections (data, augment, ...), not a list or value")
+        raise RecipeError(f"{source}: {what}, not a list or value")
+    return raw, lines
+
+
+def parse_recipe(text: str, source: str, overrides: typing.Sequence[str] = ()) -> Recipe:
+    raw, lines = read_yaml_mapping(text, source, "a recipe is a YAML mapping of sections (data, augment, ...)")
     raw.setdefault("name", Path(source).stem)
     overridden = {}
     for override in overrides:
@@ -406,7 +418,7 @@ def parse_recipe(text: str, source: str, overrides: typing.Sequence[str] = ()) -
     try:
         return Recipe.model_validate(raw)
     except ValidationError as error:
-        raise RecipeError(_describe(error, source, lines, overridden)) from None
+        raise RecipeError(describe_validation_error(error, source, lines, Recipe, overridden)) from None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -460,13 +472,19 @@ def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tup
             path = (*prefix, str(key_node.value))
             lines[path] = key_node.start_mark.line + 1
             lines.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            path = (*prefix, str(index))
+            lines[path] = item.start_mark.line + 1
+            lines.update(_key_lines(item, path))
     return lines
 
 
-def _describe(error: ValidationError, source: str, lines: dict, overridden: dict[str, str]) -> str:
+def describe_validation_error(error: ValidationError, source: str, lines: dict, root: type[BaseModel],
+                              overridden: dict[str, str] | None = None) -> str:
     """Turn pydantic's first error into one line naming file:line, the dotted key and the fix."""
     first = error.errors()[0]
-    path, model = _schema_path(first["loc"])
+    path, model = _schema_path(first["loc"], root)
     key = ".".join(path) or "(top level)"
     if first["type"] == "extra_forbidden":
         known = list(model.model_fields) if model else []
@@ -484,17 +502,17 @@ def _describe(error: ValidationError, source: str, lines: dict, overridden: dict
         message = f"{key}: {first['msg']}{shown}"
     if error.error_count() > 1:
         message += f" (and {error.error_count() - 1} more problem(s))"
-    for dotted, override in overridden.items():
+    for dotted, override in (overridden or {}).items():
         if path and (key == dotted or f"{key}.".startswith(f"{dotted}.") or dotted.startswith(f"{key}.")):
             return f"--set {override}: {message}"
     line = next((lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in lines), None)
     return f"{source}:{line}: {message}" if line else f"{source}: {message}"
 
 
-def _schema_path(loc: tuple) -> tuple[tuple[str, ...], type[BaseModel] | None]:
+def _schema_path(loc: tuple, root: type[BaseModel]) -> tuple[tuple[str, ...], type[BaseModel] | None]:
     """Drop the union tags pydantic puts in error locations; return the key path and the model
     that holds its last key (for "did you mean")."""
-    model: type[BaseModel] | None = Recipe
+    model: type[BaseModel] | None = root
     owner = model
     path: list[str] = []
     parts = [str(part) for part in loc]
@@ -503,7 +521,11 @@ def _schema_path(loc: tuple) -> tuple[tuple[str, ...], type[BaseModel] | None]:
         path.append(part)
         owner = model
         field = model.model_fields.get(part) if model else None
-        members = _union_members(field.annotation) if field else []
+        annotation = field.annotation if field else None
+        if typing.get_origin(annotation) is list and parts and parts[0].isdigit():  # a list of sections
+            path.append(parts.pop(0))
+            annotation = typing.get_args(annotation)[0]
+        members = _union_members(annotation) if field else []
         if len(members) > 1 and parts:
             tag = parts.pop(0)
             model = next((m for m in members if m.model_fields["name"].default == tag), None)

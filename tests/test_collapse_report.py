@@ -15,12 +15,14 @@ RUNS = {
     # BYOL with neither a predictor nor a target EMA: DirectPred with alpha = 0 (W_P = I) and ema off.
     "collapsing": ["method={name: directpred, alpha: 0, ema: false}"],
     "simclr": [],
+    "untrained": ["train.epochs=0"],
 }
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Two tiny digits runs through `hssl pretrain` (4 epochs, diagnostics every 2): their last.safetensors."""
+    """Tiny digits runs through `hssl pretrain` (8 epochs, diagnostics every 4; one untrained): their
+    last.safetensors."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("runs")
     recipe = root / "tiny.yaml"
@@ -28,7 +30,7 @@ def checkpoints(tmp_path_factory):
     paths = {}
     for name, overrides in RUNS.items():
         arguments = ["pretrain", str(recipe), "--output", str(root / name), "--device", "cpu",
-                     "--set", "train.epochs=4", "--set", "train.diagnostics_every=2"]
+                     "--set", "train.epochs=8", "--set", "train.diagnostics_every=4"]
         for override in overrides:
             arguments += ["--set", override]
         result = runner.invoke(app, arguments)
@@ -43,25 +45,32 @@ def _report(path, *options) -> dict:
     return json.loads(result.stdout)
 
 
-def test_collapsing_run_is_reported_collapsed_and_a_simclr_run_healthy(checkpoints):
-    collapsing, healthy = _report(checkpoints["collapsing"]), _report(checkpoints["simclr"])
-    # measured: projector effective rank 1.8 (16 of 32 dims collapsed) vs 9.0 (3 of 32) for SimCLR
-    assert collapsing["verdict"] in ("dimensional collapse", "complete collapse"), collapsing["layers"]["projector"]
-    assert healthy["verdict"] == "healthy", healthy["layers"]["projector"]
-    assert collapsing["layers"]["projector"]["effective_rank"] < 2.5
-    assert healthy["layers"]["projector"]["effective_rank"] > 2 * collapsing["layers"]["projector"]["effective_rank"]
+def test_verdict_orders_the_three_calibration_cases(checkpoints):
+    """Collapsing BYOL (no predictor, no EMA) < untrained network <= healthy SimCLR. The untrained
+    network's raw spectrum is dominated by one direction, yet it probes well: it is not collapsed."""
+    reports = {name: _report(path) for name, path in checkpoints.items()}
+    projector = {name: report["layers"]["projector"] for name, report in reports.items()}
+    # measured: standardised effective rank 1.7 / 11.3 / 13.2 of 32 (raw: 1.4 / 10.5 / 12.3)
+    assert reports["collapsing"]["verdict"] in ("dimensional collapse", "complete collapse"), projector["collapsing"]
+    assert reports["simclr"]["verdict"] == "healthy" and reports["untrained"]["verdict"] == "healthy"
+    assert projector["collapsing"]["effective_rank"] < 2.5
+    assert projector["collapsing"]["effective_rank"] < projector["simclr"]["effective_rank"] / 3
+    assert projector["collapsing"]["effective_rank"] < projector["untrained"]["effective_rank"] / 3
+    # the untrained head's outputs all point one way (its bias dominates) but still differ: not complete
+    assert projector["untrained"]["normalized_variance"] < 1e-2
+    healthy = reports["simclr"]
     assert healthy["samples"] == 360 and healthy["split"] == "test" and healthy["verdict_layer"] == "projector"
     assert set(healthy["layers"]) == {"backbone", "projector"} and healthy["predictor_alignment"] is None
     # DirectPred's predictor is U diag(s^alpha) U^T of the EMA correlation: aligned by construction
-    assert collapsing["predictor_alignment"]["alignment"] == pytest.approx(1.0, abs=1e-6)
+    assert reports["collapsing"]["predictor_alignment"]["alignment"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_training_logs_the_collapse_diagnostics_every_few_epochs(checkpoints):
     last = {}
-    for name, path in checkpoints.items():
-        rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    for name in ("collapsing", "simclr"):
+        rows = [json.loads(line) for line in (checkpoints[name].parent / "metrics.jsonl").read_text().splitlines()]
         diagnostics = [row for row in rows if "diagnostics/projector/effective_rank" in row]
-        assert [row["epoch"] for row in diagnostics] == [2, 4]
+        assert [row["epoch"] for row in diagnostics] == [4, 8]
         last[name] = diagnostics[-1]
     assert last["collapsing"]["diagnostics/projector/effective_rank"] < 2.5
     assert last["simclr"]["diagnostics/projector/effective_rank"] > 2.5

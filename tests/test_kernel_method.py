@@ -12,7 +12,7 @@ from hssl_cli.data.sources import load_split
 from hssl_cli.engine.checkpoint import load_checkpoint
 from hssl_cli.engine.train import seeded_generator
 from hssl_cli.errors import HsslError, RecipeError
-from hssl_cli.evaluate.frozen import load_frozen
+from hssl_cli.evaluate.frozen import load_trained_method
 from hssl_cli.methods import build_method
 from hssl_cli.models.kernels import NeuralTangentKernel, RBFKernel, gram
 from hssl_cli.recipe import parse_recipe
@@ -154,7 +154,7 @@ def test_pretrain_then_probe_a_kernel_checkpoint_from_the_cli(tmp_path, digits):
 
     # the checkpoint alone rebuilds the same feature map
     _, test, mean, std = digits
-    frozen = load_frozen(checkpoint, torch.device("cpu"))
+    backbone = load_trained_method(checkpoint, torch.device("cpu")).method.backbone
     images = normalize(test.images[:16], mean, std)
-    assert torch.allclose(frozen.model(images), frozen.model(images.clone()))
-    assert frozen.model(images).shape == (16, 32)
+    assert torch.allclose(backbone(images), backbone(images.clone()))
+    assert backbone(images).shape == (16, 32)

@@ -35,8 +35,8 @@ def test_unknown_key_inside_method_uses_that_methods_schema():
 
 
 def test_wrong_type_and_out_of_range_values_are_rejected_with_the_key():
-    with pytest.raises(RecipeError, match=r"x.yaml:1: train.epochs: .*greater than or equal to 1 \(got 0\)"):
-        parse_recipe("train: {epochs: 0}", "x.yaml")
+    with pytest.raises(RecipeError, match=r"x.yaml:1: train.epochs: .*greater than or equal to 0 \(got -1\)"):
+        parse_recipe("train: {epochs: -1}", "x.yaml")
     with pytest.raises(RecipeError, match=r"x.yaml:2: optim.lr: .*valid number"):
         parse_recipe("optim:\n  lr: fast\n", "x.yaml")
     with pytest.raises(RecipeError, match=r"augment.crop_scale: crop_scale must satisfy"):

@@ -16,30 +16,50 @@ from hssl_cli.evaluate.spectrum import (
     training_diagnostics,
 )
 from hssl_cli.evaluate.verdict import collapse_verdict
+from hssl_cli.methods.base import SSLMethod
 
 SAMPLES, DIM = 1024, 32
 
 
 def embeddings_of_rank(rank: int, samples: int = SAMPLES, dim: int = DIM, seed: int = 0) -> torch.Tensor:
-    """Centred (N, D) embeddings whose covariance is exactly V V^T, V a random D x rank orthonormal basis:
-    `rank` unit eigenvalues, the rest zero."""
+    """Centred (N, D) embeddings whose covariance is exactly diag(1, ..., 1, 0, ..., 0) with `rank` ones:
+    orthonormal coordinates in the first `rank` dimensions, the other dimensions constant (zero)."""
     generator = torch.Generator().manual_seed(seed)
     coordinates = torch.randn(samples, rank, generator=generator, dtype=torch.float64)
     coordinates, _ = torch.linalg.qr(coordinates - coordinates.mean(dim=0))  # orthonormal, still centred
-    basis, _ = torch.linalg.qr(torch.randn(dim, rank, generator=generator, dtype=torch.float64))
-    return (samples - 1) ** 0.5 * coordinates @ basis.T
+    embeddings = torch.zeros(samples, dim, dtype=torch.float64)
+    embeddings[:, :rank] = (samples - 1) ** 0.5 * coordinates
+    return embeddings
 
 
-@pytest.mark.parametrize(("rank", "verdict"), [(1, "dimensional collapse"), (DIM // 2, "dimensional collapse"),
-                                               (DIM, "healthy")])
+@pytest.mark.parametrize(("rank", "verdict"), [(1, "complete collapse"), (DIM // 2, "healthy"), (DIM, "healthy")])
 def test_synthetic_embeddings_of_known_rank_give_their_rank_and_verdict(rank, verdict):
     spectrum = layer_spectrum(embeddings_of_rank(rank))
     assert spectrum["effective_rank"] == pytest.approx(rank, rel=1e-6)
+    assert spectrum["effective_rank_raw"] == pytest.approx(rank, rel=1e-6)
     assert spectrum["participation_ratio"] == pytest.approx(rank, rel=1e-6)
     assert spectrum["rankme"] == pytest.approx(rank, rel=1e-3)  # centred data: uncentred = centred spectrum
     assert spectrum["collapsed_dims"] == DIM - rank and spectrum["available_dims"] == DIM
     assert spectrum["eigenvalues"][:rank] == pytest.approx([1.0] * rank)
     assert spectrum["verdict"] == verdict
+
+
+def test_few_dimensions_of_many_is_dimensional_collapse():
+    assert layer_spectrum(embeddings_of_rank(2, dim=64))["verdict"] == "dimensional collapse"  # below 3
+    assert layer_spectrum(embeddings_of_rank(4, dim=64))["verdict"] == "healthy"  # 4 >= 5% of 64
+    assert layer_spectrum(embeddings_of_rank(12, dim=256))["verdict"] == "dimensional collapse"  # 12 < 5% of 256
+
+
+def test_a_common_mode_direction_dominates_the_raw_spectrum_but_not_the_standardised_one():
+    """An untrained ReLU network's features: every dimension = a shared magnitude x its own scale, plus
+    independent structure of one size; the raw covariance sees one direction, a probe sees more."""
+    generator = torch.Generator().manual_seed(0)
+    magnitude = 1 + 0.3 * torch.randn(SAMPLES, 1, generator=generator, dtype=torch.float64)
+    scales = torch.logspace(-1, 2, DIM, dtype=torch.float64)
+    features = scales * magnitude + 0.3 * torch.randn(SAMPLES, DIM, generator=generator, dtype=torch.float64)
+    spectrum = layer_spectrum(features)
+    assert spectrum["effective_rank_raw"] < 1.05 and spectrum["effective_rank"] > 4
+    assert spectrum["verdict"] == "healthy"
 
 
 def test_embeddings_clustered_around_one_vector_are_complete_collapse_though_their_noise_is_full_rank():
@@ -80,9 +100,12 @@ def test_fewer_samples_than_dimensions_leave_only_n_minus_one_eigenvalues():
 
 
 def test_verdict_rule_checks_complete_collapse_before_dimensional_collapse():
-    assert collapse_verdict(0.005, collapsed=0, available=32) == "complete collapse"
-    assert collapse_verdict(0.5, collapsed=8, available=32) == "dimensional collapse"
-    assert collapse_verdict(0.5, collapsed=7, available=32) == "healthy"
+    assert collapse_verdict(1.2, normalized_total_variance=0.5, available=32) == "complete collapse"
+    assert collapse_verdict(20.0, normalized_total_variance=1e-6, available=32) == "complete collapse"
+    assert collapse_verdict(5.0, normalized_total_variance=0.5, available=256) == "dimensional collapse"
+    assert collapse_verdict(1.8, normalized_total_variance=0.5, available=16) == "dimensional collapse"
+    assert collapse_verdict(13.0, normalized_total_variance=0.5, available=256) == "healthy"
+    assert collapse_verdict(3.3, normalized_total_variance=2.5e-3, available=32) == "healthy"
 
 
 def test_predictor_sharing_the_correlation_eigenvectors_is_aligned_and_a_rotation_is_not():
@@ -96,12 +119,11 @@ def test_predictor_sharing_the_correlation_eigenvectors_is_aligned_and_a_rotatio
     assert predictor_alignment(z, z @ rotation)["alignment"] < 0.7
 
 
-class _TinyMethod(nn.Module):
-    def __init__(self, predictor_width: int = 4):
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+class _TinyMethod(SSLMethod):
+    def __init__(self):
+        super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(12, 6)))
         self.projector = nn.Linear(6, 4)
-        self.predictor = nn.Linear(predictor_width, 4)
+        self.predictor = nn.Linear(4, 4)
 
 
 def test_training_diagnostics_measure_every_layer_and_the_predictor():
@@ -114,9 +136,10 @@ def test_training_diagnostics_measure_every_layer_and_the_predictor():
     assert all(isinstance(value, float) for value in metrics.values())
 
 
-def test_heads_that_do_not_read_the_backbone_output_are_left_out():
-    outputs = layer_outputs(_TinyMethod(predictor_width=5).eval(), torch.randn(8, 3, 2, 2))
-    assert set(outputs) == {"backbone", "projector"}
+def test_layer_outputs_are_the_methods_collapse_layers_flattened():
+    outputs = layer_outputs(_TinyMethod().eval(), torch.randn(8, 3, 2, 2))
+    assert {name: tuple(output.shape) for name, output in outputs.items()} == {
+        "backbone": (8, 6), "projector": (8, 4), "predictor": (8, 4)}
 
 
 def test_plot_writes_a_png_with_one_panel_per_layer(tmp_path):

@@ -21,12 +21,11 @@ def collapse_report(path: Path, dataset: str | None = None, data_root: str | Non
 
     from hssl_cli.data.augment import normalize
     from hssl_cli.data.sources import load_split
-    from hssl_cli.engine.checkpoint import load_checkpoint, load_module_state
+    from hssl_cli.engine.checkpoint import load_checkpoint
     from hssl_cli.engine.train import resolve_device
-    from hssl_cli.errors import CheckpointError
+    from hssl_cli.evaluate.frozen import load_trained_method
     from hssl_cli.evaluate.probe_checkpoint import evaluation_data
     from hssl_cli.evaluate.spectrum import layer_outputs, layer_spectrum, plot_spectra, predictor_alignment
-    from hssl_cli.methods import build_method
 
     if samples < 2:
         raise HsslError(f"--samples {samples}: need at least 2 images for a covariance")
@@ -37,13 +36,8 @@ def collapse_report(path: Path, dataset: str | None = None, data_root: str | Non
     checkpoint = load_checkpoint(path)
     data_config = evaluation_data(checkpoint.recipe.data, dataset, data_root)
     split = split or data_config.test_split
-    if "data.mean" not in checkpoint.tensors:
-        raise CheckpointError(f"{checkpoint.path}: no data.mean/data.std tensors; not written by hssl pretrain")
-    mean, std = checkpoint.tensors["data.mean"].to(device), checkpoint.tensors["data.std"].to(device)
-    method = build_method(checkpoint.recipe, in_channels=mean.numel())
-    load_module_state(method, {k: v for k, v in checkpoint.tensors.items() if not k.startswith("data.")},
-                      checkpoint.path, "model")
-    method = method.to(device).eval().requires_grad_(False)
+    trained = load_trained_method(checkpoint, device)
+    method, mean, std = trained.method, trained.mean, trained.std
 
     images = load_split(data_config, split, progress=progress).images
     if images.shape[1] != mean.numel():

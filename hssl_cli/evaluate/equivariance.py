@@ -86,20 +86,11 @@ def group_invariance(function: Callable[[torch.Tensor], torch.Tensor], images: t
             for element in range(test_group.size)}
 
 
-def embedding_function(method: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The method's embedding of one view: its own `embedding` when it has one (H-SSL reads a fibre),
-    else projector(backbone(x)); None for methods without a projector."""
-    if hasattr(method, "embedding"):
-        return method.embedding
-    if hasattr(method, "projector"):
-        return lambda images: method.projector(method.backbone(images))
-    return None
-
-
 def load_checked_model(checkpoint: Path | None, recipe_path: Path | None, device: torch.device,
                        overrides: list[str] | None = None) -> CheckedModel:
     """A trained model from a checkpoint, or a freshly initialised one from a recipe (no training)."""
-    from hssl_cli.engine.checkpoint import load_checkpoint, load_module_state
+    from hssl_cli.engine.checkpoint import load_checkpoint
+    from hssl_cli.evaluate.frozen import load_trained_method
     from hssl_cli.methods import build_method
 
     if (checkpoint is None) == (recipe_path is None):
@@ -116,19 +107,13 @@ def load_checked_model(checkpoint: Path | None, recipe_path: Path | None, device
         return CheckedModel(_frozen(method, device), recipe, mean.float().to(device), std.float().to(device),
                             str(recipe_path), trained=False)
     stored = load_checkpoint(checkpoint)
-    if "data.mean" not in stored.tensors:
-        raise HsslError(f"{stored.path}: no data.mean/data.std tensors; not written by hssl pretrain")
     recipe = stored.recipe
     if overrides:
         from hssl_cli.recipe import parse_recipe, recipe_to_yaml
 
         recipe = parse_recipe(recipe_to_yaml(recipe), f"{stored.path} (stored recipe)", overrides)
-    mean, std = stored.tensors["data.mean"], stored.tensors["data.std"]
-    method = build_method(stored.recipe, in_channels=mean.numel())
-    load_module_state(method, {k: v for k, v in stored.tensors.items() if not k.startswith("data.")}, stored.path,
-                      "model")
-    return CheckedModel(_frozen(method, device), recipe, mean.to(device), std.to(device), str(stored.path),
-                        trained=True)
+    trained = load_trained_method(stored, device)
+    return CheckedModel(trained.method, recipe, trained.mean, trained.std, str(stored.path), trained=True)
 
 
 def _frozen(method: nn.Module, device: torch.device) -> nn.Module:
@@ -163,7 +148,7 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
 
     layers = layer_equivariance(backbone, images, test_group) if getattr(backbone, "equivariant", False) else []
     invariance = {"pooled features": group_invariance(backbone, images, test_group)}
-    embed = embedding_function(method)
+    embed = method.embedding if method.has_embedding else None
     if embed is not None:
         invariance["embedding"] = group_invariance(embed, images, test_group)
     augmenter = Augmenter(recipe.augment, recipe.data.image_size, checked.mean, checked.std)

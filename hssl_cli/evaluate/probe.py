@@ -6,6 +6,7 @@ Everything is batched torch (no per-sample Python loops, no scikit-learn) and de
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -101,45 +102,47 @@ def _fit_softmax_regression(
     return weight.detach(), bias.detach()
 
 
-def _fit_and_score(
-    train_features: Tensor,
-    train_labels: Tensor,
-    test_features: Tensor,
-    num_classes: int,
-    weight_decay: float,
-    steps: int,
-) -> Tensor:
-    """Standardise with train statistics, fit, and return the test logits (N_test, C)."""
-    train_features, test_features = standardize(train_features, test_features)
-    weight, bias = _fit_softmax_regression(train_features, train_labels, num_classes, weight_decay, steps)
-    return test_features @ weight + bias
+@dataclass
+class LinearClassifier:
+    """A fitted linear probe: standardisation (train statistics) then softmax regression."""
+
+    mean: Tensor
+    std: Tensor
+    weight: Tensor
+    bias: Tensor
+    weight_decay: float
+
+    def scores(self, features: Tensor) -> Tensor:
+        """Logits (N, C) of raw (unstandardised) features."""
+        features = features.detach().float().to(self.weight.device)
+        return (features - self.mean) / self.std @ self.weight + self.bias
 
 
-def linear_probe(
+def _fit(features: Tensor, labels: Tensor, num_classes: int, weight_decay: float, steps: int) -> LinearClassifier:
+    mean = features.mean(dim=0, keepdim=True)
+    std = features.std(dim=0, keepdim=True).clamp_min(1e-6)  # as in standardize()
+    weight, bias = _fit_softmax_regression((features - mean) / std, labels, num_classes, weight_decay, steps)
+    return LinearClassifier(mean, std, weight, bias, weight_decay)
+
+
+def fit_linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
-    test_features: Tensor,
-    test_labels: Tensor,
     num_classes: int,
     weight_decays: Sequence[float] = (0, 1e-5, 1e-4, 1e-3, 1e-2),
     holdout_fraction: float = 0.1,
     seed: int = 0,
     steps: int = 100,
-) -> dict[str, float]:
-    """Softmax regression on standardised frozen features; returns {"top1", "top5", "weight_decay"}.
-
-    The weight decay is chosen by top-1 on a stratified held-out part of train (ties go to the larger
-    value), then the classifier is refit on the whole train split with it. `steps` caps the L-BFGS
-    iterations per fit.
-    """
+) -> LinearClassifier:
+    """Softmax regression on standardised frozen features. The weight decay is chosen by top-1 on a
+    stratified held-out part of train (ties go to the larger value), then the classifier is refit on the
+    whole train split with it. `steps` caps the L-BFGS iterations per fit."""
     _check_split(train_features, train_labels, num_classes, "train")
-    _check_split(test_features, test_labels, num_classes, "test")
     if not weight_decays:
         raise ValueError("weight_decays must name at least one candidate")
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
     train_features = train_features.detach().float()
-    test_features = test_features.detach().float().to(train_features.device)
     train_labels = train_labels.to(train_features.device).long()
 
     chosen = float(weight_decays[0])
@@ -153,16 +156,30 @@ def linear_probe(
         fit, held = ~held_out, held_out
         best = None
         for weight_decay in weight_decays:
-            logits = _fit_and_score(
-                train_features[fit], train_labels[fit], train_features[held], num_classes, weight_decay, steps
-            )
-            top1 = topk_accuracy(logits, train_labels[held], ks=(1,))["top1"]
+            classifier = _fit(train_features[fit], train_labels[fit], num_classes, weight_decay, steps)
+            top1 = topk_accuracy(classifier.scores(train_features[held]), train_labels[held], ks=(1,))["top1"]
             if best is None or (top1, weight_decay) > best:
                 best = (top1, weight_decay)
         chosen = float(best[1])
+    return _fit(train_features, train_labels, num_classes, chosen, steps)
 
-    logits = _fit_and_score(train_features, train_labels, test_features, num_classes, chosen, steps)
-    return {**topk_accuracy(logits, test_labels), "weight_decay": chosen}
+
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    weight_decays: Sequence[float] = (0, 1e-5, 1e-4, 1e-3, 1e-2),
+    holdout_fraction: float = 0.1,
+    seed: int = 0,
+    steps: int = 100,
+) -> dict[str, float]:
+    """fit_linear_probe on train, scored on test: {"top1", "top5", "weight_decay"}."""
+    _check_split(test_features, test_labels, num_classes, "test")
+    classifier = fit_linear_probe(train_features, train_labels, num_classes, weight_decays, holdout_fraction, seed,
+                                  steps)
+    return {**topk_accuracy(classifier.scores(test_features), test_labels), "weight_decay": classifier.weight_decay}
 
 
 def knn_probe(

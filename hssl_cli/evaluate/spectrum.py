@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from hssl_cli.evaluate.verdict import DEFAULT_THRESHOLD, VERDICTS, collapse_verdict
+from hssl_cli.evaluate.verdict import DEFAULT_THRESHOLD, collapse_verdict, verdict_level
+from hssl_cli.methods.base import SSLMethod
 
 
 def _as_float64(embeddings: Tensor) -> Tensor:
@@ -30,6 +31,16 @@ def covariance_eigenvalues(embeddings: Tensor) -> Tensor:
     # singular values of the centred data: cheaper than eigh of D x D when N < D, and never negative
     eigenvalues = torch.linalg.svdvals(centred).pow(2) / (z.shape[0] - 1)
     return eigenvalues[: min(z.shape[1], z.shape[0] - 1)]
+
+
+def standardize(embeddings: Tensor) -> Tensor:
+    """Each dimension centred and scaled to unit variance (the linear probe's view of the features).
+    A dimension whose spread is below 1e-6 of its magnitude is constant up to float32 noise: it stays 0."""
+    z = _as_float64(embeddings)
+    centred = z - z.mean(dim=0)
+    std = centred.std(dim=0)
+    varies = std > 1e-6 * z.pow(2).mean(dim=0).sqrt()
+    return torch.where(varies, centred / torch.where(varies, std, torch.ones_like(std)), torch.zeros_like(centred))
 
 
 def effective_rank(eigenvalues: Tensor) -> float:
@@ -79,22 +90,29 @@ def collapsed_dimensions(eigenvalues: Tensor, threshold: float = DEFAULT_THRESHO
 
 
 def layer_spectrum(embeddings: Tensor, threshold: float = DEFAULT_THRESHOLD) -> dict:
-    """Every collapse metric of one layer's (N, D) embeddings, the verdict and the eigenvalues."""
-    eigenvalues = covariance_eigenvalues(embeddings)
+    """Every collapse metric of one layer's (N, D) embeddings, the verdict and the eigenvalues.
+
+    Effective rank, participation ratio, collapsed dimensions and the verdict read the eigenvalues of the
+    standardised features (the correlation matrix); `effective_rank_raw` is that of the raw covariance,
+    which a common-mode direction can dominate (an untrained ReLU network's features) without any loss
+    of information for a probe."""
+    eigenvalues = covariance_eigenvalues(standardize(embeddings))
+    raw_eigenvalues = covariance_eigenvalues(embeddings)
     dim = embeddings.shape[1]
-    collapsed = collapsed_dimensions(eigenvalues, threshold)
+    rank = effective_rank(eigenvalues)
     total_variance = normalized_variance(embeddings)
     return {
         "dim": dim,
         "available_dims": eigenvalues.numel(),
-        "effective_rank": effective_rank(eigenvalues),
+        "effective_rank": rank,
+        "effective_rank_raw": effective_rank(raw_eigenvalues),
         "rankme": rankme(embeddings),
         "participation_ratio": participation_ratio(eigenvalues),
         "normalized_std": normalized_std(embeddings),
         "healthy_std": dim**-0.5,
         "normalized_variance": total_variance,
-        "collapsed_dims": collapsed,
-        "verdict": collapse_verdict(total_variance, collapsed, eigenvalues.numel()),
+        "collapsed_dims": collapsed_dimensions(eigenvalues, threshold),
+        "verdict": collapse_verdict(rank, total_variance, eigenvalues.numel()),
         "eigenvalues": eigenvalues.tolist(),
     }
 
@@ -121,38 +139,14 @@ def predictor_alignment(embeddings: Tensor, predictions: Tensor) -> dict[str, fl
     return {"alignment": alignment, "linear_fit_r2": float(1 - residual / total) if total > 0 else 0.0}
 
 
-def _input_width(module: nn.Module) -> int | None:
-    first_linear = next((layer for layer in module.modules() if isinstance(layer, nn.Linear)), None)
-    return first_linear.in_features if first_linear is not None else None
-
-
 @torch.no_grad()
-def layer_outputs(method: nn.Module, images: Tensor) -> dict[str, Tensor]:
-    """The (N, D) outputs of a normalised batch to measure, by layer name. Call in eval mode.
-
-    Default: backbone features f(x); an equivariant backbone's lifted features (its `lifted`, every
-    fibre side by side) as "backbone_lifted"; projector output g(f(x)) and predictor output q(g(f(x)))
-    where the method has them (named as in its checkpoint). A method whose heads read something else than
-    f(x) (e.g. one fibre) defines `collapse_layers(images) -> dict[str, Tensor]`, used instead. Heads
-    whose input width differs from f(x)'s are left out rather than guessed.
-    """
-    custom = getattr(method, "collapse_layers", None)
-    if callable(custom):
-        return {name: output.float().flatten(1) for name, output in custom(images).items()}
-    features = method.backbone(images)
-    outputs = {"backbone": features}
-    if callable(getattr(method.backbone, "lifted", None)):
-        outputs["backbone_lifted"] = method.backbone.lifted(images)
-    projector = getattr(method, "projector", None)
-    if isinstance(projector, nn.Module) and _input_width(projector) in (None, features.shape[1]):
-        outputs["projector"] = projector(features)
-        predictor = getattr(method, "predictor", None)
-        if isinstance(predictor, nn.Module) and _input_width(predictor) in (None, outputs["projector"].shape[1]):
-            outputs["predictor"] = predictor(outputs["projector"])
-    return {name: output.float().flatten(1) for name, output in outputs.items()}
+def layer_outputs(method: SSLMethod, images: Tensor) -> dict[str, Tensor]:
+    """The (N, D) outputs of a normalised batch to measure, by layer name (the method's
+    `collapse_layers`: f(x), lifted fibres, its embedding as the loss sees it, q of it). Call in eval mode."""
+    return {name: output.float().flatten(1) for name, output in method.collapse_layers(images).items()}
 
 
-def training_diagnostics(method: nn.Module, held_images: Tensor) -> dict[str, float]:
+def training_diagnostics(method: SSLMethod, held_images: Tensor) -> dict[str, float]:
     """The engine's `diagnostics` hook: per layer effective rank, RankMe, std of the normalised
     embeddings x sqrt(D) (1 when healthy), collapsed dimensions and the verdict as a level (0 healthy,
     1 dimensional, 2 complete collapse); the predictor alignment where there is a predictor."""
@@ -163,7 +157,7 @@ def training_diagnostics(method: nn.Module, held_images: Tensor) -> dict[str, fl
         metrics |= {f"{name}/effective_rank": spectrum["effective_rank"], f"{name}/rankme": spectrum["rankme"],
                     f"{name}/std_ratio": spectrum["normalized_std"] / spectrum["healthy_std"],
                     f"{name}/collapsed_dims": float(spectrum["collapsed_dims"]),
-                    f"{name}/collapse_level": float(VERDICTS.index(spectrum["verdict"]))}
+                    f"{name}/collapse_level": float(verdict_level(spectrum["verdict"]))}
     if "predictor" in outputs:
         alignment = predictor_alignment(outputs["projector"], outputs["predictor"])
         metrics |= {f"predictor/{key}": value for key, value in alignment.items()}
@@ -171,7 +165,7 @@ def training_diagnostics(method: nn.Module, held_images: Tensor) -> dict[str, fl
 
 
 def plot_spectra(layers: dict[str, dict], path: Path, title: str, threshold: float = DEFAULT_THRESHOLD) -> None:
-    """One log-scale panel per layer: eigenvalues / the largest, by rank, with the threshold line."""
+    """One log-scale panel per layer: correlation eigenvalues / the largest, by rank, with the threshold line."""
     from matplotlib.figure import Figure  # lazily: plotting is optional; Figure needs no pyplot state
 
     figure = Figure(figsize=(4.2 * len(layers), 3.8), layout="constrained")
@@ -185,7 +179,7 @@ def plot_spectra(layers: dict[str, dict], path: Path, title: str, threshold: flo
         axis.axhline(threshold, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
         axis.set_ylim(min(float(relative.min()), threshold) / 3, 3)
         axis.set_xlabel("eigenvalue rank")
-        axis.set_ylabel("eigenvalue / largest")
+        axis.set_ylabel("correlation eigenvalue / largest")
         axis.set_title(f"{name} (D={layer['dim']})\neff. rank {layer['effective_rank']:.1f}: {layer['verdict']}",
                        fontsize=10)
         axis.grid(True, which="major", alpha=0.3)

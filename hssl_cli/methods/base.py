@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from hssl_cli.data.augment import ViewParams
+from hssl_cli.errors import HsslError
 
 
 class SSLMethod(nn.Module):
@@ -31,3 +32,30 @@ class SSLMethod(nn.Module):
     def fit_closed_form(self, images: torch.Tensor, augmenter, generator: torch.Generator) -> dict[str, float]:
         """For closed_form methods: solve the objective on uint8 `images` (on the device); return metrics."""
         raise NotImplementedError
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether the method has an embedding beyond the backbone features (a projector)."""
+        return "projector" in self._modules
+
+    def embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The embedding of one view as the loss sees it: z = g(f(x)). Methods whose head reads something
+        else than f(x) (one fibre, every fibre) override it; probes of "projector" features use it."""
+        if not self.has_embedding:
+            raise HsslError(f"the {type(self).__name__} model has no projector, so no embedding beyond the "
+                            "backbone features; use --features backbone")
+        return self.projector(self.backbone(images))
+
+    def collapse_layers(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The outputs collapse diagnostics measure, by checkpoint prefix: f(x), an equivariant backbone's
+        lifted fibres side by side, the embedding and, where the predictor reads it, q(embedding)."""
+        layers = {"backbone": self.backbone(images)}
+        lifted = getattr(self.backbone, "lifted", None)
+        if callable(lifted):
+            layers["backbone_lifted"] = lifted(images)
+        if self.has_embedding:
+            layers["projector"] = self.embedding(images)
+            predictor = self._modules.get("predictor")
+            if predictor is not None:
+                layers["predictor"] = predictor(layers["projector"])
+        return layers

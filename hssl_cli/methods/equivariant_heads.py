@@ -38,12 +38,16 @@ def random_elements(batch: int, group: Group, device: torch.device) -> torch.Ten
 
 class EquivariantPretext(SSLMethod):
     """Predict g from T_g x: logits_h(x) = w . z_h(x), so logits(T_g x) = P_g logits(x) exactly, and the
-    cross-entropy target g = g . e is reachable by an exactly equivariant network."""
+    cross-entropy target g = g . e is reachable by an exactly equivariant network. `head: invariant` is
+    plain rotation prediction from the group-pooled features f(x) = max_h z_h(x): f(T_g x) = f(x), so
+    every g gets the same logits and the loss cannot fall below log |G|."""
 
     def __init__(self, backbone: nn.Module, model: ModelConfig, config: EquivariantPretextConfig):
         super().__init__(backbone)
         self.group = _group_of(backbone, config.name)
-        self.classifier = nn.Linear(backbone.feature_dim, 1)  # shared over fibres: the equivariant head
+        self.invariant_head = config.head == "invariant"
+        # equivariant: one logit per fibre, shared over fibres; invariant: |G| logits from the pooled features
+        self.classifier = nn.Linear(backbone.feature_dim, self.group.size if self.invariant_head else 1)
         self.contrastive_weight = config.contrastive_weight
         self.temperature = config.temperature
         self.num_views = 2 if config.contrastive_weight > 0 else 1
@@ -51,18 +55,22 @@ class EquivariantPretext(SSLMethod):
             self.projector = mlp(backbone.feature_dim, model.projector)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, |G|) rotation/flip logits, equivariant: logits(T_g x) = P_g logits(x)."""
+        """(B, |G|) rotation/flip logits; equivariant head: logits(T_g x) = P_g logits(x)."""
+        if self.invariant_head:
+            return self.classifier(self.backbone(images))
         return per_fibre(self.classifier, self.backbone.lifted(images)).squeeze(-1)
 
     def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
         elements = random_elements(len(views[0]), self.group, views[0].device)
-        pretext = F.cross_entropy(self.logits(act_on_images(views[0], elements, self.group)), elements)
+        logits = self.logits(act_on_images(views[0], elements, self.group))
+        pretext = F.cross_entropy(logits, elements)
+        accuracy = (logits.detach().argmax(dim=1) == elements).float().mean()  # logged: 1/|G| is chance
         if self.contrastive_weight == 0:
-            return {"loss": pretext}
+            return {"loss": pretext, "pretext/accuracy": accuracy}
         z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)
         contrastive = info_nce(z1, z2, self.temperature, gather_distributed=True)
         return {"loss": pretext + self.contrastive_weight * contrastive, "loss/pretext": pretext,
-                "loss/contrastive": contrastive}
+                "loss/contrastive": contrastive, "pretext/accuracy": accuracy}
 
 
 class InvariantContrastive(SSLMethod):
@@ -74,6 +82,7 @@ class InvariantContrastive(SSLMethod):
         self.projector = mlp(backbone.feature_dim, model.projector)  # applied per fibre
         self.temperature = config.temperature
         self.soft_temperature = config.soft_temperature if config.similarity == "logsumexp" else None
+        self.plain = config.similarity == "plain"
         self.transform_views = config.transform_views
         self.register_buffer("fibre_permutations", self.group.fibre_permutation(torch.arange(self.group.size)),
                              persistent=False)
@@ -83,5 +92,11 @@ class InvariantContrastive(SSLMethod):
             views = [act_on_images(view, random_elements(len(view), self.group, view.device), self.group)
                      for view in views]
         u, v = per_fibre(self.projector, self.backbone.lifted(torch.cat(views))).chunk(2)
+        if self.plain:
+            return {"loss": info_nce(u.flatten(1), v.flatten(1), self.temperature, gather_distributed=True)}
         return {"loss": invariant_info_nce(u, v, self.fibre_permutations, self.temperature,
                                            self.soft_temperature)}
+
+    def embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The per-fibre embeddings the invariant similarity compares, side by side: (B, |G| D)."""
+        return per_fibre(self.projector, self.backbone.lifted(images)).flatten(1)

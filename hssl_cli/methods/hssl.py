@@ -140,17 +140,9 @@ class HSSL(SSLMethod):
         return {"loss": byol_cosine(p1, t2) + byol_cosine(p2, t1)}
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
-        """h(z_e(x)): the embedding of one view, as the loss sees it (equivariance-check measures it)."""
+        """h(z_e(x)): the head reads one fibre, so the embedding of one view is the head on its identity
+        fibre (not on the group-pooled features, an input the head never saw)."""
         return self.projector(lifted_features(self.backbone, images, self.group)[:, IDENTITY])
-
-    def collapse_layers(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What collapse diagnostics measure: f(x), all fibres, and the heads on one fibre as trained."""
-        lifted = lifted_features(self.backbone, images, self.group)
-        layers = {"backbone": self.backbone(images), "backbone_lifted": lifted.flatten(1),
-                  "projector": self.projector(lifted[:, IDENTITY])}
-        if self.loss_name == "byol":
-            layers["predictor"] = self.predictor(layers["projector"])
-        return layers
 
     def after_optimizer_step(self, progress: float) -> None:
         if self.loss_name == "byol":

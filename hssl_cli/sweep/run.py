@@ -1,0 +1,159 @@
+"""Run one cell of a suite: pretrain (resuming a killed run), probe, and the optional collapse report and
+equivariance check, into the cell's own folder. `result.json`, written atomically last, marks the cell
+finished; a finished cell is skipped, a cell whose folder another process holds (a lock) is left to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hssl_cli.errors import HsslError, TrainingDiverged
+from hssl_cli.files import write_text_atomically
+from hssl_cli.recipe import recipe_to_yaml
+from hssl_cli.sweep.suite import Cell, LoadedSuite
+
+RESULT_FILE = "result.json"
+
+
+def cell_folder(output: Path, loaded: LoadedSuite, cell: Cell) -> Path:
+    return output / loaded.name / "cells" / cell.id
+
+
+def evaluation_settings(loaded: LoadedSuite) -> dict:
+    """What a finished cell's numbers depend on besides its recipe."""
+    suite = loaded.suite
+    return {"probe": suite.probe.model_dump(mode="json"),
+            "collapse_report": suite.collapse_report.model_dump(mode="json") if suite.collapse_report else None,
+            "equivariance_check": suite.equivariance_check}
+
+
+def read_result(folder: Path, loaded: LoadedSuite, cell: Cell) -> dict | None:
+    """The cell's finished result, None when it has none; an error when it was made with other settings
+    (a suite edited after cells finished), so old and new numbers never mix in one table."""
+    path = folder / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HsslError(f"{path}: not a readable result (corrupt); delete it and run the cell again") from None
+    from hssl_cli.recipe import RESUME_SAFE_KEYS, changed_keys, parse_recipe
+
+    try:
+        stored = parse_recipe(result["recipe"], f"{path} (stored recipe)")
+    except (KeyError, TypeError):
+        raise HsslError(f"{path}: not a result written by hssl sweep; delete it and run the cell again") from None
+    changed = [key for key in changed_keys(stored, cell.recipe) if key not in RESUME_SAFE_KEYS]
+    if result.get("evaluation") != evaluation_settings(loaded):
+        changed.append("the suite's probe/collapse_report/equivariance_check settings")
+    if changed:
+        raise HsslError(f"{folder}: finished with other settings than {loaded.path} now gives "
+                        f"({', '.join(changed)}); delete the folder to run it again, or use another --output")
+    return result
+
+
+@contextlib.contextmanager
+def cell_lock(folder: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking lock on the cell folder: True when this process holds it. Two
+    `hssl sweep` processes on one suite thus share its cells out (released when a process dies)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def last_training_row(run_dir: Path) -> dict[str, float]:
+    """The last logged row of metrics.jsonl (the losses averaged over its last log_every steps)."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    losses = [row for row in rows if "loss" in row]
+    return losses[-1] if losses else {}
+
+
+def flat_metrics(probe: dict, training: dict, collapse: dict | None, equivariance: dict | None) -> dict[str, float]:
+    """Every number a report can show, under the names report.metrics uses."""
+    metrics = {name: result["top1"] for name, result in probe["results"].items()}
+    metrics |= {f"train/{name}": value for name, value in training.items()
+                if name not in ("step", "epoch", "lr", "images_per_second", "elapsed_seconds")}
+    for layer, values in (collapse or {}).get("layers", {}).items():
+        metrics |= {f"collapse/{layer}/{key}": value for key, value in values.items()
+                    if isinstance(value, int | float) and key != "eigenvalues"}
+    if equivariance is not None:
+        metrics["equivariance/worst_exact_error"] = equivariance["worst_exact_error"]
+        for name, errors in equivariance["invariance"].items():
+            metrics[f"equivariance/{name.replace(' ', '_')}_invariance"] = max(errors.values())
+    return metrics
+
+
+def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
+             progress: Callable[[dict], None] | None = None,
+             diagnostics: Callable | None = None, status: Callable[[str], None] = lambda text: None) -> dict | None:
+    """Run (or skip) one cell; returns its result, or None when another process holds the cell or a
+    stop signal interrupted the pretraining (the cell resumes on the next run)."""
+    from hssl_cli.engine.train import pretrain
+    from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+
+    folder = cell_folder(output, loaded, cell)
+    with cell_lock(folder) as held:
+        if not held:
+            status("running in another process; skipped")
+            return None
+        finished = read_result(folder, loaded, cell)
+        if finished is not None:
+            status("finished earlier; skipped")
+            return finished
+        started, began = time.perf_counter(), datetime.now(UTC).isoformat(timespec="seconds")
+        result = {"suite": loaded.name, "cell": cell.id, "index": cell.index, "variant": cell.variant.name,
+                  "key": cell.key, "value": cell.value, "seed": cell.seed, "overrides": cell.overrides,
+                  "recipe": recipe_to_yaml(cell.recipe), "evaluation": evaluation_settings(loaded),
+                  "started": began}
+        status("pretrain")
+        try:
+            run = pretrain(cell.recipe, folder, device_name=device, resume="auto", progress=progress,
+                           diagnostics=diagnostics)
+        except TrainingDiverged as error:  # a result, not a failure of the sweep: the method diverged here
+            result |= {"status": "diverged", "error": str(error), "metrics": {},
+                       "seconds": round(time.perf_counter() - started, 1)}
+            write_text_atomically(folder / RESULT_FILE, json.dumps(result, indent=1))
+            return result
+        if run.interrupted:
+            return None
+        probe_settings = loaded.suite.probe
+        status("probe")
+        probe = probe_checkpoint(run.checkpoint, dataset=probe_settings.dataset, data_root=probe_settings.data_root,
+                                 features=probe_settings.features, device_name=device, progress=False,
+                                 train_samples=probe_settings.train_samples, test_samples=probe_settings.test_samples,
+                                 test_rotations=probe_settings.test_rotations, validation=probe_settings.validation)
+        collapse = equivariance = None
+        if loaded.suite.collapse_report is not None:
+            from hssl_cli.evaluate.collapse_report import collapse_report
+
+            status("collapse-report")
+            collapse = collapse_report(run.checkpoint, samples=loaded.suite.collapse_report.samples,
+                                       device_name=device, progress=False)
+        if loaded.suite.equivariance_check:
+            from hssl_cli.evaluate.equivariance import check_equivariance
+
+            status("equivariance-check")
+            equivariance = check_equivariance(run.checkpoint, device_name=device)
+        training = last_training_row(run.run_dir)
+        result |= {"status": "finished", "checkpoint": str(run.checkpoint), "steps": run.steps,
+                   "probe": probe, "collapse_report": collapse, "equivariance_check": equivariance,
+                   "metrics": flat_metrics(probe, training, collapse, equivariance),
+                   "seconds": round(time.perf_counter() - started, 1)}
+        write_text_atomically(folder / RESULT_FILE, json.dumps(result, indent=1))
+        return result

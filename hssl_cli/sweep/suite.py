@@ -1,0 +1,159 @@
+"""A suite: recipes x `--set` overrides x an optional swept key x seeds, one pretrain + evaluation per
+cell. It is how every table in docs/ is made. Loading validates the suite and every cell's recipe
+without importing torch, so a bad suite fails in a fraction of a second, with the file and line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from hssl_cli.errors import RecipeError
+from hssl_cli.recipe import (
+    Recipe,
+    Section,
+    describe_validation_error,
+    load_recipe,
+    read_yaml_mapping,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+
+
+class Variant(Section):
+    """One row of the comparison: a recipe and the overrides that make this variant."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="the variant's name in tables and folder names")
+    recipe: str = Field(description="recipe file, relative to the suite file")
+    set: list[str] = Field([], description="overrides, as for --set, applied after the suite's own")
+    label: str | None = Field(None, description="longer text for the table (default: the name)")
+
+
+class SweptKey(Section):
+    """A recipe key taken through several values for every variant (e.g. optim.lr)."""
+
+    key: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",
+                     description="dotted recipe key")
+    values: list[Any] = Field(min_length=1, description="values, typed by the recipe schema")
+
+
+class ProbeSettings(Section):
+    """The probe of each cell (hssl probe): linear + kNN on frozen features."""
+
+    features: Literal["backbone", "projector"] = Field("backbone", description="what is probed")
+    train_samples: int | None = Field(None, ge=10, description="a fixed random subset of train (default: all)")
+    test_samples: int | None = Field(None, ge=10, description="a fixed random subset of test (default: all)")
+    test_rotations: list[float] = Field([], description="also score on test images rotated by these degrees")
+    validation: bool = Field(
+        False, description="score on held-out train images instead of test: for choosing settings")
+    dataset: str | None = Field(None, description="probe on another dataset than the recipe's")
+    data_root: str | None = Field(None, description="its folder")
+
+
+class CollapseSettings(Section):
+    samples: int = Field(1024, ge=2, description="images of the test split measured")
+
+
+class ReportSettings(Section):
+    metrics: list[str] = Field(
+        ["linear", "knn_k20"], min_length=1,
+        description="columns: probe results (linear, knn_k20, linear@rot17, ...), train/<logged loss> "
+        "(train/loss, train/equimod/gain), collapse/<layer>/<metric>, equivariance/<metric>")
+    plot: str | None = Field(None, description="the metric drawn in report.png (default: the first)")
+
+
+class Suite(Section):
+    name: str = Field(pattern=NAME_PATTERN, description="output folder: <output>/<name>/")
+    description: str = Field("", description="the claim the suite tests, printed above its table")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="every variant runs once per seed")
+    set: list[str] = Field([], description="overrides applied to every cell (the shared budget)")
+    variants: list[Variant] = Field(min_length=1)
+    sweep: SweptKey | None = Field(None, description="a key swept for every variant")
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)
+    collapse_report: CollapseSettings | None = Field(None, description="also run collapse-report per cell")
+    equivariance_check: bool = Field(False, description="also run equivariance-check per cell")
+    report: ReportSettings = Field(default_factory=ReportSettings)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Suite:
+        names = [variant.name for variant in self.variants]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"variants: names must be unique, '{repeated[0]}' is used twice")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: each seed once, got {self.seeds}")
+        if self.report.plot is not None and self.report.plot not in self.report.metrics:
+            raise ValueError(f"report.plot '{self.report.plot}' must be one of report.metrics {self.report.metrics}")
+        return self
+
+
+@dataclass
+class Cell:
+    index: int
+    variant: Variant
+    key: str | None  # the swept key, None without a sweep
+    value: Any  # its value in this cell
+    seed: int
+    recipe: Recipe  # resolved: recipe file + suite overrides + variant overrides + value + seed
+    overrides: list[str]
+
+    @property
+    def id(self) -> str:
+        """Folder name: variant[-key=value]-seed<seed>, filesystem-safe."""
+        swept = f"-{self.key.rsplit('.', 1)[-1]}={self.value}" if self.key is not None else ""
+        return re.sub(r"[^A-Za-z0-9_.=+-]", "_", f"{self.variant.name}{swept}-seed{self.seed}")
+
+
+@dataclass
+class LoadedSuite:
+    path: Path
+    suite: Suite
+    cells: list[Cell]
+
+    @property
+    def name(self) -> str:
+        return self.suite.name
+
+
+def load_suite(path: str | Path, overrides: list[str] | None = None) -> LoadedSuite:
+    """Read and validate a suite file and resolve every cell's recipe; errors name the file and line.
+    `overrides` (the command line's --set) apply to every cell after the suite's and the variant's own."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such suite file (see the suites/ folder for examples)")
+    raw, lines = read_yaml_mapping(path.read_text(), str(path), "a suite is a YAML mapping (name, variants, ...)")
+    raw.setdefault("name", path.stem)
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as error:
+        raise RecipeError(describe_validation_error(error, str(path), lines, Suite)) from None
+    cells = []
+    for number, variant in enumerate(suite.variants):
+        where = f"{path}:{lines.get(('variants', str(number)), '?')}: variant '{variant.name}'"
+        recipe_path = (path.parent / variant.recipe).resolve()
+        if not recipe_path.is_file():
+            raise RecipeError(f"{where}: no recipe file {variant.recipe} (paths are relative to the suite file)")
+        key = suite.sweep.key if suite.sweep is not None else None
+        values = suite.sweep.values if suite.sweep is not None else [None]
+        for value in values:
+            for seed in suite.seeds:
+                cell_overrides = [*suite.set, *variant.set]
+                if key is not None:
+                    cell_overrides.append(f"{key}={_as_yaml(value)}")
+                cell_overrides += [*(overrides or []), f"seed={seed}"]
+                try:
+                    recipe = load_recipe(recipe_path, cell_overrides)
+                except RecipeError as error:
+                    raise RecipeError(f"{where}: {error}") from None
+                cells.append(Cell(len(cells), variant, key, value, seed, recipe, cell_overrides))
+    return LoadedSuite(path, suite, cells)
+
+
+def _as_yaml(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

@@ -1,0 +1,161 @@
+"""`hssl sweep`: suites of pretrain + probe cells, skipped when finished, resumed when killed, shared
+between processes, aggregated into mean ± std over seeds."""
+
+import json
+import statistics
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hssl_cli.cli import app
+from hssl_cli.engine.train import StopRequest, pretrain
+from hssl_cli.errors import HsslError, RecipeError
+from hssl_cli.sweep.report import collect
+from hssl_cli.sweep.run import cell_folder, cell_lock, run_cell
+from hssl_cli.sweep.suite import load_suite
+from tests.conftest import TINY_RECIPE
+
+runner = CliRunner()
+
+SUITE = """
+name: tiny_suite
+description: SimCLR beats nothing at all
+seeds: [0, 1]
+set: [train.epochs=1, train.batch_size=256, train.diagnostics_every=0]
+variants:
+  - {name: untrained, recipe: tiny.yaml, set: [train.epochs=0]}
+  - {name: simclr, recipe: tiny.yaml, label: "SimCLR, 1 epoch"}
+probe: {train_samples: 400, test_samples: 200}
+report: {metrics: [linear, knn_k20, train/loss]}
+"""
+
+
+@pytest.fixture
+def suite_file(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_RECIPE)
+    path = tmp_path / "suite.yaml"
+    path.write_text(SUITE)
+    return path
+
+
+def _sweep(*arguments):
+    return runner.invoke(app, ["sweep", *map(str, arguments), "--device", "cpu"])
+
+
+def test_cells_are_variants_times_seeds_with_resolved_recipes(suite_file):
+    loaded = load_suite(suite_file)
+    assert [cell.id for cell in loaded.cells] == ["untrained-seed0", "untrained-seed1", "simclr-seed0", "simclr-seed1"]
+    assert [cell.recipe.seed for cell in loaded.cells] == [0, 1, 0, 1]
+    assert [cell.recipe.train.epochs for cell in loaded.cells] == [0, 0, 1, 1]
+    assert loaded.cells[2].recipe.train.batch_size == 256
+
+
+def test_a_swept_key_multiplies_the_cells_and_is_typed_by_the_recipe_schema(suite_file):
+    suite_file.write_text(SUITE + "sweep: {key: optim.lr, values: [0.001, 0.01]}\n")
+    loaded = load_suite(suite_file)
+    assert len(loaded.cells) == 8
+    assert loaded.cells[2].id == "untrained-lr=0.01-seed0" and loaded.cells[2].recipe.optim.lr == 0.01
+
+
+def test_sweep_runs_every_cell_then_reports_mean_and_std_over_seeds(suite_file, tmp_path):
+    output = tmp_path / "out"
+    result = _sweep(suite_file, "--output", output)
+    assert result.exit_code == 0, result.output
+    loaded = load_suite(suite_file)
+    results = [json.loads((cell_folder(output, loaded, cell) / "result.json").read_text()) for cell in loaded.cells]
+    assert [r["status"] for r in results] == ["finished"] * 4
+    assert [r["steps"] for r in results] == [0, 0, 5, 5]  # the 1,437 train digits // 256 = 5 steps per epoch
+
+    report = json.loads(_sweep(suite_file, "--output", output, "--report", "--json").stdout)
+    simclr = report["groups"][1]
+    linear = [r["metrics"]["linear"] for r in results[2:]]
+    assert simclr["label"] == "SimCLR, 1 epoch" and simclr["finished"] == 2
+    assert simclr["metrics"]["linear"]["mean"] == pytest.approx(statistics.fmean(linear))
+    assert simclr["metrics"]["linear"]["std"] == pytest.approx(statistics.stdev(linear))
+    assert report["groups"][0]["metrics"]["train/loss"]["n"] == 0  # nothing trained, no loss
+    folder = output / "tiny_suite"
+    markdown = (folder / "report.md").read_text()
+    assert "| SimCLR, 1 epoch | 2/2 |" in markdown and "400 train / 200 test images" in markdown
+    assert (folder / "report.csv").read_text().count("\n") == 5
+    assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_finished_cells_are_skipped_and_one_cell_can_run_alone(suite_file, tmp_path):
+    output = tmp_path / "out"
+    assert _sweep(suite_file, "--output", output, "--cell", "2").exit_code == 0
+    loaded = load_suite(suite_file)
+    done = cell_folder(output, loaded, loaded.cells[2]) / "result.json"
+    assert done.is_file() and not cell_folder(output, loaded, loaded.cells[3]).exists()
+    before = done.read_text()
+    again = _sweep(suite_file, "--output", output, "--cell", "2")
+    assert "finished earlier; skipped" in again.output and done.read_text() == before
+    listed = json.loads(_sweep(suite_file, "--output", output, "--list", "--json").stdout)
+    assert [row["status"] for row in listed] == ["pending", "pending", "finished", "pending"]
+    partial = json.loads(_sweep(suite_file, "--output", output, "--report", "--json").stdout)
+    assert [group["finished"] for group in partial["groups"]] == [0, 1]
+
+
+def test_a_killed_cell_resumes_its_pretraining_bit_exact(suite_file, tmp_path):
+    loaded = load_suite(suite_file)
+    cell = loaded.cells[2]
+    stop = StopRequest()
+    killed = pretrain(cell.recipe, cell_folder(tmp_path / "a", loaded, cell), device_name="cpu", stop=stop,
+                      progress=lambda row: stop() if row["step"] >= 3 else None)
+    assert killed.interrupted
+    resumed = run_cell(loaded, cell, tmp_path / "a", "cpu")
+    whole = run_cell(loaded, cell, tmp_path / "b", "cpu")
+    assert resumed["metrics"] == whole["metrics"]
+    from safetensors.torch import load_file
+
+    first, second = load_file(resumed["checkpoint"]), load_file(whole["checkpoint"])
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_a_cell_held_by_another_process_is_left_to_it(suite_file, tmp_path):
+    loaded = load_suite(suite_file)
+    folder = cell_folder(tmp_path, loaded, loaded.cells[0])
+    messages = []
+    with cell_lock(folder) as held:
+        assert held
+        assert run_cell(loaded, loaded.cells[0], tmp_path, "cpu", status=messages.append) is None
+    assert messages == ["running in another process; skipped"] and not (folder / "result.json").exists()
+
+
+def test_an_edited_suite_is_refused_instead_of_mixing_results(suite_file, tmp_path):
+    assert _sweep(suite_file, "--output", tmp_path, "--cell", "0").exit_code == 0
+    suite_file.write_text(SUITE.replace("train.batch_size=256", "train.batch_size=128"))
+    result = _sweep(suite_file, "--output", tmp_path, "--report")
+    assert result.exit_code == 2 and "train.batch_size" in result.output and "delete the folder" in result.output
+    with pytest.raises(HsslError, match="train.batch_size"):
+        collect(load_suite(suite_file), tmp_path)
+
+
+def test_a_diverged_cell_is_a_result_counted_in_the_report(suite_file, tmp_path):
+    suite_file.write_text(SUITE.replace("- {name: simclr, recipe: tiny.yaml", "- {name: simclr, recipe: tiny.yaml, "
+                                        "set: [optim.lr=1.0e+30, optim.warmup_epochs=0]"))
+    result = _sweep(suite_file, "--output", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "diverged" in result.output
+    report = json.loads(_sweep(suite_file, "--output", tmp_path, "--report", "--json").stdout)
+    assert report["groups"][1]["diverged"] == 2 and report["groups"][1]["metrics"]["linear"]["n"] == 0
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("variants: [{name: a, recipe: tiny.yaml}]\nsedes: [1]\n",
+     "suite.yaml:2: unknown key 'sedes'; did you mean 'seeds'?"),
+    ("variants: [{name: a, recipe: tiny.yaml, sett: []}]\n", "unknown key 'variants.0.sett'; did you mean"),
+    ("variants:\n  - {name: a, recipe: tiny.yaml, set: [optim.lr=fast]}\n",
+     "suite.yaml:2: variant 'a': --set optim.lr"),
+    ("variants: [{name: a, recipe: missing.yaml}]\n", "no recipe file missing.yaml"),
+    ("variants: [{name: a, recipe: tiny.yaml}, {name: a, recipe: tiny.yaml}]\n", "'a' is used twice"),
+    ("variants: [{name: a, recipe: tiny.yaml}]\nreport: {metrics: [linear], plot: knn}\n", "report.plot 'knn'"),
+    ("- just a list\n", "a suite is a YAML mapping"),
+])
+def test_bad_suites_are_one_line_errors_naming_the_file(suite_file, text, message):
+    suite_file.write_text(text)
+    with pytest.raises(RecipeError) as error:
+        load_suite(suite_file)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    result = _sweep(suite_file)
+    assert result.exit_code == 2 and "Traceback" not in result.output
