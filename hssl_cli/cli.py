@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 output = Console()
+if not output.is_terminal and "COLUMNS" not in os.environ:
+    output.width = 160  # piped or redirected: rich would cut tables at 80 columns
 
 
 def user_errors(command):
@@ -406,12 +409,17 @@ def _run_cells(loaded, cells: list, output_dir: Path, device: str) -> None:
         with TrainingProgress(console, prefix) as progress:
             result = run_cell(loaded, one, output_dir, device, progress=progress.update,
                               diagnostics=training_diagnostics, status=status)
-        if result is not None and result["status"] == "diverged":
-            status(f"[yellow]diverged[/]: {result['error']}")
-        elif result is not None:
-            shown = ", ".join(f"{name} {result['metrics'].get(name, float('nan')):.2f}"
-                              for name in loaded.suite.report.metrics)
-            status(f"done in {result['seconds']:.0f} s: {shown}")
+        if result is None:
+            continue
+        if result["status"] == "interrupted":
+            status("interrupted: run the same command again to continue this cell")
+            raise typer.Exit(143)
+        if result["status"] == "diverged":
+            status(f"diverged: {result['error']}")
+            continue
+        shown = ", ".join(f"{name} {result['metrics'].get(name, float('nan')):.2f}"
+                          for name in loaded.suite.report.metrics)
+        status(f"done in {result['seconds']:.0f} s: {shown}")
 
 
 def _print_cells(loaded, cells: list, output_dir: Path, as_json: bool) -> None:

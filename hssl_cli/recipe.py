@@ -244,8 +244,10 @@ class HSSLConfig(Section):
     temperature: float = Field(0.5, gt=0, description="NT-Xent temperature tau (loss: nt_xent)")
     pairs: HSSLPairsConfig = Field(default_factory=HSSLPairsConfig)
     pairing: Literal["fibres", "augmented_fibres", "inputs"] = Field(
-        "fibres", description="fibres: z_g1(x), z_g2(x) of one pass; augmented_fibres: z_g1(t1 x), z_g2(t2 x) with "
-        "t from augment:; inputs: the augmentation-SSL twin, identity fibres of T_g1 t1 x and T_g2 t2 x")
+        "augmented_fibres", description="augmented_fibres: z_g1(t1 x), z_g2(t2 x) with t from augment: (the base "
+        "augmentation a fair comparison shares); fibres: z_g1(x), z_g2(x) of one pass, no other augmentation "
+        "(instance discrimination between near-identical fibres); inputs: the augmentation-SSL twin, identity "
+        "fibres of T_g1 t1 x and T_g2 t2 x")
     structure: Literal["kept", "removed"] = Field(
         "kept", description="removed: the ablation; the backbone's layout without equivariance, its channels "
         "split into |G| pseudo-fibres")

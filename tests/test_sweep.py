@@ -2,14 +2,16 @@
 between processes, aggregated into mean ± std over seeds."""
 
 import json
+import os
+import signal
 import statistics
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from hssl_cli.cli import app
-from hssl_cli.engine.train import StopRequest, pretrain
 from hssl_cli.errors import HsslError, RecipeError
 from hssl_cli.sweep.report import collect
 from hssl_cli.sweep.run import cell_folder, cell_lock, run_cell
@@ -96,18 +98,20 @@ def test_finished_cells_are_skipped_and_one_cell_can_run_alone(suite_file, tmp_p
     assert [group["finished"] for group in partial["groups"]] == [0, 1]
 
 
-def test_a_killed_cell_resumes_its_pretraining_bit_exact(suite_file, tmp_path):
+def test_a_cell_stopped_by_a_signal_resumes_its_pretraining_bit_exact(suite_file, tmp_path):
     loaded = load_suite(suite_file)
     cell = loaded.cells[2]
-    stop = StopRequest()
-    killed = pretrain(cell.recipe, cell_folder(tmp_path / "a", loaded, cell), device_name="cpu", stop=stop,
-                      progress=lambda row: stop() if row["step"] >= 3 else None)
-    assert killed.interrupted
+
+    def preempt(row):  # what SLURM does near a time limit: SIGUSR1 to the process
+        if row["step"] >= 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    stopped = run_cell(loaded, cell, tmp_path / "a", "cpu", progress=preempt)
+    assert stopped == {"status": "interrupted"}
+    assert not (cell_folder(tmp_path / "a", loaded, cell) / "result.json").exists()
     resumed = run_cell(loaded, cell, tmp_path / "a", "cpu")
     whole = run_cell(loaded, cell, tmp_path / "b", "cpu")
-    assert resumed["metrics"] == whole["metrics"]
-    from safetensors.torch import load_file
-
+    assert resumed["status"] == "finished" and resumed["metrics"] == whole["metrics"]
     first, second = load_file(resumed["checkpoint"]), load_file(whole["checkpoint"])
     assert all(torch.equal(first[key], second[key]) for key in first)
 

@@ -102,8 +102,9 @@ def flat_metrics(probe: dict, training: dict, collapse: dict | None, equivarianc
 def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
              progress: Callable[[dict], None] | None = None,
              diagnostics: Callable | None = None, status: Callable[[str], None] = lambda text: None) -> dict | None:
-    """Run (or skip) one cell; returns its result, or None when another process holds the cell or a
-    stop signal interrupted the pretraining (the cell resumes on the next run)."""
+    """Run (or skip) one cell; returns its result, {"status": "interrupted"} when a stop signal (SIGTERM,
+    SIGUSR1) interrupted the pretraining (the cell resumes on the next run), or None when another process
+    holds the cell."""
     from hssl_cli.engine.train import pretrain
     from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
 
@@ -131,7 +132,7 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
             write_text_atomically(folder / RESULT_FILE, json.dumps(result, indent=1))
             return result
         if run.interrupted:
-            return None
+            return {"status": "interrupted"}
         probe_settings = loaded.suite.probe
         status("probe")
         probe = probe_checkpoint(run.checkpoint, dataset=probe_settings.dataset, data_root=probe_settings.data_root,
