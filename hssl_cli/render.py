@@ -1,0 +1,145 @@
+"""Rich rendering of the commands' results: progress bars, tables and summary lines. The commands in
+cli.py compute; these functions only print what they are given."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+
+class TrainingProgress:
+    """A rich progress bar fed by the engine's log rows; plain lines when stderr is not a terminal."""
+
+    def __init__(self, console: Console, title: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console, self.title, self.task = console, title, None
+        self.last_epoch_printed = 0
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
+                            disable=not console.is_terminal)
+
+    def __enter__(self) -> TrainingProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, row: dict) -> None:
+        epoch = int(row["step"] // row["steps_per_epoch"])
+        stats = (f"epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
+                 f"{row['images_per_second']:.0f} img/s")
+        if self.task is None:
+            self.task = self.bar.add_task(self.title, total=row["total_steps"], stats=stats)
+        self.bar.update(self.task, completed=row["step"], stats=stats)
+        if not self.console.is_terminal and epoch > self.last_epoch_printed:
+            self.last_epoch_printed = epoch
+            self.console.print(f"{self.title}: step {row['step']}/{row['total_steps']}  {stats}", highlight=False,
+                               soft_wrap=True)
+
+
+def print_pretrain(output: Console, name: str, result) -> None:
+    """The summary of a finished (or interrupted) `hssl pretrain` (an engine RunResult)."""
+    suffix = " (interrupted: continue with --resume)" if result.interrupted else ""
+    table = Table(title=f"pretrain {name}{suffix}")
+    for column in ("epochs", "steps", "final loss", "wall time", "images/s"):
+        table.add_column(column, justify="right")
+    final_loss = f"{result.final_loss:.4f}" if result.steps else "untrained"
+    table.add_row(str(result.epochs), str(result.steps), final_loss, f"{result.wall_seconds:.1f} s",
+                  f"{result.images_per_second:.0f}")
+    output.print(table)
+    output.print(f"checkpoint: {result.checkpoint}\nevaluate it: hssl probe {result.checkpoint}", soft_wrap=True,
+                 highlight=False)
+
+
+def print_probe(output: Console, report: dict) -> None:
+    table = Table(title=f"probe: {report['dataset']} {report['train_size']} train / {report['test_size']} "
+                  f"{report['test_split']}, "
+                  f"{report['features']} features (d={report['feature_dim']})")
+    for column in ("evaluation", "top-1 %", "top-5 %", "detail"):
+        table.add_column(column)
+    for name, result in report["results"].items():
+        table.add_row(name, f"{result['top1']:.2f}", f"{result['top5']:.2f}", result.get("detail", ""))
+    output.print(table)
+    output.print(f"checkpoint: {report['checkpoint']} (epoch {report['epoch']}, {report['method']}, "
+                 f"{report['backbone']}); {report['seconds']:.1f} s", soft_wrap=True, highlight=False, markup=False)
+
+
+def print_collapse(output: Console, report: dict) -> None:
+    table = Table(title=f"collapse report: {report['samples']} {report['dataset']}/{report['split']} images, "
+                  f"threshold {report['threshold']:g}")
+    for column in ("layer", "D", "eff. rank", "raw eff. rank", "RankMe", "part. ratio", "std(z/|z|) / healthy",
+                   "collapsed dims", "verdict"):
+        table.add_column(column, justify="left" if column in ("layer", "verdict") else "right")
+    colours = {"healthy": "green", "dimensional collapse": "yellow", "complete collapse": "bold red"}
+    for name, layer in report["layers"].items():
+        table.add_row(name, str(layer["dim"]), f"{layer['effective_rank']:.1f}", f"{layer['effective_rank_raw']:.1f}",
+                      f"{layer['rankme']:.1f}",
+                      f"{layer['participation_ratio']:.1f}",
+                      f"{layer['normalized_std']:.4f} / {layer['healthy_std']:.4f}",
+                      f"{layer['collapsed_dims']} of {layer['available_dims']}",
+                      f"[{colours[layer['verdict']]}]{layer['verdict']}[/]")
+    output.print(table)
+    alignment = report["predictor_alignment"]
+    if alignment is not None:
+        output.print(f"predictor alignment with the correlation's eigenvectors: {alignment['alignment']:.3f} "
+                     f"(linear fit of the predictor: R^2 {alignment['linear_fit_r2']:.3f})", highlight=False)
+    output.print(f"verdict ({report['verdict_layer']}): {report['verdict']}", highlight=False)
+    if report["plot"]:
+        output.print(f"plot: {report['plot']}", soft_wrap=True, highlight=False, markup=False)
+    loss = f" ({report['loss']} loss)" if report["loss"] else ""
+    output.print(f"checkpoint: {report['checkpoint']} (epoch {report['epoch']}, {report['method']}{loss}, "
+                 f"{report['backbone']}); {report['seconds']:.1f} s", soft_wrap=True, highlight=False, markup=False)
+
+
+def print_cells(output: Console, rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for column in ("cell", "id", "status", "overrides"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["index"]), row["cell"], row["status"], escape(" ".join(row["overrides"])))
+    output.print(table)
+
+
+def print_equivariance(output: Console, report: dict) -> None:
+    """Rows: layers (or feature kinds); columns: the worst error over exact and over interpolated elements
+    (every element's value is in --json). Gated values are green or red, the others dim."""
+    exact = {element["label"]: element["exact"] for element in report["elements"]}
+    tolerance = report["tolerance"]
+
+    def table(title: str, rows: list[tuple[str, dict, bool]], augmentations: dict[str, float] | None = None
+              ) -> Table:
+        result = Table(title=title)
+        for column in ("", "max, exact g", "at g", "max, interpolated g", "at g"):
+            result.add_column(column, justify="left" if column == "" else "right")
+        if augmentations is not None:
+            result.add_column("augmentations", justify="right")
+        for name, errors, gated in rows:
+            cells = [name]
+            for want_exact in (True, False):
+                chosen = {label: error for label, error in errors.items() if exact[label] == want_exact}
+                if not chosen:
+                    cells += ["-", "-"]
+                    continue
+                label = max(chosen, key=chosen.get)
+                colour = ("green" if chosen[label] <= tolerance else "red") if want_exact and gated else "dim"
+                cells += [f"[{colour}]{chosen[label]:.1e}[/]", label]
+            if augmentations is not None:
+                cells.append(f"{augmentations[name]:.3f}" if name in augmentations else "-")
+            result.add_row(*cells)
+        return result
+
+    if report["layers"]:
+        output.print(table(f"equivariance |f(T_g x) - L_g f(x)| / |f(x)|: {report['model_group']} backbone, "
+                           f"test group {report['test_group']}",
+                           [(row["name"], row["errors"], True) for row in report["layers"]]))
+    output.print(table(f"invariance |f(T_g x) - f(x)| / |f(x)|: test group {report['test_group']}",
+                       [(name, errors, name == "pooled features") for name, errors in report["invariance"].items()],
+                       report["augmentation_invariance"]))
+    verdict = "[green]passed[/]" if report["passed"] else "[bold red]failed[/]"
+    output.print(f"{verdict}: worst error at exact elements {report['worst_exact_error']:.2e} (tolerance "
+                 f"{tolerance:g}; interpolated elements are shown, not gated); {report['samples']} "
+                 f"{report['dataset']} images; {report['source']} ({report['method']}, {report['backbone']}"
+                 f"{'' if report['trained'] else ', untrained'}); {report['seconds']:.1f} s", soft_wrap=True)
