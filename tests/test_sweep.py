@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,10 @@ def test_bad_suites_are_one_line_errors_naming_the_file(suite_file, text, messag
     assert message in str(error.value) and "\n" not in str(error.value)
     result = _sweep(suite_file)
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("suites/**/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_suite_resolves_with_at_least_three_seeds(path):
+    loaded = load_suite(path)
+    assert len(loaded.suite.seeds) >= 3 and len(loaded.cells) >= 3 * len(loaded.suite.variants)
+    assert len({cell.id for cell in loaded.cells}) == len(loaded.cells)
