@@ -13,6 +13,8 @@ from hssl_cli.recipe import DataConfig
 if TYPE_CHECKING:
     import torch
 
+    from hssl_cli.data.sources import ImageSplit
+
 KNN_NEIGHBOURS = (20, 200)
 
 
@@ -42,6 +44,30 @@ def fixed_subset(count: int, size: int | None) -> torch.Tensor | None:
     if size is None or size >= count:
         return None
     return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:size]
+
+
+def probe_images(train: ImageSplit, test: ImageSplit | None, train_samples: int | None, test_samples: int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train images, labels, test images, labels) of the probe. Fixed random subsets when sizes are given;
+    with no test split (validation), test_samples (default 10%) held-out train images, disjoint from the
+    probe's train images. Unlabelled images (stl10's) never train a probe."""
+    import torch
+
+    labeled = (train.labels >= 0).nonzero().squeeze(1)
+    if test is None:
+        held = test_samples or max(len(labeled) // 10, 1)
+        if held >= len(labeled):
+            raise HsslError(f"--test-samples {held}: the train split has only {len(labeled)} labelled images")
+        shuffled = labeled[torch.randperm(len(labeled), generator=torch.Generator().manual_seed(0))]
+        test_images, test_labels = train.images[shuffled[:held]], train.labels[shuffled[:held]]
+        labeled = shuffled[held:]
+    else:
+        test_index = fixed_subset(len(test.labels), test_samples)
+        test_images = test.images if test_index is None else test.images[test_index]
+        test_labels = test.labels if test_index is None else test.labels[test_index]
+    chosen = fixed_subset(len(labeled), train_samples)
+    train_index = labeled if chosen is None else labeled[chosen]
+    return train.images[train_index], train.labels[train_index], test_images, test_labels
 
 
 def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | None = None,
@@ -79,23 +105,9 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     if train.images.shape[1] != trained.in_channels:
         raise HsslError(f"{data_config.dataset} has {train.images.shape[1]} channel(s) but the checkpoint's model "
                         f"reads {trained.in_channels}; probe on a dataset with {trained.in_channels}")
-    labeled = (train.labels >= 0).nonzero().squeeze(1)  # stl10's unlabeled images cannot train a probe
-    if validation:
-        held = test_samples or max(len(labeled) // 10, 1)
-        if held >= len(labeled):
-            raise HsslError(f"--test-samples {held}: the train split has only {len(labeled)} labelled images")
-        shuffled = labeled[torch.randperm(len(labeled), generator=torch.Generator().manual_seed(0))]
-        test_images, test_labels = train.images[shuffled[:held]], train.labels[shuffled[:held]]
-        labeled = shuffled[held:]
-    else:
-        test_index = fixed_subset(len(test.labels), test_samples)
-        test_images = test.images if test_index is None else test.images[test_index]
-        test_labels = test.labels if test_index is None else test.labels[test_index]
-    chosen = fixed_subset(len(labeled), train_samples)
-    train_index = labeled if chosen is None else labeled[chosen]
-    test_labels = test_labels.to(device)
-    train_features = extract_features(model, train.images[train_index], trained.mean, trained.std)
-    train_labels = train.labels[train_index].to(device)
+    train_images, train_labels, test_images, test_labels = probe_images(train, test, train_samples, test_samples)
+    train_features = extract_features(model, train_images, trained.mean, trained.std)
+    train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     num_classes = len(train.classes)
 
     classifier = fit_linear_probe(train_features, train_labels, num_classes)
@@ -121,7 +133,7 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
         "dataset": data_config.dataset,
         "features": features,
         "feature_dim": int(train_features.shape[1]),
-        "train_size": len(train_index),
+        "train_size": len(train_labels),
         "test_size": len(test_labels),
         "test_split": f"{data_config.train_split} (held out)" if validation else data_config.test_split,
         "test_rotations": list(test_rotations),

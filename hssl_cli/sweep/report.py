@@ -84,8 +84,8 @@ def format_value(mean: float, std: float, count: int) -> str:
         return "-"
     digits = 2 if abs(mean) < 10 and abs(mean) != 0 else 1
     if abs(mean) < 0.01 and mean != 0:
-        return f"{mean:.2e} ± {std:.1e}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return f"{mean:.2e}" + (f" ± {std:.1e}" if count > 1 else "")
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if count > 1 else "")  # no spread from one seed
 
 
 def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
