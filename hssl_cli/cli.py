@@ -344,17 +344,9 @@ def _run_cells(loaded, cells: list, output_dir: Path, device: str) -> None:
         with TrainingProgress(console, prefix) as progress:
             result = run_cell(loaded, one, output_dir, device, progress=progress.update,
                               diagnostics=training_diagnostics, status=status)
-        if result is None:
-            continue
-        if result["status"] == "interrupted":
+        if result is not None and result["status"] == "interrupted":
             status("interrupted: run the same command again to continue this cell")
             raise typer.Exit(143)
-        if result["status"] == "diverged":
-            status(f"diverged: {result['error']}")
-            continue
-        shown = ", ".join(f"{name} {result['metrics'][name]:.2f}" for name in loaded.suite.report.metrics
-                          if name in result["metrics"])
-        status(f"done in {result['seconds']:.0f} s: {shown}")
 
 
 def _print_cells(loaded, cells: list, output_dir: Path, as_json: bool) -> None:

@@ -130,6 +130,7 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
             result |= {"status": "diverged", "error": str(error), "metrics": {},
                        "seconds": round(time.perf_counter() - started, 1)}
             write_text_atomically(folder / RESULT_FILE, json.dumps(result, indent=1))
+            status(f"diverged: {error}")
             return result
         if run.interrupted:
             return {"status": "interrupted"}
@@ -157,4 +158,7 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
                    "metrics": flat_metrics(probe, training, collapse, equivariance),
                    "seconds": round(time.perf_counter() - started, 1)}
         write_text_atomically(folder / RESULT_FILE, json.dumps(result, indent=1))
+        shown = ", ".join(f"{name} {result['metrics'][name]:.2f}" for name in loaded.suite.report.metrics
+                          if name in result["metrics"])
+        status(f"done in {result['seconds']:.0f} s: {shown}")
         return result
