@@ -385,8 +385,25 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file (see the recipes/ folder for examples)")
-    recipe = parse_recipe(path.read_text(), source=str(path), overrides=overrides)
-    return recipe
+    return parse_recipe(read_text_file(path, "recipe"), source=str(path), overrides=overrides)
+
+
+MAX_TEXT_FILE_BYTES = 1_000_000  # recipes and suites are a few kB; a bigger file is not one
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A recipe or suite file's text; unreadable, oversized or non-UTF-8 files are one-line errors."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TEXT_FILE_BYTES + 1)
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read this {what} file ({error.strerror})") from None
+    if len(data) > MAX_TEXT_FILE_BYTES:
+        raise RecipeError(f"{path}: larger than {MAX_TEXT_FILE_BYTES:,} bytes; a {what} is a short YAML text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {error.start}); a {what} is a YAML text file") from None
 
 
 def read_yaml_mapping(text: str, source: str, what: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:

@@ -79,3 +79,14 @@ def test_resolved_yaml_round_trips_and_diffs_list_changed_keys():
     assert again == recipe
     changed = parse_recipe("name: x\nmethod: {name: vicreg, eps: 0.1}\noptim: {lr: 1.0}\n", "x.yaml")
     assert changed_keys(recipe, changed) == ["method.eps", "optim.lr"]
+
+
+def test_a_binary_or_huge_file_is_a_one_line_recipe_error(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: x\n\xff\xfe\x00")
+    with pytest.raises(RecipeError, match=r"binary.yaml: not UTF-8 text \(byte 8\)"):
+        load_recipe(binary)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# " + "x" * 2_000_000)
+    with pytest.raises(RecipeError, match="larger than 1,000,000 bytes"):
+        load_recipe(huge)

@@ -156,9 +156,10 @@ def test_a_diverged_cell_is_a_result_counted_in_the_report(suite_file, tmp_path)
     ("variants: [{name: a, recipe: tiny.yaml}, {name: a, recipe: tiny.yaml}]\n", "'a' is used twice"),
     ("variants: [{name: a, recipe: tiny.yaml}]\nreport: {metrics: [linear], plot: knn}\n", "report.plot 'knn'"),
     ("- just a list\n", "a suite is a YAML mapping"),
+    ("name: caf\xe9\n", "not UTF-8 text (byte 9)"),
 ])
 def test_bad_suites_are_one_line_errors_naming_the_file(suite_file, text, message):
-    suite_file.write_text(text)
+    suite_file.write_bytes(text.encode("latin-1"))
     with pytest.raises(RecipeError) as error:
         load_suite(suite_file)
     assert message in str(error.value) and "\n" not in str(error.value)

@@ -18,6 +18,7 @@ from hssl_cli.recipe import (
     Section,
     describe_validation_error,
     load_recipe,
+    read_text_file,
     read_yaml_mapping,
 )
 
@@ -125,7 +126,8 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> LoadedSu
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such suite file (see the suites/ folder for examples)")
-    raw, lines = read_yaml_mapping(path.read_text(), str(path), "a suite is a YAML mapping (name, variants, ...)")
+    text = read_text_file(path, "suite")
+    raw, lines = read_yaml_mapping(text, str(path), "a suite is a YAML mapping (name, variants, ...)")
     raw.setdefault("name", path.stem)
     try:
         suite = Suite.model_validate(raw)
