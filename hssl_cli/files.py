@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,15 +13,14 @@ if TYPE_CHECKING:
     import torch
 
 
-def save_safetensors_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write to a temp file in the same folder, fsync, rename, fsync the folder."""
-    from safetensors.torch import save_file  # imports torch: only checkpoint writers pay for it
-
+def write_atomically(path: Path, write_to: Callable[[str], None]) -> None:
+    """Call `write_to(temp)` for a temp file in the same folder, fsync it, rename it to `path`, fsync the
+    folder; on any failure the temp file goes and `path` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(tensors, temp, metadata=metadata)
+        write_to(temp)
         with open(temp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(temp, path)
@@ -36,17 +36,11 @@ def save_safetensors_atomically(path: Path, tensors: dict[str, torch.Tensor], me
             os.close(folder)
 
 
+def save_safetensors_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file  # imports torch: only checkpoint writers pay for it
+
+    write_atomically(path, lambda temp: save_file(tensors, temp, metadata=metadata))
+
+
 def write_text_atomically(path: Path, text: str) -> None:
-    """Write text to a temp file in the same folder, fsync, rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as written:
-            written.write(text)
-            written.flush()
-            os.fsync(written.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    write_atomically(path, lambda temp: Path(temp).write_text(text))

@@ -102,6 +102,9 @@ def _fit_softmax_regression(
     return weight.detach(), bias.detach()
 
 
+WEIGHT_DECAYS = (0, 1e-5, 1e-4, 1e-3, 1e-2)  # the linear probe's candidates, chosen on held-out train images
+
+
 @dataclass
 class LinearClassifier:
     """A fitted linear probe: standardisation (train statistics) then softmax regression."""
@@ -129,7 +132,7 @@ def fit_linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
     num_classes: int,
-    weight_decays: Sequence[float] = (0, 1e-5, 1e-4, 1e-3, 1e-2),
+    weight_decays: Sequence[float] = WEIGHT_DECAYS,
     holdout_fraction: float = 0.1,
     seed: int = 0,
     steps: int = 100,
@@ -170,7 +173,7 @@ def linear_probe(
     test_features: Tensor,
     test_labels: Tensor,
     num_classes: int,
-    weight_decays: Sequence[float] = (0, 1e-5, 1e-4, 1e-3, 1e-2),
+    weight_decays: Sequence[float] = WEIGHT_DECAYS,
     holdout_fraction: float = 0.1,
     seed: int = 0,
     steps: int = 100,
