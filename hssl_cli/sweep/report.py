@@ -217,13 +217,14 @@ def _plain(value: Any) -> str:
 
 def rich_table(report: Report):
     """The report as a rich Table (the CLI prints it)."""
+    from rich.markup import escape
     from rich.table import Table
 
     header, rows = table_rows(report)
     suite = report.loaded.suite
-    table = Table(title=f"sweep {suite.name}: mean ± std over seeds")
+    table = Table(title=f"sweep {escape(suite.name)}: mean ± std over seeds")
     for number, column in enumerate(header):
-        table.add_column(column, justify="left" if number == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
+        table.add_column(escape(column), justify="left" if number == 0 else "right")
+    for row in rows:  # labels and metric names are the suite's text, not markup
+        table.add_row(*(escape(cell) for cell in row))
     return table
