@@ -325,10 +325,10 @@ hssl sweep S.yaml --list; hssl sweep S.yaml --cell 3; hssl sweep S.yaml --report
         output.print_json(json.dumps(report_json(report)))
         return
     output.print(rich_table(report))
-    output.print(protocol_line(report), soft_wrap=True, highlight=False)
+    output.print(protocol_line(report), soft_wrap=True, highlight=False, markup=False)
     output.print(f"{len(report.results)} of {len(loaded.cells)} cells done, {report.cell_seconds / 60:.1f} min of "
                  f"cell time; written: {folder}/report.md, report.csv" + (", report.png" if report.results else ""),
-                 soft_wrap=True, highlight=False)
+                 soft_wrap=True, highlight=False, markup=False)
 
 
 def _run_cells(loaded, cells: list, output_dir: Path, device: str) -> None:
