@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hssl_cli.data.augment import Augmenter
+from hssl_cli.data.views import build_pipelines
 from hssl_cli.engine.optim import build_optimizer
 from hssl_cli.engine.train import training_step
 from hssl_cli.methods import build_method
@@ -26,7 +26,7 @@ def seconds_per_step(recipe, device: torch.device, steps: int, warmup: int) -> f
     size = recipe.data.image_size
     images = torch.randint(0, 256, (recipe.train.batch_size, 1, size, size), dtype=torch.uint8, device=device)
     unit = torch.full((1,), 0.5, device=device)
-    augmenter = Augmenter(recipe.augment, size, unit, unit)
+    pipelines = build_pipelines(recipe, unit, unit)
     torch.manual_seed(0)
     method = build_method(recipe, in_channels=1).to(device)
     optimizer = build_optimizer(method, recipe.optim)
@@ -37,7 +37,8 @@ def seconds_per_step(recipe, device: torch.device, steps: int, warmup: int) -> f
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        training_step(method, method, optimizer, augmenter, images, generator, recipe.optim.lr, bf16)
+        training_step(method, optimizer, pipelines, recipe.method.consumes.original, unit, unit, images, generator,
+                      recipe.optim.lr, bf16)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps

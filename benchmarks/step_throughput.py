@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hssl_cli.data.augment import Augmenter
+from hssl_cli.data.views import build_pipelines, draw_views
 from hssl_cli.engine.optim import build_optimizer
 from hssl_cli.methods import build_method
 from hssl_cli.recipe import parse_recipe
@@ -30,7 +30,7 @@ def measure(backbone: str, device: torch.device, batch_size: int, steps: int) ->
     recipe = parse_recipe(f"model: {{backbone: {backbone}}}\noptim: {{name: lars}}\n", "benchmark")
     images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     mean, std = torch.full((3,), 0.5, device=device), torch.full((3,), 0.25, device=device)
-    augmenter = Augmenter(recipe.augment, 32, mean, std)
+    pipelines = build_pipelines(recipe, mean, std)
     method = build_method(recipe, in_channels=3).to(device)
     optimizer = build_optimizer(method, recipe.optim)
     bf16 = device.type == "cuda"
@@ -39,11 +39,11 @@ def measure(backbone: str, device: torch.device, batch_size: int, steps: int) ->
     for step in range(steps + 1):  # step 0 warms up
         synchronize(device)
         start = time.perf_counter()
-        views = [augmenter(images, generator) for _ in range(2)]
+        views = draw_views(pipelines, images, generator, False, mean, std)
         synchronize(device)
         augmented = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = method(views)["loss"]
+            loss = method(views, generator)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -26,8 +26,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hssl_cli.data.augment import Augmenter, channel_stats
+from hssl_cli.data.augment import channel_stats
 from hssl_cli.data.sources import load_split
+from hssl_cli.data.views import build_pipelines
 from hssl_cli.engine.optim import build_optimizer
 from hssl_cli.engine.train import training_step
 from hssl_cli.losses import info_nce
@@ -67,9 +68,11 @@ def hssl_step(args, recipe, device) -> float:
     train = load_split(recipe.data, "train", progress=True)
     images = train.images.to(device)
     mean, std = channel_stats(train.images)
-    augmenter = Augmenter(recipe.augment, 32, mean.float().to(device), std.float().to(device))
+    mean, std = mean.float().to(device), std.float().to(device)
+    pipelines = build_pipelines(recipe, mean, std)
     if args.compile:
-        augmenter.compile()
+        for pipeline in pipelines:
+            pipeline.augmenter.compile()
     torch.manual_seed(0)
     method = build_method(recipe, in_channels=3).to(device)
     if device.type == "cuda":
@@ -81,7 +84,8 @@ def hssl_step(args, recipe, device) -> float:
 
     def step() -> None:
         batch = images[torch.randint(len(images), (args.batch_size,), device=device, generator=generator)]
-        training_step(method, forward, optimizer, augmenter, batch, generator, recipe.optim.lr, bf16)
+        training_step(forward, optimizer, pipelines, recipe.method.consumes.original, mean, std, batch, generator,
+                      recipe.optim.lr, bf16)
 
     return timed(step, args.steps, args.warmup, device)
 

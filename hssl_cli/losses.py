@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from hssl_cli.collectives import first_row, gather_with_grad
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def full_precision(loss: Callable) -> Callable:
     """Run `loss` outside autocast on float32 copies of its floating tensor arguments: under bf16 autocast
     (the GPU path) a cosine or a variance would otherwise carry 8 bits of mantissa. A no-op in fp32."""
 
-    def upcast(value):
-        return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+    def upcast(value):  # half precision to float32; float32 and float64 stay as they are
+        return value.float() if isinstance(value, torch.Tensor) and value.dtype in HALF_DTYPES else value
 
     @functools.wraps(loss)
     def in_float32(*args, **kwargs):
@@ -33,20 +35,6 @@ def _check_pair(name: str, first: torch.Tensor, second: torch.Tensor) -> None:
                          f"{tuple(first.shape)} and {tuple(second.shape)}")
 
 
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor over all ranks; the backward SUMS the gradients that every rank sends back
-    (torch.distributed.nn's all_gather), so the gathered loss's gradient is the same for 1 or N ranks.
-    The identity when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    with warnings.catch_warnings():
-        # Deprecated in favour of _functional_collectives, whose backward (reduce_scatter) gloo lacks.
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(all_gather(tensor), dim=0)
-
-
 @full_precision
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_distributed: bool = False
              ) -> torch.Tensor:
@@ -60,9 +48,8 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather_dist
     queries = F.normalize(torch.cat([z1, z2]), dim=1)
     all1, all2 = (gather_with_grad(z) for z in (z1, z2)) if gather_distributed else (z1, z2)
     candidates = F.normalize(torch.cat([all1, all2]), dim=1)
-    total = all1.shape[0]
-    offset = batch * (dist.get_rank() if total > batch else 0)  # where this rank's rows sit among candidates
-    return _nt_xent(queries @ candidates.T, batch, total, offset, temperature)
+    offset = first_row(batch) if gather_distributed else 0  # where this rank's rows sit among the candidates
+    return _nt_xent(queries @ candidates.T, batch, all1.shape[0], offset, temperature)
 
 
 def _nt_xent(similarity: torch.Tensor, batch: int, total: int, offset: int, temperature: float) -> torch.Tensor:
@@ -77,28 +64,34 @@ def _nt_xent(similarity: torch.Tensor, batch: int, total: int, offset: int, temp
 
 @full_precision
 def invariant_info_nce(u: torch.Tensor, v: torch.Tensor, fibre_permutations: torch.Tensor, temperature: float,
-                       soft_temperature: float | None = None) -> torch.Tensor:
+                       soft_temperature: float | None = None, gather_distributed: bool = False) -> torch.Tensor:
     """InfoNCE on lifted features (B, |G|, C) with a group-invariant similarity (SSL for G-equivariant
     networks): sim(a, b) = max_g cos(a, rho(g) b), or soft_temperature * logsumexp_g(cos / soft_temperature).
 
     fibre_permutations (|G|, |G|): row g maps fibre h to the index of g^-1 h, so (rho(g) b)_h = b[row_g[h]].
     For the trivial group it is NT-Xent on the flattened features; transforming one view by any rho(h)
-    leaves it unchanged, since {rho(g) rho(h)} = {rho(g)}.
+    leaves it unchanged, since {rho(g) rho(h)} = {rho(g)}. With gather_distributed, each rank's rows see
+    every rank's views as negatives.
     """
     if u.ndim != 3 or u.shape != v.shape or fibre_permutations.shape != (u.shape[1], u.shape[1]):
         raise ValueError(f"invariant_info_nce: expected two (batch, |G|, C) tensors and a (|G|, |G|) permutation "
                          f"table, got {tuple(u.shape)}, {tuple(v.shape)}, {tuple(fibre_permutations.shape)}")
     batch, group_size, _ = u.shape
-    views = F.normalize(torch.cat([u, v]).flatten(1), dim=1).view(2 * batch, group_size, -1)
-    fibre_products = torch.einsum("iac,jbc->ijab", views, views)  # <x_i[a], x_j[b]>
+
+    def unit(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # each lifted feature scaled to norm 1
+        return F.normalize(torch.cat([a, b]).flatten(1), dim=1).view(2 * len(a), group_size, -1)
+
+    all_u, all_v = (gather_with_grad(z) for z in (u, v)) if gather_distributed else (u, v)
+    fibre_products = torch.einsum("iac,jbc->ijab", unit(u, v), unit(all_u, all_v))  # <x_i[a], x_j[b]>
     fibres = torch.arange(group_size, device=u.device)
-    # cos(x_i, rho(g) x_j) = sum_h <x_i[h], x_j[row_g[h]]>, for every g: (2B, 2B, |G|)
+    # cos(x_i, rho(g) x_j) = sum_h <x_i[h], x_j[row_g[h]]>, for every g: (2B, 2T, |G|)
     per_element = fibre_products[:, :, fibres[None, :], fibre_permutations.to(u.device)].sum(-1)
     if soft_temperature is None:
         similarity = per_element.max(dim=-1).values
     else:
         similarity = soft_temperature * torch.logsumexp(per_element / soft_temperature, dim=-1)
-    return _nt_xent(similarity, batch, batch, 0, temperature)
+    offset = first_row(batch) if gather_distributed else 0
+    return _nt_xent(similarity, batch, len(all_u), offset, temperature)
 
 
 @full_precision
@@ -163,3 +156,37 @@ def vicreg(
         covariance = covariance + off_diagonal.pow(2).sum() / dim
     loss = invariance_weight * invariance + variance_weight * variance + covariance_weight * covariance
     return {"loss": loss, "loss/invariance": invariance, "loss/variance": variance, "loss/covariance": covariance}
+
+
+@full_precision
+def barlow_twins(z1: torch.Tensor, z2: torch.Tensor, redundancy_weight: float = 5e-3, eps: float = 1e-5,
+                 gather_distributed: bool = False) -> dict[str, torch.Tensor]:
+    """Barlow Twins (Zbontar et al. 2021): L = sum_i (1 - C_ii)^2 + lambda sum_{i != j} C_ij^2, with
+    C = Z1^T Z2 / N the cross-correlation of the embeddings standardised per dimension over the batch
+    (biased variance + eps, as BatchNorm1d without affine). With gather_distributed, over the global batch."""
+    _check_pair("barlow_twins", z1, z2)
+    if gather_distributed:
+        z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+
+    def standardised(z: torch.Tensor) -> torch.Tensor:
+        return (z - z.mean(dim=0)) / torch.sqrt(z.var(dim=0, unbiased=False) + eps)
+
+    correlation = standardised(z1).T @ standardised(z2) / len(z1)
+    diagonal = torch.diagonal(correlation)
+    invariance = (1 - diagonal).pow(2).sum()
+    redundancy = correlation.pow(2).sum() - diagonal.pow(2).sum()
+    return {"loss": invariance + redundancy_weight * redundancy, "loss/invariance": invariance,
+            "loss/redundancy": redundancy}
+
+
+@full_precision
+def momentum_contrast(queries: torch.Tensor, keys: torch.Tensor, temperature: float,
+                      gather_distributed: bool = False) -> torch.Tensor:
+    """MoCo v3 (Chen, Xie & He 2021): 2 tau CE(q_i . k_j / tau, j = i) over unit vectors, the other images'
+    keys (every rank's, with gather_distributed) as negatives; pass keys from the momentum encoder, detached."""
+    _check_pair("momentum_contrast", queries, keys)
+    all_keys = gather_with_grad(keys.detach()) if gather_distributed else keys.detach()
+    logits = F.normalize(queries, dim=1) @ F.normalize(all_keys, dim=1).T / temperature
+    offset = first_row(len(queries)) if gather_distributed else 0
+    labels = torch.arange(len(queries), device=queries.device) + offset
+    return 2 * temperature * F.cross_entropy(logits, labels)

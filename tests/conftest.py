@@ -41,3 +41,25 @@ def train_stopped_and_resumed(recipe, root, stop_step: int):
                        progress=lambda row: stop() if row["step"] >= stop_step else None)
     resumed = pretrain(recipe, root / "split", device_name="cpu", resume="auto")
     return whole, stopped, resumed
+
+
+C4_BACKBONE = "model={backbone: e2_convnet, group: {name: C, order: 4}, widths: [2, 3], projector: [16, 8]}"
+
+# --set overrides of TINY_RECIPE that train each method name of the registry (and the variants whose
+# protocol differs: EquiMod reads x0, multi-crop reads local views, H-SSL's fibres read only x0).
+METHOD_OVERRIDES = {
+    "simclr": [],
+    "simclr+equimod": ["method.equimod={projector: [32, 16], param_embedding: 8}"],
+    "simclr+multicrop": ["views=[{}, {}, {size: 8, count: 3, crop_scale: [0.1, 0.4]}]"],
+    "byol": ["method={name: byol, predictor: [64, 32]}"],
+    "vicreg": ["method={name: vicreg}"],
+    "barlow_twins": ["method={name: barlow_twins}"],
+    "mocov3": ["method={name: mocov3, temperature: 0.5, predictor: [64, 32]}"],
+    "directpred": ["method={name: directpred}"],
+    "directcopy": ["method={name: directcopy}"],
+    "directpred+isoloss": ["method={name: directpred, loss: iso}"],
+    "hssl": [C4_BACKBONE, "method={name: hssl}"],
+    "hssl+fibres": [C4_BACKBONE, "method={name: hssl, pairing: fibres, loss: vicreg}"],
+    "equivariant_pretext": [C4_BACKBONE, "method={name: equivariant_pretext, contrastive_weight: 1.0}"],
+    "invariant_contrastive": [C4_BACKBONE, "method={name: invariant_contrastive}"],
+}

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 import hssl_cli.engine.checkpoint as ckpt
+from hssl_cli.data.views import Views
 from hssl_cli.errors import CheckpointError
 from hssl_cli.methods import build_method
 
@@ -72,7 +73,7 @@ def test_tensors_that_do_not_fit_the_model_are_named(saved, tiny_recipe):
 def test_a_training_state_is_not_taken_for_a_model(tmp_path, tiny_recipe, saved):
     _, method, recipe = saved
     optimizer = torch.optim.SGD(method.parameters(), lr=0.1, momentum=0.9)
-    method([torch.randn(4, 1, 16, 16)] * 2) ["loss"].backward()
+    method(Views([torch.randn(4, 1, 16, 16)] * 2, []), torch.Generator())["loss"].backward()
     optimizer.step()
     state = tmp_path / "last.state.safetensors"
     ckpt.save_training_state(state, method, optimizer, recipe, 1, 10, {"mean": torch.zeros(1), "std": torch.ones(1)})

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hssl_cli.data.views import Views
 from hssl_cli.losses import byol_cosine, iso_loss
 from hssl_cli.methods import build_method
 from hssl_cli.methods.byol import target_momentum
@@ -88,12 +89,12 @@ def test_directpred_updates_the_correlation_only_in_training_and_learns_no_predi
     torch.manual_seed(0)
     method = build_method(tiny_recipe(f"method={{name: directpred, loss: {loss}}}"), in_channels=1)
     assert list(method.predictor.parameters()) == []
-    views = [torch.randn(8, 1, 16, 16), torch.randn(8, 1, 16, 16)]
+    views = Views([torch.randn(8, 1, 16, 16), torch.randn(8, 1, 16, 16)], [])
     method.eval()
-    method(views)
+    method(views, torch.Generator())
     assert torch.count_nonzero(method.predictor.correlation) == 0
     method.train()
-    losses = method(views)
+    losses = method(views, torch.Generator())
     assert torch.count_nonzero(method.predictor.correlation) > 0
     losses["loss"].backward()
     assert method.backbone.features[0].weight.grad.abs().sum() > 0

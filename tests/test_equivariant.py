@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hssl_cli.data.groups import Group, act_on_fibres, act_on_images
+from hssl_cli.data.views import Views
 from hssl_cli.evaluate.equivariance import layer_equivariance
 from hssl_cli.models.backbones import build_backbone
 from hssl_cli.models.equivariant import LayerFactory, _import_escnn, build_equivariant_backbone
@@ -147,9 +148,11 @@ def test_a_training_step_expands_each_escnn_filter_once_and_eval_reuses_the_cach
     model = build_method(recipe, in_channels=1).train()
     convolutions = [module for module in model.modules() if isinstance(module, escnn.nn.R2Conv)]
     images = torch.randn(4, 1, 17, 17, generator=torch.Generator().manual_seed(0))
-    views = [images + 0.1 * k for k in range(model.num_views)]
+    consumes = recipe.method.consumes
+    views = Views([images + 0.1 * k for k in range(consumes.global_views)], [],
+                  original=images if consumes.original else None)
     monkeypatch.setattr(escnn.nn.R2Conv, "expand_parameters", counting_expand)
-    model(views, None, images if model.needs_original else None)["loss"].backward()
+    model(views, torch.Generator())["loss"].backward()
     assert convolutions and expansions == {id(conv): 1 for conv in convolutions}
 
     model.eval()  # escnn expands once on entering eval mode, then serves the cached filter

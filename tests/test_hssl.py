@@ -2,11 +2,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hssl_cli.data.views import Views
 from hssl_cli.engine.checkpoint import load_checkpoint
 from hssl_cli.errors import HsslError, RecipeError
 from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
 from hssl_cli.methods import build_method
-from hssl_cli.methods.hssl import fibre_pair
+from hssl_cli.methods.hssl import draw_pairs, fibre_pair
 from hssl_cli.recipe import parse_recipe
 from tests.conftest import train_stopped_and_resumed
 
@@ -56,7 +57,7 @@ def test_structure_removed_pairs_pseudo_fibres_of_a_plain_backbone():
     assert not ablation.backbone.equivariant
     assert not any(type(module).__module__.startswith("escnn") for module in ablation.modules())
     images = torch.randn(8, 1, 12, 12)
-    losses = ablation([images], None, images)
+    losses = ablation(Views([], [], original=images), torch.Generator())
     losses["loss"].backward()
     assert torch.isfinite(losses["loss"]) and all(p.grad is not None for p in ablation.backbone.parameters())
     # no structure, so the identity that holds for the equivariant backbone fails here
@@ -75,31 +76,19 @@ def test_structure_removed_on_an_ordinary_backbone_splits_its_channels():
         _method("{name: hssl, structure: removed}", model.replace("order: 8", "order: 3"))
 
 
+def _draw(method: str, model: str = C4_MODEL, count: int = 4000):
+    hssl = _method(method, model)
+    return draw_pairs(hssl.group, hssl.pairs, count, torch.Generator().manual_seed(0), torch.device("cpu"))
+
+
 def test_pairs_are_distinct_and_follow_p_of_g():
-    uniform = _method("{name: hssl}").pair_sampler
-    g1, g2 = uniform.sample(4000, torch.device("cpu"))
+    g1, g2 = _draw("{name: hssl}")
     assert (g1 != g2).all() and len(set(zip(g1.tolist(), g2.tolist(), strict=True))) == 4 * 3
-    near = _method("{name: hssl, pairs: {distribution: neighbourhood, max_steps: 1}}",
-                   C4_MODEL.replace("order: 4", "order: 8")).pair_sampler
-    g1, g2 = near.sample(4000, torch.device("cpu"))
+    g1, g2 = _draw("{name: hssl, pairs: {distribution: neighbourhood, max_steps: 1}}",
+                   C4_MODEL.replace("order: 4", "order: 8"))
     assert set(((g2 - g1) % 8).tolist()) == {1, 7}
-    subset = _method("{name: hssl, pairs: {distribution: subset, elements: [0, 1, 3]}}").pair_sampler
-    g1, g2 = subset.sample(4000, torch.device("cpu"))
+    g1, g2 = _draw("{name: hssl, pairs: {distribution: subset, elements: [0, 1, 3]}}")
     assert set(g1.tolist()) == set(g2.tolist()) == {0, 1, 3} and (g1 != g2).all()
-
-
-def test_pair_sampler_position_travels_in_the_state_dict():
-    method = _method("{name: hssl}")
-    method.pair_sampler.sample(4, torch.device("cpu"))
-    method.pair_sampler.sample(4, torch.device("cpu"))
-    state = method.state_dict()
-    assert state["pair_sampler._extra_state"].tolist() == [method.pair_sampler.seed, 2]
-    copy = _method("{name: hssl}", seed=5)
-    copy.load_state_dict(state)
-    assert copy.pair_sampler.step == 2
-    cpu = torch.device("cpu")
-    drawn, expected = copy.pair_sampler.sample(64, cpu), method.pair_sampler.sample(64, cpu)
-    assert all(torch.equal(a, b) for a, b in zip(drawn, expected, strict=True))
 
 
 def test_recipe_checks_name_the_keys():
@@ -129,7 +118,7 @@ def test_pretrain_resumes_bit_exact_and_probe_reads_group_pooled_features(tmp_pa
     expected, resumed = load_file(whole.checkpoint), load_file(second.checkpoint)
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
-    assert {key.split(".")[0] for key in expected} == {"backbone", "projector", "pair_sampler", "data"}
+    assert {key.split(".")[0] for key in expected} == {"backbone", "projector", "data"}
     assert load_checkpoint(whole.checkpoint).metadata["backbone"] == "e2_convnet"
 
     report = probe_checkpoint(whole.checkpoint, device_name="cpu", progress=False)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hssl_cli.losses import byol_cosine, info_nce, invariant_info_nce, iso_loss, vicreg
+from hssl_cli.losses import barlow_twins, byol_cosine, info_nce, invariant_info_nce, iso_loss, momentum_contrast, vicreg
 
 
 def test_info_nce_matches_hand_computed_value():
@@ -96,8 +96,9 @@ SYMMETRIC_WEIGHT = torch.eye(16) + torch.arange(16.0).outer(torch.arange(16.0)) 
 
 @pytest.mark.parametrize("loss", [
     lambda a, b: info_nce(a, b, 0.1), byol_cosine, lambda a, b: vicreg(a, b)["loss"],
-    lambda a, b: iso_loss(a, b, SYMMETRIC_WEIGHT),
-], ids=["info_nce", "byol_cosine", "vicreg", "iso_loss"])  # fmt: skip
+    lambda a, b: iso_loss(a, b, SYMMETRIC_WEIGHT), lambda a, b: barlow_twins(a, b)["loss"],
+    lambda a, b: momentum_contrast(a, b, 0.2),
+], ids=["info_nce", "byol_cosine", "vicreg", "iso_loss", "barlow_twins", "momentum_contrast"])  # fmt: skip
 def test_losses_compute_in_float32_under_bf16_autocast(loss):
     """The GPU path runs the model under bf16 autocast; the losses must not inherit its 8-bit mantissa."""
     generator = torch.Generator().manual_seed(0)
@@ -107,3 +108,35 @@ def test_losses_compute_in_float32_under_bf16_autocast(loss):
         under_autocast = loss(a, b)
     assert under_autocast.dtype == torch.float32
     torch.testing.assert_close(under_autocast, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_barlow_twins_matches_hand_computed_values():
+    # standardised per dimension (biased std 1, 2 and 1, 3): Z1 = [[1, 1], [-1, -1]], Z2 = [[1, -1], [-1, 1]]
+    z1 = torch.tensor([[1.0, 2.0], [-1.0, -2.0]])
+    z2 = torch.tensor([[1.0, -3.0], [-1.0, 3.0]])
+    # C = Z1^T Z2 / 2 = [[1, -1], [1, -1]]: invariance (1 - 1)^2 + (1 + 1)^2 = 4, redundancy 1 + 1 = 2
+    terms = barlow_twins(z1, z2, redundancy_weight=0.25, eps=0.0)
+    assert terms["loss/invariance"].item() == pytest.approx(4.0)
+    assert terms["loss/redundancy"].item() == pytest.approx(2.0)
+    assert terms["loss"].item() == pytest.approx(4.0 + 0.25 * 2.0)
+
+
+def test_barlow_twins_is_zero_for_identical_decorrelated_views():
+    z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])  # C = I exactly
+    assert barlow_twins(z, z, eps=0.0)["loss"].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_momentum_contrast_matches_hand_computed_values():
+    queries = torch.tensor([[3.0, 0.0], [0.0, 2.0]])  # unit vectors e1, e2 once normalised
+    keys = torch.tensor([[1.0, 0.0], [5.0, 0.0]])  # e1, e1
+    # logits q.k / tau: row 0 [2, 2], row 1 [0, 0] at tau = 0.5; CE log 2 each; scaled by 2 tau = 1
+    assert momentum_contrast(queries, keys, 0.5).item() == pytest.approx(math.log(2))
+    # tau = 1: rows [1, 1] and [0, 0], CE log 2 each, times 2 tau = 2
+    assert momentum_contrast(queries, keys, 1.0).item() == pytest.approx(2 * math.log(2))
+
+
+def test_momentum_contrast_sends_no_gradient_to_the_keys():
+    queries = torch.randn(4, 3, requires_grad=True)
+    keys = torch.randn(4, 3, requires_grad=True)
+    momentum_contrast(queries, keys, 0.2).backward()
+    assert queries.grad is not None and keys.grad is None

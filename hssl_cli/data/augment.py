@@ -85,6 +85,11 @@ class ViewParams:
         ]  # fmt: skip
         return torch.cat([column.float() for column in columns], dim=1)
 
+    def chunk(self, count: int) -> list[ViewParams]:
+        """Split the rows into `count` equal parts (the views of one batched draw of `count` views)."""
+        fields = [getattr(self, name).chunk(count) for name in self.__dataclass_fields__]
+        return [ViewParams(*parts) for parts in zip(*fields, strict=True)]
+
     @classmethod
     def from_vector(cls, vector: torch.Tensor) -> ViewParams:
         """Inverse of `as_vector` (blur_applied is implied by blur_sigma > 0)."""
@@ -329,13 +334,19 @@ class Augmenter:
         return torch.where((sigma > 0).view(-1, 1, 1, 1), flat.view_as(images), images)
 
 
-def param_vector_stats(config: AugmentConfig, image_size: int, samples: int = 16384, seed: int = 0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of `ViewParams.as_vector()` under the augmentation distribution itself, estimated
-    from `samples` draws (EquiMod standardises its parameter vectors with these). Constant columns get
-    std 1, so they standardise to 0 instead of dividing by zero."""
+def param_vector_stats(configs: AugmentConfig | list[AugmentConfig], image_size: int, samples: int = 16384,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of `ViewParams.as_vector()` under the augmentation distribution itself (pooled over the
+    distinct `configs` of the views, e.g. BYOL's asymmetric pair), estimated from `samples` draws of each
+    (EquiMod standardises its parameter vectors with these). Constant columns get std 1, so they
+    standardise to 0 instead of dividing by zero. image_size: the side of the images the crops cut."""
+    distinct = {config.model_dump_json(): config for config in ([configs] if isinstance(configs, AugmentConfig)
+                                                               else configs)}
     unit = torch.ones(1)
-    augmenter = Augmenter(config, image_size, unit * 0.5, unit * 0.5)
-    vectors = augmenter.sample(samples, torch.Generator().manual_seed(seed), "cpu").as_vector().double()
+    vectors = torch.cat([
+        Augmenter(config, image_size, unit * 0.5, unit * 0.5).sample(
+            samples, torch.Generator().manual_seed(seed), "cpu").as_vector().double()
+        for config in distinct.values()
+    ])  # fmt: skip
     std = vectors.std(dim=0)
     return vectors.mean(dim=0).float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float()

@@ -136,8 +136,14 @@ def _read_metadata(payload: bytes) -> dict[str, str]:
     return header.get("__metadata__", {}) or {}
 
 
+# Entries older versions wrote and this one no longer reads: H-SSL's pair sampler position (pairs are now
+# drawn from the step's seeded generator).
+RETIRED_KEYS = ("pair_sampler._extra_state",)
+
+
 def load_module_state(module: nn.Module, tensors: dict[str, torch.Tensor], source: Path, what: str) -> None:
     """Load tensors into a module, naming missing, unexpected and mis-shaped entries on failure."""
+    tensors = {key: value for key, value in tensors.items() if not key.endswith(RETIRED_KEYS)}
     expected = module.state_dict()
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())

@@ -3,7 +3,6 @@ schedule, logging, checkpoints, signals and resume. It never names a method."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections.abc import Callable
@@ -16,13 +15,14 @@ from torch import nn
 
 from hssl_cli.data.augment import Augmenter, channel_stats, normalize
 from hssl_cli.data.sources import load_split
+from hssl_cli.data.views import ViewPipeline, build_pipelines, draw_views
 from hssl_cli.engine import checkpoint as ckpt
 from hssl_cli.engine import distributed
 from hssl_cli.engine.optim import build_optimizer, learning_rate
+from hssl_cli.engine.run_writer import RunWriter
 from hssl_cli.errors import HsslError, TrainingDiverged
 from hssl_cli.methods import build_method
-from hssl_cli.methods.base import SSLMethod
-from hssl_cli.recipe import RESUME_SAFE_KEYS, Recipe, changed_keys, recipe_to_yaml
+from hssl_cli.recipe import RESUME_SAFE_KEYS, Recipe, changed_keys
 
 HELD_BATCH = 512  # images of the fixed batch that training-time diagnostics are measured on
 
@@ -99,19 +99,17 @@ def new_run_dir(output_root: Path, recipe: Recipe) -> Path:
     return run_dir
 
 
-def training_step(method: SSLMethod, forward: nn.Module, optimizer: torch.optim.Optimizer, augmenter: Augmenter,
-                  batch: torch.Tensor, generator: torch.Generator, lr: float, bf16: bool) -> dict[str, torch.Tensor]:
-    """One optimiser step on a uint8 batch: augment (all views in batched calls), forward through
-    `forward` (the method, or its DDP/compiled wrapper), backward, update. No host synchronisation."""
-    augmented = [augmenter(batch, generator, with_params=True) for _ in range(method.num_views)]
-    memory_format = torch.channels_last if batch.is_cuda else torch.contiguous_format
-    views = [view.contiguous(memory_format=memory_format) for view, _ in augmented]
-    params = [view_params for _, view_params in augmented]
-    original = normalize(batch, augmenter.mean, augmenter.std) if method.needs_original else None
+def training_step(forward: nn.Module, optimizer: torch.optim.Optimizer, pipelines: list[ViewPipeline],
+                  with_original: bool, mean: torch.Tensor, std: torch.Tensor, batch: torch.Tensor,
+                  generator: torch.Generator, lr: float, bf16: bool) -> dict[str, torch.Tensor]:
+    """One optimiser step on a uint8 batch: draw every view (one batched call per view spec), forward
+    through `forward` (the method, or its DDP/compiled wrapper) with the step's generator, backward,
+    update. No host synchronisation."""
+    views = draw_views(pipelines, batch, generator, with_original, mean, std)
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
-        losses = forward(views, params, original)
+        losses = forward(views, generator)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     optimizer.step()
@@ -160,10 +158,7 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
     if batch_size % context.world_size:
         raise HsslError(f"train.batch_size={batch_size} (the global batch) must divide evenly over "
                         f"{context.world_size} processes")
-    rank_batch = batch_size // context.world_size
     run_dir, state = _run_dir_and_state(recipe, output_root, resume, context)
-    if context.is_main:
-        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
 
     train_images = load_split(recipe.data, recipe.data.train_split, progress=context.is_main).images
     if recipe.data.subset is not None and recipe.data.subset < len(train_images):
@@ -171,19 +166,33 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
         train_images = train_images[keep[:recipe.data.subset]]
     images = train_images.to(device)
     mean, std = channel_stats(train_images)
-    data_stats = {"mean": mean.float(), "std": std.float()}
-    augmenter = Augmenter(recipe.augment, recipe.data.image_size, mean.to(device), std.to(device))
-    if recipe.train.compile:
-        augmenter.compile()
+    writer = RunWriter(run_dir, recipe, {"mean": mean.float(), "std": std.float()}, context.is_main)
+    try:
+        return _train(recipe, writer, images, mean.to(device), std.to(device), device, context, state,
+                      progress, stop, diagnostics)
+    finally:
+        writer.close()
 
-    torch.manual_seed(recipe.seed)
+
+def _train(recipe: Recipe, writer: RunWriter, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+           device: torch.device, context: distributed.Distributed, state: ckpt.Checkpoint | None,
+           progress: Callable[[dict], None] | None, stop: StopRequest,
+           diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None) -> RunResult:
+    torch.manual_seed(recipe.seed)  # the initial weights
     method = build_method(recipe, in_channels=images.shape[1]).to(device)
     if method.closed_form:
-        return _fit_closed_form(method, recipe, run_dir, images, augmenter, data_stats)
+        return _fit_closed_form(method, recipe, writer, images, Augmenter(recipe.augment, recipe.data.image_size,
+                                                                          mean, std))
+    batch_size, rank_batch = recipe.train.batch_size, recipe.train.batch_size // context.world_size
     steps_per_epoch = len(images) // batch_size
     if steps_per_epoch == 0:
         raise HsslError(f"train.batch_size={batch_size} exceeds the {len(images)} images of "
                         f"{recipe.data.dataset}/{recipe.data.train_split}; lower it")
+    pipelines = build_pipelines(recipe, mean, std)
+    if recipe.train.compile:
+        for pipeline in pipelines:
+            pipeline.augmenter.compile()
+    with_original = recipe.method.consumes.original
     bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
@@ -198,29 +207,15 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
 
     total_steps = steps_per_epoch * recipe.train.epochs
     warmup_steps = round(recipe.optim.warmup_epochs * steps_per_epoch)
-    metrics_log = (run_dir / "metrics.jsonl").open("a") if context.is_main else None
     held_order = torch.randperm(len(images), generator=seeded_generator(device, recipe.seed, 0), device=device)
-    held_images = normalize(images[held_order[:HELD_BATCH]], augmenter.mean, augmenter.std)
+    held_images = normalize(images[held_order[:HELD_BATCH]], mean, std)
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     saved_step = -1
 
     def save(step: int, with_epoch_file: bool, metrics: dict[str, float]) -> None:
         nonlocal saved_step
         saved_step = step
-        if not context.is_main:
-            return
-        epoch = step // steps_per_epoch
-        if with_epoch_file:
-            epoch_file = run_dir / f"epoch-{epoch:04d}.safetensors"
-            ckpt.save_model(epoch_file, method, recipe, epoch, step, metrics, data_stats)
-        ckpt.save_model(run_dir / "last.safetensors", method, recipe, epoch, step, metrics, data_stats)
-        ckpt.save_training_state(run_dir / "last.state.safetensors", method, optimizer, recipe, epoch, step,
-                                 data_stats)
-
-    def log(entry: dict) -> None:
-        if metrics_log is not None:
-            metrics_log.write(json.dumps(entry) + "\n")
-            metrics_log.flush()
+        writer.save(method, step // steps_per_epoch, step, metrics, optimizer, epoch_file=with_epoch_file)
 
     started = time.perf_counter()
     last_log_time, last_log_step = started, start_step
@@ -238,10 +233,12 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
                                              device=device)
             first = index_in_epoch * batch_size + context.rank * rank_batch  # this rank's share of the batch
             batch = images[permutation[first:first + rank_batch]]
+            # every random draw of the step (views, group elements) comes from this generator
             generator = seeded_generator(device, recipe.seed, 1 + epoch, step, context.rank)
 
             lr = learning_rate(step, total_steps, warmup_steps, recipe.optim)
-            losses = training_step(method, forward, optimizer, augmenter, batch, generator, lr, bf16)
+            losses = training_step(forward, optimizer, pipelines, with_original, mean, std, batch, generator, lr,
+                                   bf16)
             step += 1
             method.after_optimizer_step(step / total_steps)
 
@@ -254,7 +251,7 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
                 if context.any(~all_finite, device):
                     raise TrainingDiverged(
                         f"the loss became NaN/inf before step {step} (epoch {step // steps_per_epoch}); "
-                        f"the last good checkpoint in {run_dir} is untouched; lower optim.lr or check the data"
+                        f"the last good checkpoint in {writer.run_dir} is untouched; lower optim.lr or check the data"
                     )
                 now = time.perf_counter()
                 count = step - last_log_step
@@ -263,7 +260,7 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
                        **{name: value.item() for name, value in averaged.items()},
                        "images_per_second": count * batch_size / max(now - last_log_time, 1e-9),
                        "elapsed_seconds": now - started}
-                log(row)
+                writer.log(row)
                 loss_sums, last_log_time, last_log_step = {}, now, step
                 if progress is not None and context.is_main:
                     progress(row | {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch})
@@ -279,10 +276,9 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
                     with torch.no_grad():
                         measured = diagnostics(method, held_images)
                     method.train()
-                    log({"step": step, "epoch": finished_epoch, **{f"diagnostics/{k}": v for k, v in measured.items()}})
+                    writer.log({"step": step, "epoch": finished_epoch,
+                                **{f"diagnostics/{k}": v for k, v in measured.items()}})
     finally:
-        if metrics_log is not None:
-            metrics_log.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
@@ -290,20 +286,20 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
         save(step, with_epoch_file=False, metrics={"loss": row.get("loss", float("nan"))})
     wall = time.perf_counter() - started
     done_steps = step - start_step
-    return RunResult(run_dir, run_dir / "last.safetensors", step // steps_per_epoch, step,
+    return RunResult(writer.run_dir, writer.last_checkpoint, step // steps_per_epoch, step,
                      row.get("loss", float("nan")), wall, done_steps * batch_size / max(wall, 1e-9),
                      interrupted=step < total_steps, is_main=context.is_main)
 
 
-def _fit_closed_form(method: nn.Module, recipe: Recipe, run_dir: Path, images: torch.Tensor,
-                     augmenter: Augmenter, data_stats: dict[str, torch.Tensor]) -> RunResult:
+def _fit_closed_form(method: nn.Module, recipe: Recipe, writer: RunWriter, images: torch.Tensor,
+                     augmenter: Augmenter) -> RunResult:
     """Methods whose objective has a closed-form optimum (kernel regime): one solve, one checkpoint
-    (epoch 0, step 0: train.epochs and the optimiser do not apply)."""
+    (epoch 0, step 0: train.epochs and the optimiser do not apply). Every rank solves (the same seeded
+    problem); rank 0 alone writes."""
     started = time.perf_counter()
     metrics = method.fit_closed_form(images, augmenter, seeded_generator(images.device, recipe.seed, 1))
     wall = time.perf_counter() - started
-    ckpt.save_model(run_dir / "last.safetensors", method, recipe, 0, 0, metrics, data_stats)
-    with (run_dir / "metrics.jsonl").open("a") as metrics_log:
-        metrics_log.write(json.dumps({"step": 0, "epoch": 0, "fit_seconds": wall, **metrics}) + "\n")
-    return RunResult(run_dir, run_dir / "last.safetensors", 0, 0, metrics.get("loss", float("nan")), wall,
-                     len(images) / max(wall, 1e-9), interrupted=False)
+    writer.save(method, 0, 0, metrics)
+    writer.log({"step": 0, "epoch": 0, "fit_seconds": wall, **metrics})
+    return RunResult(writer.run_dir, writer.last_checkpoint, 0, 0, metrics.get("loss", float("nan")), wall,
+                     len(images) / max(wall, 1e-9), interrupted=False, is_main=writer.is_main)

@@ -1,29 +1,41 @@
-"""What every method is: a module holding the backbone and its heads, whose forward maps a batch of
-views to a dict of named losses ("loss" is the total the engine minimises)."""
+"""What every method is: a module holding the backbone and its heads, built from the recipe, whose forward
+maps one step's `Views` (and the step's seeded generator) to a dict of named losses ("loss" is the total
+the engine minimises). What it reads (global views, local views, x0) its config declares (`consumes`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from hssl_cli.data.augment import ViewParams
 from hssl_cli.errors import HsslError
+
+if TYPE_CHECKING:
+    from hssl_cli.data.views import Views
+    from hssl_cli.recipe import Recipe
 
 
 class SSLMethod(nn.Module):
-    """Submodules are named after the checkpoint prefixes of DESIGN.md: backbone, projector,
-    predictor, target. A method knows nothing of files, logging or devices."""
+    """Submodules are named after the checkpoint prefixes of DESIGN.md: backbone, projector, predictor,
+    target. A method knows nothing of files, logging or devices, and draws randomness only from the
+    generator it is given."""
 
-    num_views = 2
-    needs_original = False  # True: forward also gets the un-augmented batch x0 (normalised), e.g. EquiMod
     closed_form = False  # True: the engine calls fit_closed_form(...) instead of running SGD
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, views: list[torch.Tensor], augmentation_params: list[ViewParams] | None = None,
-                original: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, in_channels: int) -> SSLMethod:
+        """The method around a freshly initialised backbone (the caller seeds torch for the weights)."""
+        from hssl_cli.models.backbones import build_backbone
+
+        return cls(build_backbone(recipe.model, in_channels), recipe)
+
+    def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def after_optimizer_step(self, progress: float) -> None:
@@ -59,3 +71,36 @@ class SSLMethod(nn.Module):
             if predictor is not None:
                 layers["predictor"] = predictor(layers["projector"])
         return layers
+
+
+def random_integers(low: int, high: int, count: int, generator: torch.Generator, device: torch.device
+                    ) -> torch.Tensor:
+    """`count` integers uniform in [low, high): the one way a method draws (group elements, pairs)."""
+    return torch.randint(low, high, (count,), generator=generator, device=device)
+
+
+class ViewFeatures:
+    """f of every view of a step: one backbone pass over the global views and x0 (one size), one over the
+    local views (another size), split back per view."""
+
+    def __init__(self, backbone: nn.Module, views: Views):
+        inputs = [*views.global_views, *([views.original] if views.original is not None else [])]
+        features = list(backbone(torch.cat(inputs)).chunk(len(inputs)))
+        self.global_features = features[:len(views.global_views)]
+        self.original = features[-1] if views.original is not None else None
+        self.local_features = (list(backbone(torch.cat(views.local_views)).chunk(len(views.local_views)))
+                               if views.local_views else [])
+
+
+def mean_over_view_pairs(global_embeddings: list[torch.Tensor], local_embeddings: list[torch.Tensor],
+                         pair_loss: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+                         ) -> dict[str, torch.Tensor]:
+    """Multi-crop: the mean of `pair_loss` over every pair of global views and every (global, local) pair
+    (Caron et al. 2020); with two global views and no local ones, `pair_loss` of the pair itself."""
+    count = len(global_embeddings)
+    pairs = [(global_embeddings[i], global_embeddings[j]) for i in range(count) for j in range(i + 1, count)]
+    pairs += [(first, local) for first in global_embeddings for local in local_embeddings]
+    terms = [pair_loss(first, second) for first, second in pairs]
+    if len(terms) == 1:
+        return terms[0]
+    return {name: torch.stack([term[name] for term in terms]).mean() for name in terms[0]}

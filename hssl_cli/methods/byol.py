@@ -1,6 +1,7 @@
 """BYOL (Grill et al. 2020): online f, g, q; target = EMA of f, g; symmetrised 2 - 2 cos.
 
-The target network's pieces (make_target, target_momentum, update_target) are shared with DirectPred.
+The target network's pieces (make_target, target_momentum, update_target) are shared with DirectPred and
+H-SSL, the whole online/target architecture (OnlineAndTarget) with MoCo v3.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import math
 import torch
 from torch import nn
 
+from hssl_cli.data.views import Views
 from hssl_cli.losses import byol_cosine
-from hssl_cli.methods.base import SSLMethod
-from hssl_cli.methods.equimod import EquiModBranch, backbone_features
+from hssl_cli.methods.base import SSLMethod, ViewFeatures
+from hssl_cli.methods.equimod import EquiModBranch
 from hssl_cli.models.heads import mlp
-from hssl_cli.recipe import BYOLConfig, ModelConfig
+from hssl_cli.recipe import Recipe
 
 
 def make_target(backbone: nn.Module, projector: nn.Module) -> nn.ModuleDict:
@@ -39,26 +41,36 @@ def update_target(target: nn.ModuleDict, backbone: nn.Module, projector: nn.Modu
         target_buffer.copy_(online_buffer)
 
 
-class BYOL(SSLMethod):
-    def __init__(self, backbone: nn.Module, model: ModelConfig, config: BYOLConfig,
-                 equimod: EquiModBranch | None = None):
-        super().__init__(backbone)
-        self.projector = mlp(backbone.feature_dim, model.projector)
-        self.predictor = mlp(model.projector[-1], config.predictor)
-        self.target = make_target(backbone, self.projector)
-        self.ema_start = config.ema_start
-        self.equimod = equimod
-        self.needs_original = equimod is not None
+class OnlineAndTarget(SSLMethod):
+    """BYOL's architecture, shared with MoCo v3: online f, g and predictor q; a target f, g (the EMA of the
+    online ones, its rate raised from method.ema_start to 1 by a cosine) that receives no gradient."""
 
-    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
-        features, original_features = backbone_features(self.backbone, views, original)
-        p1, p2 = self.predictor(self.projector(torch.cat(features))).chunk(2)
-        with torch.no_grad():
-            t1, t2 = self.target["projector"](self.target["backbone"](torch.cat(views))).chunk(2)
-        loss = byol_cosine(p1, t2) + byol_cosine(p2, t1)
-        if self.equimod is None:
-            return {"loss": loss}
-        return self.equimod.add_to(loss, features, original_features, augmentation_params)
+    def __init__(self, backbone: nn.Module, recipe: Recipe):
+        super().__init__(backbone)
+        self.projector = mlp(backbone.feature_dim, recipe.model.projector)
+        self.predictor = mlp(recipe.model.projector[-1], recipe.method.predictor)
+        self.target = make_target(backbone, self.projector)
+        self.ema_start = recipe.method.ema_start
+
+    @torch.no_grad()
+    def target_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        return self.target["projector"](self.target["backbone"](images))
 
     def after_optimizer_step(self, progress: float) -> None:
         update_target(self.target, self.backbone, self.projector, target_momentum(progress, self.ema_start))
+
+
+class BYOL(OnlineAndTarget):
+    def __init__(self, backbone: nn.Module, recipe: Recipe):
+        super().__init__(backbone, recipe)
+        equimod = recipe.method.equimod
+        self.equimod = EquiModBranch.from_recipe(backbone.feature_dim, recipe) if equimod else None
+
+    def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        features = ViewFeatures(self.backbone, views)
+        p1, p2 = self.predictor(self.projector(torch.cat(features.global_features))).chunk(2)
+        t1, t2 = self.target_embeddings(torch.cat(views.global_views)).chunk(2)
+        loss = byol_cosine(p1, t2) + byol_cosine(p2, t1)
+        if self.equimod is None:
+            return {"loss": loss}
+        return self.equimod.add_to(loss, features.global_features, features.original, views.global_params)

@@ -8,14 +8,15 @@ applied to z directly (losses.iso_loss). `ema: false` drops the target network (
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from hssl_cli.collectives import sum_over_ranks, world_size
+from hssl_cli.data.views import Views
 from hssl_cli.losses import byol_cosine, iso_loss
 from hssl_cli.methods.base import SSLMethod
 from hssl_cli.methods.byol import make_target, target_momentum, update_target
 from hssl_cli.models.heads import mlp
-from hssl_cli.recipe import DirectPredConfig, ModelConfig
+from hssl_cli.recipe import Recipe
 
 
 class CorrelationPredictor(nn.Module):
@@ -34,14 +35,10 @@ class CorrelationPredictor(nn.Module):
     def update(self, z: torch.Tensor) -> None:
         # C <- rho C + (1 - rho) z_n^T z_n, z_n = sg(z) / sqrt(B): uncentred, in fp32 even under autocast
         with torch.autocast(z.device.type, enabled=False):
-            z = z.detach().float()
-            batch_correlation = z.T @ z
-            rows = z.shape[0]
-            if dist.is_available() and dist.is_initialized():
-                # every rank must hold the same C, hence the same W_P
-                dist.all_reduce(batch_correlation)
-                rows *= dist.get_world_size()
-            self.correlation.lerp_(batch_correlation / rows, 1 - self.rho)
+            z = z.detach().to(self.correlation.dtype)  # fp32 (the buffer's dtype) even under bf16 autocast
+            # over the global batch: every rank must hold the same C, hence the same W_P
+            batch_correlation = sum_over_ranks(z.T @ z)
+            self.correlation.lerp_(batch_correlation / (z.shape[0] * world_size()), 1 - self.rho)
 
     @torch.no_grad()
     def weight(self) -> torch.Tensor:
@@ -58,24 +55,25 @@ class CorrelationPredictor(nn.Module):
 
 
 class DirectPred(SSLMethod):
-    def __init__(self, backbone: nn.Module, model: ModelConfig, config: DirectPredConfig):
+    def __init__(self, backbone: nn.Module, recipe: Recipe):
         super().__init__(backbone)
-        self.projector = mlp(backbone.feature_dim, model.projector)
-        self.predictor = CorrelationPredictor(model.projector[-1], config.alpha, config.eps, config.rho)
+        config = recipe.method
+        self.projector = mlp(backbone.feature_dim, recipe.model.projector)
+        self.predictor = CorrelationPredictor(recipe.model.projector[-1], config.alpha, config.eps, config.rho)
         self.target = make_target(backbone, self.projector) if config.ema else None
         self.ema_start = config.ema_start
         self.loss_name = config.loss
 
-    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
-        both = torch.cat(views)
+    def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        both = torch.cat(views.global_views)
         z = self.projector(self.backbone(both))
         if self.training:
             self.predictor.update(z)
         weight = self.predictor.weight()
         with torch.no_grad():
             targets = z.detach() if self.target is None else self.target["projector"](self.target["backbone"](both))
-        z1, z2 = z.float().chunk(2)
-        t1, t2 = targets.float().chunk(2)
+        z1, z2 = z.to(weight.dtype).chunk(2)
+        t1, t2 = targets.to(weight.dtype).chunk(2)
         if self.loss_name == "byol":
             return {"loss": byol_cosine(z1 @ weight, t2) + byol_cosine(z2 @ weight, t1)}
         with torch.no_grad():  # the BYOL value is logged too, so runs with either loss compare on one scale

@@ -14,11 +14,13 @@ from torch import nn
 from hssl_cli.data.augment import PARAM_NAMES, ViewParams, param_vector_stats
 from hssl_cli.losses import info_nce
 from hssl_cli.models.heads import EquiModPredictor, mlp
-from hssl_cli.recipe import AugmentConfig, EquiModConfig
+from hssl_cli.recipe import AugmentConfig, EquiModConfig, Recipe
 
 
 class EquiModBranch(nn.Module):
-    def __init__(self, feature_dim: int, config: EquiModConfig, augment: AugmentConfig, image_size: int):
+    def __init__(self, feature_dim: int, config: EquiModConfig, augment: AugmentConfig | list[AugmentConfig],
+                 image_size: int):
+        """augment: the distribution(s) of the global views, whose parameter vectors a_t standardise."""
         super().__init__()
         self.projector = mlp(feature_dim, config.projector, last_batchnorm=True)  # g_eq
         self.predictor = EquiModPredictor(len(PARAM_NAMES), config.param_embedding, config.projector[-1])
@@ -27,6 +29,11 @@ class EquiModBranch(nn.Module):
         self.register_buffer("param_std", std)
         self.temperature = config.temperature
         self.weight = config.weight
+
+    @classmethod
+    def from_recipe(cls, feature_dim: int, recipe: Recipe) -> EquiModBranch:
+        augments = [view.augment for view in recipe.resolved_views() if view.role == "global"]
+        return cls(feature_dim, recipe.method.equimod, augments, recipe.data.image_size)
 
     def forward(self, view_features: list[torch.Tensor], original_features: torch.Tensor,
                 params: list[ViewParams]) -> dict[str, torch.Tensor]:
@@ -48,10 +55,3 @@ class EquiModBranch(nn.Module):
         terms = self(view_features, original_features, params)
         return {"loss": invariance + self.weight * terms["loss/equivariance"], "loss/invariance": invariance, **terms}
 
-
-def backbone_features(backbone: nn.Module, views: list[torch.Tensor], original: torch.Tensor | None
-                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """f of every view (and of x0 when given) in one forward pass, split back per input."""
-    inputs = [*views, original] if original is not None else views
-    features = list(backbone(torch.cat(inputs)).chunk(len(inputs)))
-    return (features[:-1], features[-1]) if original is not None else (features, None)

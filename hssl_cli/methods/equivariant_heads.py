@@ -11,18 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hssl_cli.data.groups import Group, act_on_images
-from hssl_cli.errors import HsslError
+from hssl_cli.data.views import Views
 from hssl_cli.losses import info_nce, invariant_info_nce
-from hssl_cli.methods.base import SSLMethod
+from hssl_cli.methods.base import SSLMethod, random_integers
 from hssl_cli.models.heads import mlp
-from hssl_cli.recipe import EquivariantPretextConfig, InvariantContrastiveConfig, ModelConfig
-
-
-def _group_of(backbone: nn.Module, method: str) -> Group:
-    if not hasattr(backbone, "lifted"):
-        raise HsslError(f"method.name={method} needs an equivariant backbone: set model.backbone to e2_convnet or "
-                        "e2_resnet18 and model.group")
-    return backbone.group
+from hssl_cli.recipe import Recipe
 
 
 def per_fibre(head: nn.Module, lifted: torch.Tensor) -> torch.Tensor:
@@ -31,9 +24,9 @@ def per_fibre(head: nn.Module, lifted: torch.Tensor) -> torch.Tensor:
     return head(lifted.reshape(batch * group_size, channels)).view(batch, group_size, -1)
 
 
-def random_elements(batch: int, group: Group, device: torch.device) -> torch.Tensor:
-    # drawn from torch's default generator, which the engine seeds
-    return torch.randint(group.size, (batch,)).to(device)
+def random_elements(batch: int, group: Group, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """g ~ U(G), one per image."""
+    return random_integers(0, group.size, batch, generator, device)
 
 
 class EquivariantPretext(SSLMethod):
@@ -42,17 +35,17 @@ class EquivariantPretext(SSLMethod):
     plain rotation prediction from the group-pooled features f(x) = max_h z_h(x): f(T_g x) = f(x), so
     every g gets the same logits and the loss cannot fall below log |G|."""
 
-    def __init__(self, backbone: nn.Module, model: ModelConfig, config: EquivariantPretextConfig):
+    def __init__(self, backbone: nn.Module, recipe: Recipe):
         super().__init__(backbone)
-        self.group = _group_of(backbone, config.name)
+        config = recipe.method
+        self.group: Group = backbone.group  # an e2_* backbone (the config's check)
         self.invariant_head = config.head == "invariant"
         # equivariant: one logit per fibre, shared over fibres; invariant: |G| logits from the pooled features
         self.classifier = nn.Linear(backbone.feature_dim, self.group.size if self.invariant_head else 1)
         self.contrastive_weight = config.contrastive_weight
         self.temperature = config.temperature
-        self.num_views = 2 if config.contrastive_weight > 0 else 1
         if config.contrastive_weight > 0:
-            self.projector = mlp(backbone.feature_dim, model.projector)
+            self.projector = mlp(backbone.feature_dim, recipe.model.projector)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, |G|) rotation/flip logits; equivariant head: logits(T_g x) = P_g logits(x)."""
@@ -60,14 +53,15 @@ class EquivariantPretext(SSLMethod):
             return self.classifier(self.backbone(images))
         return per_fibre(self.classifier, self.backbone.lifted(images)).squeeze(-1)
 
-    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
-        elements = random_elements(len(views[0]), self.group, views[0].device)
-        logits = self.logits(act_on_images(views[0], elements, self.group))
+    def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        first = views.global_views[0]
+        elements = random_elements(len(first), self.group, generator, first.device)
+        logits = self.logits(act_on_images(first, elements, self.group))
         pretext = F.cross_entropy(logits, elements)
         accuracy = (logits.detach().argmax(dim=1) == elements).float().mean()  # logged: 1/|G| is chance
         if self.contrastive_weight == 0:
             return {"loss": pretext, "pretext/accuracy": accuracy}
-        z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)
+        z1, z2 = self.projector(self.backbone(torch.cat(views.global_views))).chunk(2)
         contrastive = info_nce(z1, z2, self.temperature, gather_distributed=True)
         return {"loss": pretext + self.contrastive_weight * contrastive, "loss/pretext": pretext,
                 "loss/contrastive": contrastive, "pretext/accuracy": accuracy}
@@ -76,10 +70,11 @@ class EquivariantPretext(SSLMethod):
 class InvariantContrastive(SSLMethod):
     """InfoNCE with sim(u, v) = max_g cos(u, rho(g) v) between per-fibre embeddings of two views."""
 
-    def __init__(self, backbone: nn.Module, model: ModelConfig, config: InvariantContrastiveConfig):
+    def __init__(self, backbone: nn.Module, recipe: Recipe):
         super().__init__(backbone)
-        self.group = _group_of(backbone, config.name)
-        self.projector = mlp(backbone.feature_dim, model.projector)  # applied per fibre
+        config = recipe.method
+        self.group: Group = backbone.group  # an e2_* backbone (the config's check)
+        self.projector = mlp(backbone.feature_dim, recipe.model.projector)  # applied per fibre
         self.temperature = config.temperature
         self.soft_temperature = config.soft_temperature if config.similarity == "logsumexp" else None
         self.plain = config.similarity == "plain"
@@ -87,15 +82,16 @@ class InvariantContrastive(SSLMethod):
         self.register_buffer("fibre_permutations", self.group.fibre_permutation(torch.arange(self.group.size)),
                              persistent=False)
 
-    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
+    def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        images = views.global_views
         if self.transform_views:
-            views = [act_on_images(view, random_elements(len(view), self.group, view.device), self.group)
-                     for view in views]
-        u, v = per_fibre(self.projector, self.backbone.lifted(torch.cat(views))).chunk(2)
+            images = [act_on_images(view, random_elements(len(view), self.group, generator, view.device), self.group)
+                      for view in images]
+        u, v = per_fibre(self.projector, self.backbone.lifted(torch.cat(images))).chunk(2)
         if self.plain:
             return {"loss": info_nce(u.flatten(1), v.flatten(1), self.temperature, gather_distributed=True)}
         return {"loss": invariant_info_nce(u, v, self.fibre_permutations, self.temperature,
-                                           self.soft_temperature)}
+                                           self.soft_temperature, gather_distributed=True)}
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
         """The per-fibre embeddings the invariant similarity compares, side by side: (B, |G| D)."""

@@ -14,53 +14,32 @@ import torch
 from torch import nn
 
 from hssl_cli.data.groups import Group, act_on_images
+from hssl_cli.data.views import Views
 from hssl_cli.errors import HsslError
 from hssl_cli.losses import byol_cosine, info_nce, vicreg
-from hssl_cli.methods.base import SSLMethod
+from hssl_cli.methods.base import SSLMethod, random_integers
 from hssl_cli.methods.byol import make_target, target_momentum, update_target
 from hssl_cli.models.heads import mlp
-from hssl_cli.recipe import HSSLConfig, HSSLPairsConfig, ModelConfig
+from hssl_cli.recipe import HSSLPairsConfig, ModelConfig, Recipe
 
 IDENTITY = 0  # index of the identity element in every group of data/groups.py
 
 
-class PairSampler(nn.Module):
-    """Draws one pair g1 != g2 ~ p(G) per image. The generator is seeded by (seed, step) and both travel
-    in the checkpoint (extra state), so a resumed run draws the pairs an uninterrupted one would."""
-
-    def __init__(self, group: Group, config: HSSLPairsConfig, seed: int):
-        super().__init__()
-        self.group, self.config = group, config
-        self.seed, self.step = seed, 0
-        if config.distribution == "subset":
-            self.register_buffer("subset", torch.tensor(sorted(set(config.elements))), persistent=False)
-
-    @torch.compiler.disable  # a Python counter that changes every step would recompile a compiled graph
-    def sample(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.step)
-        self.step += 1
-        config, size = self.config, self.group.size
-
-        def draw(low: int, high: int) -> torch.Tensor:
-            return torch.randint(low, high, (batch,), generator=generator, device=device)
-
-        if config.distribution == "subset":
-            first = draw(0, len(self.subset))
-            second = (first + draw(1, len(self.subset))) % len(self.subset)  # any other member
-            return self.subset[first], self.subset[second]
-        g1 = draw(0, size)
-        if config.distribution == "uniform":
-            relative = draw(1, size)  # any h != e, so g2 = g1 h != g1
-        else:  # neighbourhood: h a rotation by 1..max_steps steps, either way
-            steps = draw(1, config.max_steps + 1) * (2 * draw(0, 2) - 1)
-            relative = steps % self.group.order
-        return g1, self.group.cayley.to(device)[g1, relative]
-
-    def get_extra_state(self) -> torch.Tensor:
-        return torch.tensor([self.seed, self.step], dtype=torch.int64)
-
-    def set_extra_state(self, state: torch.Tensor) -> None:
-        self.seed, self.step = (int(value) for value in state.tolist())
+def draw_pairs(group: Group, pairs: HSSLPairsConfig, batch: int, generator: torch.Generator,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pair g1 != g2 ~ p(G) per image, from the step's generator."""
+    if pairs.distribution == "subset":
+        subset = torch.tensor(sorted(set(pairs.elements)), device=device)
+        first = random_integers(0, len(subset), batch, generator, device)
+        second = (first + random_integers(1, len(subset), batch, generator, device)) % len(subset)  # any other
+        return subset[first], subset[second]
+    g1 = random_integers(0, group.size, batch, generator, device)
+    if pairs.distribution == "uniform":
+        relative = random_integers(1, group.size, batch, generator, device)  # any h != e, so g2 = g1 h != g1
+    else:  # neighbourhood: h a rotation by 1..max_steps steps, either way
+        sign = 2 * random_integers(0, 2, batch, generator, device) - 1
+        relative = (random_integers(1, pairs.max_steps + 1, batch, generator, device) * sign) % group.order
+    return g1, group.cayley.to(device)[g1, relative]
 
 
 def lifted_features(backbone: nn.Module, images: torch.Tensor, group: Group) -> torch.Tensor:
@@ -92,15 +71,12 @@ def fibre_pair(backbone: nn.Module, first: torch.Tensor, second: torch.Tensor, g
 
 
 class HSSL(SSLMethod):
-    def __init__(self, backbone: nn.Module, model: ModelConfig, config: HSSLConfig):
+    def __init__(self, backbone: nn.Module, recipe: Recipe):
         super().__init__(backbone)
+        model, config = recipe.model, recipe.method
         self.group = Group(model.group.name, model.group.order)
-        self.pairing, self.loss_name = config.pairing, config.loss
+        self.pairing, self.loss_name, self.pairs = config.pairing, config.loss, config.pairs
         self.projector = mlp(self._fibre_dim(backbone, model), model.projector)  # the shared head h
-        self.pair_sampler = PairSampler(self.group, config.pairs, seed=int(torch.randint(0, 2**31 - 1, ())))
-        # fibres: one pass over the un-augmented batch, no augmented views at all
-        self.num_views = 0 if config.pairing == "fibres" else 2
-        self.needs_original = config.pairing == "fibres"
         self.temperature = config.temperature
         self.vicreg_weights = {"invariance_weight": config.invariance_weight,
                                "variance_weight": config.variance_weight,
@@ -118,9 +94,17 @@ class HSSL(SSLMethod):
                             f"split into |G| = {self.group.size} pseudo-fibres; pick a group whose size divides it")
         return backbone.feature_dim // self.group.size
 
-    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
-        first, second = (original, original) if self.pairing == "fibres" else views
-        g1, g2 = self.pair_sampler.sample(len(first), first.device)
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, in_channels: int) -> HSSL:
+        from hssl_cli.models.backbones import build_backbone
+
+        # structure removed: the ablation's backbone, the layout without equivariance
+        return cls(build_backbone(recipe.model, in_channels, plain=recipe.method.structure == "removed"), recipe)
+
+    def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        # fibres: one pass over the un-augmented batch x0, no augmented views at all
+        first, second = (views.original, views.original) if self.pairing == "fibres" else views.global_views
+        g1, g2 = draw_pairs(self.group, self.pairs, len(first), generator, first.device)
         return self.pair_losses(first, second, g1, g2)
 
     def pair_losses(self, first: torch.Tensor, second: torch.Tensor, g1: torch.Tensor,
@@ -130,9 +114,9 @@ class HSSL(SSLMethod):
         h1, h2 = self.projector(torch.cat(fibre_pair(self.backbone, first, second, g1, g2, self.group,
                                                      self.pairing))).chunk(2)
         if self.loss_name == "nt_xent":
-            return {"loss": info_nce(h1, h2, self.temperature)}
+            return {"loss": info_nce(h1, h2, self.temperature, gather_distributed=True)}
         if self.loss_name == "vicreg":
-            return vicreg(h1, h2, **self.vicreg_weights)
+            return vicreg(h1, h2, **self.vicreg_weights, gather_distributed=True)
         p1, p2 = self.predictor(torch.cat([h1, h2])).chunk(2)
         with torch.no_grad():
             t1, t2 = self.target["projector"](torch.cat(fibre_pair(self.target["backbone"], first, second, g1, g2,

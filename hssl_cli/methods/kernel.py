@@ -106,6 +106,10 @@ class KernelMethod(SSLMethod):
         self.config = config
         self.solution: Solution | None = None  # the last fit's optimum F on its training points (not saved)
 
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, in_channels: int) -> KernelMethod:
+        return cls(recipe, in_channels)  # sized by the data (support points, pixels), not by a backbone
+
     def training_points(self, images: Tensor, augmenter, generator: torch.Generator) -> Tensor:
         """num_samples originals x views, group-major: point g * views + j is view j of original g."""
         config = self.config

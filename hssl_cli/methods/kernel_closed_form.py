@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hssl_cli.errors import HsslError
+
 TIE_TOLERANCE = 1e-9  # eigenvalues closer than this (relative to the largest) are tied
 
 
@@ -170,8 +172,8 @@ class LowRankSystem(KernelSystem):
         eigenvalues, right_vectors = torch.linalg.eigh(whitened.T @ whitened)  # r x r: cheaper when t > r
         top_values, top_vectors = eigenvalues.flip(0)[:count], right_vectors.flip(1)[:, :count]
         if count > len(eigenvalues) or bool(top_values[-1] <= 0):
-            raise ValueError(f"the tie-break needs {count} directions but the features span "
-                             f"{int((eigenvalues > 0).sum())}; raise method.rank")
+            raise HsslError(f"method.rank={len(eigenvalues)}: the tie-break needs {count} directions but the "
+                            f"features span {int((eigenvalues > 0).sum())}; raise method.rank")
         return whitened @ top_vectors / top_values.sqrt()
 
     def principal(self, count: int) -> tuple[Tensor, Tensor]:

@@ -1,30 +1,40 @@
-"""SimCLR (Chen et al. 2020): two views, projector g, NT-Xent over the 2N embeddings."""
+"""SimCLR (Chen et al. 2020): two views, projector g, NT-Xent over the 2N embeddings; with local views
+(multi-crop) the mean NT-Xent over every (global, other view) pair; optionally EquiMod's branch."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from hssl_cli.data.views import Views
 from hssl_cli.losses import info_nce
-from hssl_cli.methods.base import SSLMethod
-from hssl_cli.methods.equimod import EquiModBranch, backbone_features
+from hssl_cli.methods.base import SSLMethod, ViewFeatures, mean_over_view_pairs
+from hssl_cli.methods.equimod import EquiModBranch
 from hssl_cli.models.heads import mlp
-from hssl_cli.recipe import ModelConfig, SimCLRConfig
+from hssl_cli.recipe import Recipe
+
+
+def project_views(projector: nn.Module, features: ViewFeatures) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """g of every global and local view in one pass (one set of BatchNorm statistics), split back."""
+    everything = [*features.global_features, *features.local_features]
+    embeddings = list(projector(torch.cat(everything)).chunk(len(everything)))
+    count = len(features.global_features)
+    return embeddings[:count], embeddings[count:]
 
 
 class SimCLR(SSLMethod):
-    def __init__(self, backbone: nn.Module, model: ModelConfig, config: SimCLRConfig,
-                 equimod: EquiModBranch | None = None):
+    def __init__(self, backbone: nn.Module, recipe: Recipe):
         super().__init__(backbone)
-        self.projector = mlp(backbone.feature_dim, model.projector)
+        config = recipe.method
+        self.projector = mlp(backbone.feature_dim, recipe.model.projector)
         self.temperature = config.temperature
-        self.equimod = equimod
-        self.needs_original = equimod is not None
+        self.equimod = EquiModBranch.from_recipe(backbone.feature_dim, recipe) if config.equimod else None
 
-    def forward(self, views: list[torch.Tensor], augmentation_params=None, original=None) -> dict[str, torch.Tensor]:
-        features, original_features = backbone_features(self.backbone, views, original)
-        z1, z2 = self.projector(torch.cat(features)).chunk(2)  # z = g(f(t(x)))
-        loss = info_nce(z1, z2, self.temperature, gather_distributed=True)
+    def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        features = ViewFeatures(self.backbone, views)
+        global_z, local_z = project_views(self.projector, features)  # z = g(f(t(x)))
+        losses = mean_over_view_pairs(global_z, local_z, lambda z1, z2: {
+            "loss": info_nce(z1, z2, self.temperature, gather_distributed=True)})
         if self.equimod is None:
-            return {"loss": loss}
-        return self.equimod.add_to(loss, features, original_features, augmentation_params)
+            return losses
+        return self.equimod.add_to(losses["loss"], features.global_features, features.original, views.global_params)

@@ -1,0 +1,61 @@
+"""Per-view pipelines: the recipe's views (`Recipe.resolved_views`) as augmenters, and the `Views` a
+method receives each step. Each view spec is drawn in one batched call, whatever its count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hssl_cli.data.augment import Augmenter, ViewParams, normalize
+from hssl_cli.recipe import Recipe
+
+
+@dataclass(eq=False)
+class Views:
+    """One step's input to a method: the global views every loss pairs, the local (multi-crop) views, the
+    augmentation parameters of each, and the un-augmented normalised batch x0 when the method reads it."""
+
+    global_views: list[torch.Tensor]
+    global_params: list[ViewParams]
+    local_views: list[torch.Tensor] = field(default_factory=list)
+    local_params: list[ViewParams] = field(default_factory=list)
+    original: torch.Tensor | None = None
+
+
+class ViewPipeline:
+    """`count` views of `size` pixels with one augmentation distribution."""
+
+    def __init__(self, augmenter: Augmenter, count: int, role: str):
+        self.augmenter, self.count, self.role = augmenter, count, role
+
+    def draw(self, images: torch.Tensor, generator: torch.Generator) -> tuple[list[torch.Tensor], list[ViewParams]]:
+        """uint8 (B, C, H, W) -> `count` views (B, C, size, size) and their parameters, in one call."""
+        batch = images if self.count == 1 else images.repeat(self.count, 1, 1, 1)
+        views, params = self.augmenter(batch, generator, with_params=True)
+        return list(views.chunk(self.count)), params.chunk(self.count)
+
+
+def build_pipelines(recipe: Recipe, mean: torch.Tensor, std: torch.Tensor) -> list[ViewPipeline]:
+    """The recipe's views, in order; mean and std (per channel, [0, 1] units) normalise every view."""
+    return [ViewPipeline(Augmenter(view.augment, view.size, mean, std), view.count, view.role)
+            for view in recipe.resolved_views()]
+
+
+def draw_views(pipelines: list[ViewPipeline], images: torch.Tensor, generator: torch.Generator,
+               with_original: bool, mean: torch.Tensor, std: torch.Tensor) -> Views:
+    """Every pipeline's views of a uint8 batch, in order, from one generator; x0 when asked for."""
+    views = Views([], [])
+    memory_format = torch.channels_last if images.is_cuda else torch.contiguous_format
+    for pipeline in pipelines:
+        drawn, params = pipeline.draw(images, generator)
+        drawn = [view.contiguous(memory_format=memory_format) for view in drawn]
+        if pipeline.role == "global":
+            views.global_views += drawn
+            views.global_params += params
+        else:
+            views.local_views += drawn
+            views.local_params += params
+    if with_original:
+        views.original = normalize(images, mean, std)
+    return views

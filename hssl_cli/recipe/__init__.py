@@ -1,0 +1,90 @@
+"""The recipe: one typed schema for every experiment, loaded from YAML, overridable with `--set`.
+
+The schema is the truth (DESIGN.md shows an illustrative recipe): `sections` (data, augment, views, model,
+optim, train), `methods` (one config per method, with its cross-field checks), `schema` (the whole recipe),
+`loading` (YAML, overrides, one-line errors naming file:line, the dotted key and a fix). No torch is
+imported, so `hssl pretrain bad.yaml` fails in a fraction of a second.
+"""
+
+from hssl_cli.errors import RecipeError
+from hssl_cli.recipe.loading import (
+    MAX_TEXT_FILE_BYTES,
+    describe_validation_error,
+    load_recipe,
+    parse_recipe,
+    read_text_file,
+    read_yaml_mapping,
+)
+from hssl_cli.recipe.methods import (
+    BarlowTwinsConfig,
+    BYOLConfig,
+    Consumes,
+    DirectCopyConfig,
+    DirectPredConfig,
+    EquiModConfig,
+    EquivariantPretextConfig,
+    HSSLConfig,
+    HSSLPairsConfig,
+    InvariantContrastiveConfig,
+    KernelConfig,
+    MethodConfig,
+    MethodSection,
+    MoCoV3Config,
+    SimCLRConfig,
+    VICRegConfig,
+)
+from hssl_cli.recipe.schema import RESUME_SAFE_KEYS, Recipe, changed_keys, recipe_to_yaml
+from hssl_cli.recipe.sections import (
+    AugmentConfig,
+    BlurConfig,
+    ColorJitterConfig,
+    DataConfig,
+    GroupConfig,
+    ModelConfig,
+    OptimConfig,
+    ResolvedView,
+    Section,
+    TrainConfig,
+    ViewSpec,
+)
+
+__all__ = [
+    "AugmentConfig",
+    "BarlowTwinsConfig",
+    "BlurConfig",
+    "BYOLConfig",
+    "changed_keys",
+    "ColorJitterConfig",
+    "Consumes",
+    "DataConfig",
+    "describe_validation_error",
+    "DirectCopyConfig",
+    "DirectPredConfig",
+    "EquiModConfig",
+    "EquivariantPretextConfig",
+    "GroupConfig",
+    "HSSLConfig",
+    "HSSLPairsConfig",
+    "InvariantContrastiveConfig",
+    "KernelConfig",
+    "load_recipe",
+    "MAX_TEXT_FILE_BYTES",
+    "MethodConfig",
+    "MethodSection",
+    "MoCoV3Config",
+    "ModelConfig",
+    "OptimConfig",
+    "parse_recipe",
+    "read_text_file",
+    "read_yaml_mapping",
+    "Recipe",
+    "recipe_to_yaml",
+    "RecipeError",
+    "ResolvedView",
+    "RESUME_SAFE_KEYS",
+    "Section",
+    "SimCLRConfig",
+    "TrainConfig",
+    "VICRegConfig",
+    "ViewSpec",
+]

@@ -1,0 +1,111 @@
+"""The whole recipe: the top-level schema and what the engine asks of a resolved recipe (its YAML form, the
+keys two recipes differ in, the keys a resume may change)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import Field, model_validator
+
+from hssl_cli.recipe.methods import MethodConfig, SimCLRConfig
+from hssl_cli.recipe.sections import (
+    AugmentConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ResolvedView,
+    Section,
+    TrainConfig,
+    ViewSpec,
+)
+
+
+class Recipe(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; the output folder")
+    seed: int = Field(0, ge=0, description="seed of the data order, the augmentations and the initial weights")
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    views: list[ViewSpec] | None = Field(
+        None, min_length=1, description="per-view pipelines (asymmetric views, multi-crop), each overriding augment:; "
+        "null: as many global views as the method reads, all drawn with augment:")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=SimCLRConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _sections_fit(self) -> Recipe:
+        model = self.model
+        if self.data.dataset != "digits" and self.data.root is None:
+            raise ValueError(f"data.root is required for dataset '{self.data.dataset}'")
+        equivariant = model.backbone.startswith("e2_")
+        if equivariant and model.group is None:
+            raise ValueError(f"model.group is required for model.backbone '{model.backbone}'; "
+                             "e.g. group: {name: C, order: 8}")
+        if model.widths is not None and not equivariant:
+            raise ValueError(f"model.widths: only e2_* backbones take widths, not '{model.backbone}'; remove it")
+        if model.backbone == "e2_resnet18" and model.widths is not None and len(model.widths) != 4:
+            raise ValueError(f"model.widths: e2_resnet18 has 4 stages, got {len(model.widths)} widths")
+        self.method.check(self)
+        self._views_fit_the_method()
+        return self
+
+    def _views_fit_the_method(self) -> None:
+        if self.views is None:
+            return
+        resolved = self.resolved_views()
+        consumes = self.method.consumes
+        global_count = sum(view.count for view in resolved if view.role == "global")
+        local_count = sum(view.count for view in resolved if view.role == "local")
+        if global_count != consumes.global_views:
+            raise ValueError(f"views: method {self.method.name} reads {consumes.global_views} global view(s), the "
+                             f"views list has {global_count}; list {consumes.global_views} at data.image_size")
+        if local_count and not consumes.local_views:
+            raise ValueError(f"views: method {self.method.name} takes no local (multi-crop) views, the views list "
+                             f"has {local_count}; remove them or use a pairwise method (simclr, vicreg, barlow_twins)")
+
+    def resolved_views(self) -> list[ResolvedView]:
+        """The views the engine draws each step, in order: `views:` made concrete, or the method's global views
+        all drawn with augment: at data.image_size."""
+        if self.views is None:
+            view = ResolvedView(augment=self.augment, size=self.data.image_size, count=1, role="global")
+            return [view] * self.method.consumes.global_views
+        resolved = []
+        for index, spec in enumerate(self.views):
+            size = spec.size or self.data.image_size
+            role = spec.role or ("global" if size == self.data.image_size else "local")
+            try:
+                augment = spec.augment_config(self.augment)
+            except ValueError as error:
+                raise ValueError(f"views.{index}.{error}") from None
+            resolved.append(ResolvedView(augment=augment, size=size, count=spec.count, role=role))
+        return resolved
+
+
+# Keys that may change between a run and its resumption without altering the result.
+RESUME_SAFE_KEYS = frozenset(
+    {"data.root", "train.checkpoint_every", "train.log_every", "train.compile", "train.diagnostics_every"}
+)
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML: every key, defaults included; stored in each checkpoint."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def changed_keys(old: Recipe, new: Recipe) -> list[str]:
+    """Dotted keys whose values differ between two recipes."""
+    old_flat, new_flat = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return sorted(key for key in old_flat.keys() | new_flat.keys() if old_flat.get(key) != new_flat.get(key))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+

@@ -1,0 +1,174 @@
+"""The recipe's sections other than the method: data, augmentation, per-view pipelines, model, optimiser,
+training. Every key has a default and a description; pydantic only, no torch."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+AUGMENT_SECTIONS = ("color_jitter", "blur")  # the nested sections of augment:, which a view overrides key by key
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ordered_pair(pair: tuple[float, float], low: float, high: float, what: str) -> tuple[float, float]:
+    if not low <= pair[0] <= pair[1] <= high:
+        raise ValueError(f"{what} must satisfy {low} <= first <= second <= {high}, got {list(pair)}")
+    return pair
+
+
+class DataConfig(Section):
+    dataset: Literal["digits", "mnist", "cifar10", "stl10", "imagefolder"] = Field(
+        "digits", description="dataset source; digits is built in (scikit-learn), the others read data.root"
+    )
+    root: str | None = Field(None, description="folder with the dataset files (not needed for digits)")
+    image_size: int = Field(32, ge=8, le=512, description="side of the square images fed to the model")
+    train_split: str = Field("train", description="split used for pretraining and for fitting probes")
+    test_split: str = Field("test", description="split used to report probe accuracy")
+    subset: int | None = Field(
+        None, ge=1, description="pretrain on this many train images (a seeded random subset; probes use all)"
+    )
+    random_rotation: bool = Field(
+        False, description="rotate each image by its own fixed random angle (rotated-MNIST protocol; the same "
+        "angles in pretrain, probe and checks)"
+    )
+
+
+class ColorJitterConfig(Section):
+    p: float = Field(0.8, ge=0, le=1, description="probability of applying colour jitter to a view")
+    brightness: float = Field(0.4, ge=0, description="brightness factor drawn from [1-b, 1+b]")
+    contrast: float = Field(0.4, ge=0, description="contrast factor drawn from [1-c, 1+c]")
+    saturation: float = Field(0.4, ge=0, description="saturation factor drawn from [1-s, 1+s]")
+    hue: float = Field(0.1, ge=0, le=0.5, description="hue shift drawn from [-h, h] (fraction of a turn)")
+
+
+class BlurConfig(Section):
+    p: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur")
+    sigma: tuple[float, float] = Field((0.1, 2.0), description="blur sigma range in pixels")
+    kernel_size: int | None = Field(None, ge=3, description="odd kernel side; default about 10% of the image")
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma_range(cls, sigma: tuple[float, float]) -> tuple[float, float]:
+        return _ordered_pair(sigma, 1e-3, 100.0, "sigma")
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, size: int | None) -> int | None:
+        if size is not None and size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {size}")
+        return size
+
+
+class AugmentConfig(Section):
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="area fraction range of the random crop")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="aspect ratio range of the crop")
+    flip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    color_jitter: ColorJitterConfig = Field(default_factory=ColorJitterConfig)
+    grayscale: float = Field(0.2, ge=0, le=1, description="probability of converting a view to grayscale")
+    blur: BlurConfig = Field(default_factory=BlurConfig)
+    solarize: float = Field(0.0, ge=0, le=1, description="probability of solarizing (threshold 0.5)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        return _ordered_pair(scale, 1e-3, 1.0, "crop_scale")
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio_range(cls, ratio: tuple[float, float]) -> tuple[float, float]:
+        return _ordered_pair(ratio, 1e-2, 100.0, "crop_ratio")
+
+
+class ViewSpec(Section):
+    """One group of views: `count` views of `size` pixels, drawn with augment: overridden by the keys given
+    here (nested sections key by key, e.g. blur: {p: 1.0} keeps augment.blur.sigma)."""
+
+    size: int | None = Field(None, ge=4, le=512, description="side of these views in pixels; default data.image_size")
+    count: int = Field(1, ge=1, le=64, description="views this spec draws, in one batched call")
+    role: Literal["global", "local"] | None = Field(
+        None, description="global: the views every loss pairs; local: multi-crop views, each compared with every "
+        "global view; default global at data.image_size, local when smaller")
+    crop_scale: tuple[float, float] | None = Field(None, description="overrides augment.crop_scale")
+    crop_ratio: tuple[float, float] | None = Field(None, description="overrides augment.crop_ratio")
+    flip: float | None = Field(None, description="overrides augment.flip")
+    color_jitter: dict[str, Any] | None = Field(None, description="overrides keys of augment.color_jitter")
+    grayscale: float | None = Field(None, description="overrides augment.grayscale")
+    blur: dict[str, Any] | None = Field(None, description="overrides keys of augment.blur")
+    solarize: float | None = Field(None, description="overrides augment.solarize")
+
+    def augment_config(self, base: AugmentConfig) -> AugmentConfig:
+        """augment: with this view's overrides; ValueError naming the overridden key when the result is invalid."""
+        merged = base.model_dump()
+        for key, value in self.model_dump(exclude_unset=True, exclude={"size", "count", "role"}).items():
+            merged[key] = {**merged[key], **value} if key in AUGMENT_SECTIONS and value is not None else value
+        try:
+            return AugmentConfig.model_validate(merged)
+        except ValidationError as error:
+            first = error.errors()[0]
+            key = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"{key}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+class ResolvedView(BaseModel):
+    """A view spec made concrete: its augmentation, size, count and role (what the engine draws)."""
+
+    augment: AugmentConfig
+    size: int
+    count: int
+    role: Literal["global", "local"]
+
+
+class GroupConfig(Section):
+    name: Literal["C", "D"] = Field("C", description="C: rotations by multiples of 360/N; D: those and reflections")
+    order: int = Field(8, ge=1, le=64, description="N; the group has N (C) or 2N (D) elements")
+
+
+class ModelConfig(Section):
+    backbone: Literal["resnet18_cifar", "small_convnet", "e2_convnet", "e2_resnet18"] = Field(
+        "resnet18_cifar", description="feature extractor f; small_convnet is for quick CPU runs; e2_*: "
+        "equivariant to model.group (escnn)"
+    )
+    projector: list[Annotated[int, Field(ge=1)]] = Field(
+        [2048, 2048, 128], min_length=1, description="widths of the projector g's layers; the last is z's size"
+    )
+    group: GroupConfig | None = Field(None, description="symmetry group of e2_* backbones and of H-SSL's fibres")
+    widths: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, description="e2_* backbones: regular fields per stage (|G| channels each); default "
+        "e2_convnet [16, 32, 64], e2_resnet18 [16, 32, 64, 128]"
+    )
+
+
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "lars", "adamw"] = Field("lars", description="optimiser")
+    lr: float = Field(0.3, gt=0, description="peak learning rate, reached after the warm-up")
+    weight_decay: float = Field(1e-6, ge=0, description="weight decay (L2 for sgd/lars, decoupled for adamw)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd, lars)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (adamw)")
+    warmup_epochs: float = Field(10.0, ge=0, description="linear warm-up length, then a cosine decay")
+    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="lr at the end, as a fraction of optim.lr")
+    lars_trust: float = Field(1e-3, gt=0, description="LARS trust coefficient eta")
+    exclude_bias_and_norm: bool = Field(
+        True, description="no weight decay and no LARS scaling for biases and normalisation weights"
+    )
+
+
+class TrainConfig(Section):
+    epochs: int = Field(100, ge=0, description="passes over the training split; 0 writes the initialised model "
+                        "(the untrained baseline a comparison needs)")
+    batch_size: int = Field(256, ge=2, description="images per step (each gives two views)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast and channels_last on CUDA, fp32 on the CPU"
+    )
+    compile: bool = Field(False, description="torch.compile the model and the augmentation "
+                          "(pays off on long GPU runs)")
+    checkpoint_every: int = Field(10, ge=1, description="write epoch-NNNN.safetensors every this many epochs")
+    log_every: int = Field(10, ge=1, description="steps between rows of the JSONL metrics log")
+    diagnostics_every: int = Field(
+        5, ge=0, description="epochs between collapse diagnostics on a held batch, logged to metrics.jsonl; 0: off"
+    )
