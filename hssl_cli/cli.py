@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from hssl_cli import __version__
-from hssl_cli.errors import HsslError
+from hssl_cli.errors import CheckpointNote, HsslError
 from hssl_cli.evaluate.verdict import DEFAULT_THRESHOLD, VERDICT_RULE
 from hssl_cli.files import write_text_atomically
 from hssl_cli.render import (
@@ -42,11 +43,26 @@ if not output.is_terminal and "COLUMNS" not in os.environ:
     output.width = 160  # piped or redirected: rich would cut tables at 80 columns
 
 
+DEBUG = {"traceback": False}  # `hssl --debug CMD`: let unexpected exceptions keep their traceback
+
+
+def _print_note(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, CheckpointNote):
+        console.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
+
+
 def user_errors(command):
-    """Turn an HsslError into one red line and exit code 2; bugs keep their traceback."""
+    """An HsslError is one red line and exit code 2; any other exception (a bug, or an input no check
+    foresaw) one line naming it and exit code 3, with the traceback under `hssl --debug`."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        warnings.showwarning = _print_note
         try:
             return command(*args, **kwargs)
         except HsslError as error:
@@ -55,6 +71,18 @@ def user_errors(command):
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as error:
+            if DEBUG["traceback"]:
+                raise
+            text = " ".join(str(error).split())[:300]
+            console.print(f"[bold red]error:[/] unexpected {type(error).__name__}: {escape(text)}; this is a bug or an "
+                          "input hssl does not check yet: re-run with `hssl --debug ...` for the traceback and "
+                          "report it", highlight=False, soft_wrap=True)
+            raise typer.Exit(3) from None
+        finally:
+            warnings.showwarning = _show_warning
 
     return wrapper
 
@@ -69,10 +97,16 @@ def _version(value: bool) -> None:
 def main_options(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error "
+                                        "(a bug report's first need).")] = False,
 ) -> None:
     """Equivariant and homomorphic self-supervised learning on images."""
+    DEBUG["traceback"] = debug
 
 
+VerifyOption = Annotated[bool, typer.Option(
+    "--verify/--no-verify", help="Check the checkpoint's tensors against the checksum in its metadata "
+    "(--no-verify skips it: faster on large files).")]
 CheckpointArgument = Annotated[Path, typer.Argument(
     metavar="CKPT", help="A model checkpoint or run folder. Example: checkpoints/quickstart/<run>/last.safetensors",
     show_default=False)]
@@ -102,6 +136,9 @@ def pretrain(
         "job wants). The recipe must match the run's. Example: --resume auto")
     ] = None,
     device: DeviceOption = "auto",
+    check: Annotated[bool, typer.Option(
+        "--check", help="Validate the recipe (with --set) and print it resolved, every default filled in, "
+        "as YAML; train nothing.")] = False,
 ) -> None:
     """Train a self-supervised model from a recipe and write .safetensors checkpoints.
 
@@ -117,6 +154,11 @@ the run, bit for bit on the CPU. A NaN/inf loss stops the run and leaves the las
     from hssl_cli.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides or [])
+    if check:
+        from hssl_cli.recipe import recipe_to_yaml
+
+        output.print(recipe_to_yaml(recipe), markup=False, highlight=False, soft_wrap=True, end="")
+        return
     from hssl_cli.engine.train import pretrain as run_pretrain
     from hssl_cli.evaluate.spectrum import training_diagnostics
 
@@ -153,6 +195,7 @@ def probe(
         "test: the split to choose settings on.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     device: DeviceOption = "auto",
+    verify: VerifyOption = True,
 ) -> None:
     """Linear and kNN evaluation of the frozen features of a checkpoint (no recipe file needed).
 
@@ -167,7 +210,7 @@ a weighted kNN (cosine, k=20 and k=200, temperature 0.07) votes. Top-1/top-5 on 
     report = probe_checkpoint(checkpoint, dataset=dataset, data_root=data_root, features=features,
                               device_name=device, progress=not as_json, train_samples=train_samples,
                               test_samples=test_samples, test_rotations=test_rotations or [],
-                              validation=validation)
+                              validation=validation, verify=verify)
     if as_json:
         output.print_json(json.dumps(report))
         return
@@ -208,11 +251,12 @@ def collapse_report(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with the eigenvalues) "
                                           "instead of the table.")] = False,
     device: DeviceOption = "auto",
+    verify: VerifyOption = True,
 ) -> None:
     from hssl_cli.evaluate.collapse_report import collapse_report as run_report
 
     report = run_report(checkpoint, dataset=dataset, data_root=data_root, split=split, samples=samples,
-                        threshold=threshold, plot=plot, device_name=device, progress=not as_json)
+                        threshold=threshold, plot=plot, device_name=device, progress=not as_json, verify=verify)
     if as_json:
         output.print_json(json.dumps(report))
         return
@@ -240,6 +284,7 @@ def equivariance_check(
         "--data-root", help="Folder of the dataset files (default: the recipe's data.root).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the tables.")] = False,
     device: DeviceOption = "auto",
+    verify: VerifyOption = True,
 ) -> None:
     """How equivariant is each layer, how invariant are the features, under a rotation/flip group?
 
@@ -256,7 +301,7 @@ but not gated.
     from hssl_cli.evaluate.equivariance import check_equivariance
 
     report = check_equivariance(checkpoint, recipe_path, group=group, samples=samples, tolerance=tolerance,
-                                device_name=device, data_root=data_root)
+                                device_name=device, data_root=data_root, verify=verify)
     if as_json:
         output.print_json(json.dumps(report))
     else:

@@ -19,3 +19,8 @@ class CheckpointError(HsslError):
 
 class TrainingDiverged(HsslError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class CheckpointNote(UserWarning):
+    """Something a user should know about a checkpoint that still loads (e.g. no checksum to verify);
+    the CLI prints it as one `note:` line."""

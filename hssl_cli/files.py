@@ -13,16 +13,37 @@ if TYPE_CHECKING:
     import torch
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temp files an interrupted atomic write left in `folder` (`.NAME.XXXX.tmp`); the files
+    they were to replace are intact. Call it when a run folder is opened by the one process that owns it."""
+    removed = []
+    for stale in folder.glob(f".*{TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+            removed.append(stale)
+    return removed
+
+
 def write_atomically(path: Path, write_to: Callable[[str], None]) -> None:
     """Call `write_to(temp)` for a temp file in the same folder, fsync it, rename it to `path`, fsync the
     folder; on any failure the temp file goes and `path` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(handle)
     try:
         write_to(temp)
         with open(temp, "rb+") as written:
             os.fsync(written.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from a shared group
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -51,12 +51,12 @@ def print_pretrain(output: Console, name: str, result) -> None:
                   f"{result.images_per_second:.0f}")
     output.print(table)
     output.print(f"checkpoint: {result.checkpoint}\nevaluate it: hssl probe {result.checkpoint}", soft_wrap=True,
-                 highlight=False)
+                 highlight=False, markup=False)
 
 
 def print_probe(output: Console, report: dict) -> None:
     table = Table(title=f"probe: {report['dataset']} {report['train_size']} train / {report['test_size']} "
-                  f"{report['test_split']}, "
+                  f"{escape(report['test_split'])}, "
                   f"{report['features']} features (d={report['feature_dim']})")
     for column in ("evaluation", "top-1 %", "top-5 %", "detail"):
         table.add_column(column)
@@ -68,7 +68,7 @@ def print_probe(output: Console, report: dict) -> None:
 
 
 def print_collapse(output: Console, report: dict) -> None:
-    table = Table(title=f"collapse report: {report['samples']} {report['dataset']}/{report['split']} images, "
+    table = Table(title=f"collapse report: {report['samples']} {report['dataset']}/{escape(report['split'])} images, "
                   f"threshold {report['threshold']:g}")
     for column in ("layer", "D", "eff. rank", "raw eff. rank", "RankMe", "part. ratio", "std(z/|z|) / healthy",
                    "collapsed dims", "verdict"):

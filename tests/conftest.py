@@ -63,3 +63,12 @@ METHOD_OVERRIDES = {
     "equivariant_pretext": [C4_BACKBONE, "method={name: equivariant_pretext, contrastive_weight: 1.0}"],
     "invariant_contrastive": [C4_BACKBONE, "method={name: invariant_contrastive}"],
 }
+
+
+@pytest.fixture
+def nan_loss(monkeypatch):
+    """SimCLR's loss becomes NaN (with a gradient) from the first step: a diverging run without an absurd
+    learning rate, which the schema refuses."""
+    import hssl_cli.methods.simclr as simclr
+
+    monkeypatch.setattr(simclr, "info_nce", lambda z1, z2, *args, **kwargs: (z1 + z2).sum() * float("nan"))

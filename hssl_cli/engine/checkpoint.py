@@ -10,22 +10,28 @@ it alone is enough to resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
+from safetensors.torch import load_file
 from torch import nn
 
 import hssl_cli
-from hssl_cli.errors import CheckpointError
+from hssl_cli.errors import CheckpointError, CheckpointNote
 from hssl_cli.files import save_safetensors_atomically
-from hssl_cli.recipe import Recipe, RecipeError, parse_recipe, recipe_to_yaml
+from hssl_cli.recipe import MAX_TEXT_FILE_BYTES, Recipe, RecipeError, parse_recipe, recipe_to_yaml
 
 FORMAT_VERSION = 1
-REQUIRED_METADATA = ("hssl_version", "format_version", "recipe", "kind")
+REQUIRED_METADATA = ("hssl_version", "format_version", "recipe", "kind", "epoch", "step")
+KINDS = ("model", "training_state")
+CHECKSUM = "tensor_sha256"  # metadata key: tensor_checksum() of the file's tensors
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+MAX_STEP = 10**12
 
 
 @dataclass
@@ -67,12 +73,27 @@ def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, 
     return {f"{prefix}{key}": value.detach().to("cpu").contiguous() for key, value in state.items()}
 
 
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order (independent of the layout
+    safetensors chose in the file)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    save_safetensors_atomically(path, tensors, metadata | {CHECKSUM: tensor_checksum(tensors)})
+
+
 def save_model(path: Path, model: nn.Module, recipe: Recipe, epoch: int, step: int,
                metrics: dict[str, float], data_stats: dict[str, torch.Tensor]) -> None:
     """A model checkpoint: the method's state_dict plus `data.mean`/`data.std` for preprocessing."""
     tensors = _cpu_tensors(model.state_dict()) | _cpu_tensors(data_stats, "data.")
     metadata = _base_metadata(recipe, "model", epoch, step) | {"metrics": json.dumps(metrics)}
-    save_safetensors_atomically(path, tensors, metadata)
+    _save(path, tensors, metadata)
 
 
 def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe,
@@ -90,50 +111,107 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
         "optimizer_scalars": json.dumps(scalars),
     }
-    save_safetensors_atomically(path, tensors, metadata)
+    _save(path, tensors, metadata)
 
 
-def load_checkpoint(path: str | Path, kind: str = "model") -> Checkpoint:
-    """Read and validate a checkpoint; every problem is a CheckpointError that says what to do."""
+def load_checkpoint(path: str | Path, kind: str = "model", verify: bool = True) -> Checkpoint:
+    """Read and validate a checkpoint: its metadata (types, ranges, JSON, sizes) before any tensor, then the
+    tensors against the checksum in its metadata (`verify`; a file without one loads with a note). Every
+    problem is a CheckpointError that says what to do."""
     path = Path(path)
     if path.is_dir():
         path = path / ("last.safetensors" if kind == "model" else "last.state.safetensors")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    unreadable = (f"{path}: not a readable .safetensors file (truncated or corrupt: {{}}); use another "
+                  "checkpoint of the run, e.g. an epoch-NNNN.safetensors")
     try:
-        payload = path.read_bytes()
-        tensors = load_bytes(payload)
-        metadata = _read_metadata(payload)
-    except (SafetensorError, ValueError, OSError) as error:
-        raise CheckpointError(
-            f"{path}: not a readable .safetensors file (truncated or corrupt: {error}); "
-            "use another checkpoint of the run, e.g. an epoch-NNNN.safetensors"
-        ) from None
-    missing = [key for key in REQUIRED_METADATA if key not in metadata]
-    if missing:
-        raise CheckpointError(f"{path}: a .safetensors file, but not an hssl checkpoint (no {', '.join(missing)} "
-                              "in its metadata); hssl reads checkpoints written by `hssl pretrain`")
-    if int(metadata["format_version"]) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: written by hssl {metadata['hssl_version']} in checkpoint format "
-            f"{metadata['format_version']}; this hssl {hssl_cli.__version__} reads format {FORMAT_VERSION} "
-            "and older: upgrade hssl"
-        )
-    if metadata["kind"] != kind:
-        wanted = "a model checkpoint (*.safetensors)" if kind == "model" else "a training state (*.state.safetensors)"
-        raise CheckpointError(f"{path}: this is a {metadata['kind']} file; expected {wanted}")
+        metadata = _read_metadata(path)
+    except (ValueError, OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(unreadable.format(error)) from None
+    _check_metadata(path, metadata, kind)
     try:
         recipe = parse_recipe(metadata["recipe"], source=f"{path} (stored recipe)")
     except RecipeError as error:
         raise CheckpointError(f"{path}: its stored recipe does not fit this hssl: {error}") from None
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, ValueError, OSError, RuntimeError) as error:
+        raise CheckpointError(unreadable.format(error)) from None
+    if CHECKSUM not in metadata:
+        warnings.warn(CheckpointNote(f"{path}: no checksum in its metadata (written by an older hssl or another "
+                                     "tool); its tensors are loaded unverified"), stacklevel=2)
+    elif verify and tensor_checksum(tensors) != metadata[CHECKSUM]:
+        raise CheckpointError(f"{path}: its tensors do not match the checksum in its metadata (the file is "
+                              "corrupt); use another checkpoint of the run, or --no-verify to load it anyway")
+    _check_data_stats(path, tensors)
     return Checkpoint(path, tensors, metadata, recipe)
 
 
-def _read_metadata(payload: bytes) -> dict[str, str]:
-    """safetensors' header: 8-byte little-endian length, then JSON with an optional __metadata__."""
-    header_length = int.from_bytes(payload[:8], "little")
-    header = json.loads(payload[8 : 8 + header_length])
-    return header.get("__metadata__", {}) or {}
+def _read_metadata(path: Path) -> dict[str, str]:
+    """safetensors' header: 8-byte little-endian length, then JSON with an optional __metadata__ of strings."""
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if not 2 <= header_length <= MAX_HEADER_BYTES:
+            raise ValueError(f"a header of {header_length} bytes")
+        header = json.loads(handle.read(header_length))
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("its __metadata__ is not a mapping of strings")
+    return metadata
+
+
+def _natural(path: Path, metadata: dict[str, str], key: str, limit: int) -> int:
+    value = metadata[key]
+    if not (value.isascii() and value.isdigit()) or int(value) > limit:
+        raise CheckpointError(f"{path}: metadata {key}={value[:40]!r} is not a whole number in 0..{limit}; the file "
+                              "is corrupt or not written by hssl")
+    return int(value)
+
+
+def _check_metadata(path: Path, metadata: dict[str, str], kind: str) -> None:
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise CheckpointError(f"{path}: a .safetensors file, but not an hssl checkpoint (no {', '.join(missing)} "
+                              "in its metadata); hssl reads checkpoints written by `hssl pretrain`")
+    version = _natural(path, metadata, "format_version", 10**6)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written by hssl {metadata['hssl_version'][:40]} in checkpoint format {version}; this hssl "
+            f"{hssl_cli.__version__} reads format {FORMAT_VERSION} and older: upgrade hssl")
+    if metadata["kind"] not in KINDS:
+        raise CheckpointError(f"{path}: metadata kind={metadata['kind'][:40]!r} is none of {', '.join(KINDS)}")
+    if metadata["kind"] != kind:
+        wanted = "a model checkpoint (*.safetensors)" if kind == "model" else "a training state (*.state.safetensors)"
+        raise CheckpointError(f"{path}: this is a {metadata['kind']} file; expected {wanted}")
+    epoch, step = _natural(path, metadata, "epoch", MAX_STEP), _natural(path, metadata, "step", MAX_STEP)
+    if epoch > step and step > 0:
+        raise CheckpointError(f"{path}: metadata epoch={epoch} exceeds step={step}; the file is corrupt")
+    if len(metadata["recipe"]) > MAX_TEXT_FILE_BYTES:
+        raise CheckpointError(f"{path}: its stored recipe is {len(metadata['recipe']):,} characters, more than "
+                              f"{MAX_TEXT_FILE_BYTES:,}; the file is corrupt or not written by hssl")
+    expected_json = {"model": {"metrics": dict},
+                     "training_state": {"optimizer_param_groups": list, "optimizer_scalars": dict}}[kind]
+    for key, kind_of in expected_json.items():
+        if key not in metadata and kind == "model":
+            continue  # metrics are informative; a training state cannot resume without its optimiser's
+        try:
+            parsed = json.loads(metadata.get(key, "null"))
+        except (ValueError, RecursionError):
+            parsed = None
+        if not isinstance(parsed, kind_of):
+            raise CheckpointError(f"{path}: metadata {key} is not a JSON {kind_of.__name__}; the file is corrupt")
+
+
+def _check_data_stats(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """data.mean/data.std: the preprocessing every command rebuilds; 1 or 3 finite floats, std > 0."""
+    stats = [tensors.get(f"data.{name}") for name in ("mean", "std")]
+    if all(t is None for t in stats):
+        return
+    if any(t is None or not t.is_floating_point() or t.ndim != 1 or t.numel() not in (1, 3) or not t.isfinite().all()
+           for t in stats) or stats[0].shape != stats[1].shape or (stats[1] <= 0).any():
+        raise CheckpointError(f"{path}: its data.mean/data.std tensors are not 1 or 3 finite per-channel statistics "
+                              "(std > 0); the file is corrupt or not written by hssl pretrain")
 
 
 # Entries older versions wrote and this one no longer reads: H-SSL's pair sampler position (pairs are now
@@ -148,7 +226,8 @@ def load_module_state(module: nn.Module, tensors: dict[str, torch.Tensor], sourc
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     mismatched = sorted(k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or mismatched:
+    wrong_dtype = sorted(k for k in expected.keys() & tensors.keys() if expected[k].dtype != tensors[k].dtype)
+    if missing or unexpected or mismatched or wrong_dtype:
         details = []
         if missing:
             details.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
@@ -157,21 +236,25 @@ def load_module_state(module: nn.Module, tensors: dict[str, torch.Tensor], sourc
         if mismatched:
             key = mismatched[0]
             details.append(f"shape of {key} is {tuple(tensors[key].shape)}, the model has {tuple(expected[key].shape)}")
+        if wrong_dtype:
+            key = wrong_dtype[0]
+            details.append(f"dtype of {key} is {tensors[key].dtype}, the model has {expected[key].dtype}")
         raise CheckpointError(
             f"{source}: the {what} tensors do not fit the model its recipe builds ({'; '.join(details)})")
     module.load_state_dict(tensors)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> None:
-    state: dict[int, dict] = {}
-    for key, value in checkpoint.prefixed("optimizer").items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in json.loads(checkpoint.metadata["optimizer_scalars"]).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    param_groups = json.loads(checkpoint.metadata["optimizer_param_groups"])
     try:
+        state: dict[int, dict] = {}
+        for key, value in checkpoint.prefixed("optimizer").items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        for key, value in json.loads(checkpoint.metadata["optimizer_scalars"]).items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        param_groups = json.loads(checkpoint.metadata["optimizer_param_groups"])
         optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"{checkpoint.path}: the optimiser state does not fit: {error}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as error:
+        raise CheckpointError(f"{checkpoint.path}: the optimiser state does not fit ({type(error).__name__}: "
+                              f"{str(error)[:200]}); resume from another run or start a new one") from None

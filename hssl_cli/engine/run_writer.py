@@ -7,10 +7,19 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from hssl_cli.engine import checkpoint as ckpt
+from hssl_cli.errors import HsslError
+from hssl_cli.files import remove_stale_temp_files
 from hssl_cli.recipe import Recipe, recipe_to_yaml
+
+
+def unwritable(folder: Path, error: Exception) -> HsslError:
+    reason = getattr(error, "strerror", None) or str(error)
+    return HsslError(f"{folder}: cannot write the run's files ({reason}); free some space or choose a writable "
+                     "--output (checkpoints already written there are intact)")
 
 
 class RunWriter:
@@ -18,8 +27,12 @@ class RunWriter:
         self.run_dir, self.recipe, self.data_stats, self.is_main = run_dir, recipe, data_stats, is_main
         self._metrics = None
         if is_main:
-            (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-            self._metrics = (run_dir / "metrics.jsonl").open("a")
+            remove_stale_temp_files(run_dir)  # of a write a kill -9 interrupted
+            try:
+                (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+                self._metrics = (run_dir / "metrics.jsonl").open("a")
+            except OSError as error:
+                raise unwritable(run_dir, error) from None
 
     @property
     def last_checkpoint(self) -> Path:
@@ -28,8 +41,11 @@ class RunWriter:
     def log(self, row: dict) -> None:
         """One JSON line of metrics, flushed (a killed run keeps every row written before)."""
         if self._metrics is not None:
-            self._metrics.write(json.dumps(row) + "\n")
-            self._metrics.flush()
+            try:
+                self._metrics.write(json.dumps(row) + "\n")
+                self._metrics.flush()
+            except OSError as error:
+                raise unwritable(self.run_dir, error) from None
 
     def save(self, method: nn.Module, epoch: int, step: int, metrics: dict[str, float],
              optimizer: torch.optim.Optimizer | None = None, epoch_file: bool = False) -> None:
@@ -37,6 +53,13 @@ class RunWriter:
         that --resume reads. Each file is written atomically."""
         if not self.is_main:
             return
+        try:
+            self._save(method, epoch, step, metrics, optimizer, epoch_file)
+        except (OSError, SafetensorError) as error:
+            raise unwritable(self.run_dir, error) from None
+
+    def _save(self, method: nn.Module, epoch: int, step: int, metrics: dict[str, float],
+              optimizer: torch.optim.Optimizer | None, epoch_file: bool) -> None:
         if epoch_file:
             ckpt.save_model(self.run_dir / f"epoch-{epoch:04d}.safetensors", method, self.recipe, epoch, step,
                             metrics, self.data_stats)

@@ -19,8 +19,8 @@ from hssl_cli.data.views import ViewPipeline, build_pipelines, draw_views
 from hssl_cli.engine import checkpoint as ckpt
 from hssl_cli.engine import distributed
 from hssl_cli.engine.optim import build_optimizer, learning_rate
-from hssl_cli.engine.run_writer import RunWriter
-from hssl_cli.errors import HsslError, TrainingDiverged
+from hssl_cli.engine.run_writer import RunWriter, unwritable
+from hssl_cli.errors import CheckpointError, HsslError, TrainingDiverged
 from hssl_cli.methods import build_method
 from hssl_cli.recipe import RESUME_SAFE_KEYS, Recipe, changed_keys
 
@@ -95,7 +95,10 @@ def new_run_dir(output_root: Path, recipe: Recipe) -> Path:
     while run_dir.exists():
         run_dir = output_root / recipe.name / f"{stamp}-{suffix}"
         suffix += 1
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as error:
+        raise unwritable(output_root, error) from None
     return run_dir
 
 
@@ -128,13 +131,18 @@ def pretrain(
     """Train `recipe` and write checkpoints; `progress` receives a dict per logged row; `diagnostics`
     (method, held normalised images) -> metrics runs every train.diagnostics_every epochs, in eval mode.
     Under torchrun/srun every rank runs this; rank 0 alone writes files and reports progress."""
+    stop = stop or StopRequest()
+    # from the start: a SIGTERM while the data loads ends the run cleanly too (before its first step)
+    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     context, device = distributed.setup(resolve_device(device_name))
     try:
-        result = _pretrain(recipe, output_root, device, context, resume, progress, stop or StopRequest(), diagnostics)
+        result = _pretrain(recipe, output_root, device, context, resume, progress, stop, diagnostics)
         context.barrier()  # no rank exits before rank 0 has written the last checkpoint
         return result
     finally:
         distributed.teardown(context)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
 
 
 def _run_dir_and_state(recipe: Recipe, output_root: Path, resume: str | None, context: distributed.Distributed
@@ -206,10 +214,13 @@ def _train(recipe: Recipe, writer: RunWriter, images: torch.Tensor, mean: torch.
     forward = torch.compile(model) if recipe.train.compile else model
 
     total_steps = steps_per_epoch * recipe.train.epochs
+    if state is not None and (start_step > total_steps or state.epoch != start_step // steps_per_epoch):
+        raise CheckpointError(f"{state.path}: its metadata says step {start_step} of epoch {state.epoch}, which "
+                              f"does not fit this run ({steps_per_epoch} steps per epoch, {total_steps} in all); "
+                              "the file is corrupt: start a new run")
     warmup_steps = round(recipe.optim.warmup_epochs * steps_per_epoch)
     held_order = torch.randperm(len(images), generator=seeded_generator(device, recipe.seed, 0), device=device)
     held_images = normalize(images[held_order[:HELD_BATCH]], mean, std)
-    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     saved_step = -1
 
     def save(step: int, with_epoch_file: bool, metrics: dict[str, float]) -> None:
@@ -223,64 +234,60 @@ def _train(recipe: Recipe, writer: RunWriter, images: torch.Tensor, mean: torch.
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     row: dict[str, float] = {}
     permutation = None
-    step, stopping = start_step, False
-    try:
-        model.train()
-        while step < total_steps and not stopping:
-            epoch, index_in_epoch = divmod(step, steps_per_epoch)
-            if permutation is None or index_in_epoch == 0:
-                permutation = torch.randperm(len(images), generator=seeded_generator(device, recipe.seed, epoch),
-                                             device=device)
-            first = index_in_epoch * batch_size + context.rank * rank_batch  # this rank's share of the batch
-            batch = images[permutation[first:first + rank_batch]]
-            # every random draw of the step (views, group elements) comes from this generator
-            generator = seeded_generator(device, recipe.seed, 1 + epoch, step, context.rank)
+    step, stopping = start_step, context.any(stop.requested, device)  # stopped while the data loaded
+    model.train()
+    while step < total_steps and not stopping:
+        epoch, index_in_epoch = divmod(step, steps_per_epoch)
+        if permutation is None or index_in_epoch == 0:
+            permutation = torch.randperm(len(images), generator=seeded_generator(device, recipe.seed, epoch),
+                                         device=device)
+        first = index_in_epoch * batch_size + context.rank * rank_batch  # this rank's share of the batch
+        batch = images[permutation[first:first + rank_batch]]
+        # every random draw of the step (views, group elements) comes from this generator
+        generator = seeded_generator(device, recipe.seed, 1 + epoch, step, context.rank)
 
-            lr = learning_rate(step, total_steps, warmup_steps, recipe.optim)
-            losses = training_step(forward, optimizer, pipelines, with_original, mean, std, batch, generator, lr,
-                                   bf16)
-            step += 1
-            method.after_optimizer_step(step / total_steps)
+        lr = learning_rate(step, total_steps, warmup_steps, recipe.optim)
+        losses = training_step(forward, optimizer, pipelines, with_original, mean, std, batch, generator, lr,
+                               bf16)
+        step += 1
+        method.after_optimizer_step(step / total_steps)
 
-            # Accumulate on the device; the host syncs (and ranks agree) only every log_every steps.
-            all_finite &= torch.isfinite(losses["loss"].detach())
-            for name, value in losses.items():
-                loss_sums[name] = loss_sums.get(name, 0) + value.detach().float()
-            epoch_done = step % steps_per_epoch == 0
-            if step % recipe.train.log_every == 0 or epoch_done or step == total_steps:
-                if context.any(~all_finite, device):
-                    raise TrainingDiverged(
-                        f"the loss became NaN/inf before step {step} (epoch {step // steps_per_epoch}); "
-                        f"the last good checkpoint in {writer.run_dir} is untouched; lower optim.lr or check the data"
-                    )
-                now = time.perf_counter()
-                count = step - last_log_step
-                averaged = context.mean({name: total / count for name, total in loss_sums.items()})
-                row = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                       **{name: value.item() for name, value in averaged.items()},
-                       "images_per_second": count * batch_size / max(now - last_log_time, 1e-9),
-                       "elapsed_seconds": now - started}
-                writer.log(row)
-                loss_sums, last_log_time, last_log_step = {}, now, step
-                if progress is not None and context.is_main:
-                    progress(row | {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch})
-                stopping = context.any(stop.requested, device)
-            if epoch_done:
-                finished_epoch = step // steps_per_epoch
-                if finished_epoch % recipe.train.checkpoint_every == 0 or step == total_steps:
-                    save(step, with_epoch_file=True, metrics={"loss": row.get("loss", float("nan"))})
-                every = recipe.train.diagnostics_every
-                due = every and (finished_epoch % every == 0 or step == total_steps)
-                if diagnostics is not None and due and context.is_main:
-                    method.eval()
-                    with torch.no_grad():
-                        measured = diagnostics(method, held_images)
-                    method.train()
-                    writer.log({"step": step, "epoch": finished_epoch,
-                                **{f"diagnostics/{k}": v for k, v in measured.items()}})
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
+        # Accumulate on the device; the host syncs (and ranks agree) only every log_every steps.
+        all_finite &= torch.isfinite(losses["loss"].detach())
+        for name, value in losses.items():
+            loss_sums[name] = loss_sums.get(name, 0) + value.detach().float()
+        epoch_done = step % steps_per_epoch == 0
+        if step % recipe.train.log_every == 0 or epoch_done or step == total_steps:
+            if context.any(~all_finite, device):
+                raise TrainingDiverged(
+                    f"the loss became NaN/inf before step {step} (epoch {step // steps_per_epoch}); "
+                    f"the last good checkpoint in {writer.run_dir} is untouched; lower optim.lr or check the data"
+                )
+            now = time.perf_counter()
+            count = step - last_log_step
+            averaged = context.mean({name: total / count for name, total in loss_sums.items()})
+            row = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                   **{name: value.item() for name, value in averaged.items()},
+                   "images_per_second": count * batch_size / max(now - last_log_time, 1e-9),
+                   "elapsed_seconds": now - started}
+            writer.log(row)
+            loss_sums, last_log_time, last_log_step = {}, now, step
+            if progress is not None and context.is_main:
+                progress(row | {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch})
+            stopping = context.any(stop.requested, device)
+        if epoch_done:
+            finished_epoch = step // steps_per_epoch
+            if finished_epoch % recipe.train.checkpoint_every == 0 or step == total_steps:
+                save(step, with_epoch_file=True, metrics={"loss": row.get("loss", float("nan"))})
+            every = recipe.train.diagnostics_every
+            due = every and (finished_epoch % every == 0 or step == total_steps)
+            if diagnostics is not None and due and context.is_main:
+                method.eval()
+                with torch.no_grad():
+                    measured = diagnostics(method, held_images)
+                method.train()
+                writer.log({"step": step, "epoch": finished_epoch,
+                            **{f"diagnostics/{k}": v for k, v in measured.items()}})
 
     if saved_step != step:
         save(step, with_epoch_file=False, metrics={"loss": row.get("loss", float("nan"))})

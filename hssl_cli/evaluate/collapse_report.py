@@ -14,7 +14,7 @@ CHUNK = 512  # images per forward pass
 
 def collapse_report(path: Path, dataset: str | None = None, data_root: str | None = None, split: str | None = None,
                     samples: int = 2048, threshold: float = DEFAULT_THRESHOLD, plot: Path | None = None,
-                    device_name: str = "auto", progress: bool = True) -> dict:
+                    device_name: str = "auto", progress: bool = True, verify: bool = True) -> dict:
     """Spectral collapse metrics of every layer (backbone, projector, predictor) of a checkpoint on
     `samples` images of `split` (default: the data's test split), drawn with a fixed seed."""
     import torch
@@ -33,7 +33,7 @@ def collapse_report(path: Path, dataset: str | None = None, data_root: str | Non
         raise HsslError(f"--threshold {threshold}: a fraction of the largest eigenvalue, between 0 and 1 (e.g. 1e-3)")
     started = time.perf_counter()
     device = resolve_device(device_name)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, verify=verify)
     data_config = evaluation_data(checkpoint.recipe.data, dataset, data_root)
     split = split or data_config.test_split
     trained = load_trained_method(checkpoint, device)

@@ -87,7 +87,7 @@ def group_invariance(function: Callable[[torch.Tensor], torch.Tensor], images: t
 
 
 def load_checked_model(checkpoint: Path | None, recipe_path: Path | None, device: torch.device,
-                       overrides: list[str] | None = None) -> CheckedModel:
+                       overrides: list[str] | None = None, verify: bool = True) -> CheckedModel:
     """A trained model from a checkpoint, or a freshly initialised one from a recipe (no training)."""
     from hssl_cli.engine.checkpoint import load_checkpoint
     from hssl_cli.evaluate.frozen import load_trained_method
@@ -106,7 +106,7 @@ def load_checked_model(checkpoint: Path | None, recipe_path: Path | None, device
         method = build_method(recipe, in_channels=mean.numel())
         return CheckedModel(_frozen(method, device), recipe, mean.float().to(device), std.float().to(device),
                             str(recipe_path), trained=False)
-    stored = load_checkpoint(checkpoint)
+    stored = load_checkpoint(checkpoint, verify=verify)
     recipe = stored.recipe
     if overrides:
         from hssl_cli.recipe import parse_recipe, recipe_to_yaml
@@ -122,7 +122,7 @@ def _frozen(method: nn.Module, device: torch.device) -> nn.Module:
 
 def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None = None, group: str | None = None,
                        samples: int = 64, tolerance: float = 1e-4, device_name: str = "auto",
-                       data_root: str | None = None) -> dict:
+                       data_root: str | None = None, verify: bool = True) -> dict:
     """Measure everything in the module docstring; `passed` is False when an exact element's error
     (any layer, the lifted features, the pooled features) exceeds `tolerance`."""
     from hssl_cli.data.augment import Augmenter, normalize
@@ -134,7 +134,7 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
     started = time.perf_counter()
     device = resolve_device(device_name)
     overrides = [f"data.root={data_root}"] if data_root is not None else []
-    checked = load_checked_model(checkpoint, recipe_path, device, overrides)
+    checked = load_checked_model(checkpoint, recipe_path, device, overrides, verify)
     recipe, method = checked.recipe, checked.method
     backbone = method.backbone
     model_group: Group | None = getattr(backbone, "group", None)
@@ -151,7 +151,10 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
     embed = method.embedding if method.has_embedding else None
     if embed is not None:
         invariance["embedding"] = group_invariance(embed, images, test_group)
-    augmenter = Augmenter(recipe.augment, recipe.data.image_size, checked.mean, checked.std)
+    # the first global view's training distribution (views: may override augment:)
+    global_views = [view.augment for view in recipe.resolved_views() if view.role == "global"]
+    augmenter = Augmenter(global_views[0] if global_views else recipe.augment, recipe.data.image_size,
+                          checked.mean, checked.std)
     views = augmenter(raw, torch.Generator(device=device).manual_seed(0))
     augmentations = {}
     with torch.no_grad():

@@ -73,7 +73,7 @@ def probe_images(train: ImageSplit, test: ImageSplit | None, train_samples: int 
 def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | None = None,
                      features: str = "backbone", device_name: str = "auto", progress: bool = True,
                      train_samples: int | None = None, test_samples: int | None = None,
-                     test_rotations: Sequence[float] = (), validation: bool = False) -> dict:
+                     test_rotations: Sequence[float] = (), validation: bool = False, verify: bool = True) -> dict:
     """Linear probe and kNN of a checkpoint's frozen features; `train_samples`/`test_samples` use fixed
     random subsets of the splits; each angle of `test_rotations` (degrees) scores the same probes again
     on the test images rotated by it. `validation`: score on held-out train images instead of the test
@@ -96,7 +96,7 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
             raise HsslError(f"{name} {value}: too few images to probe; use at least 10 (or leave it out for all)")
     started = time.perf_counter()
     device = resolve_device(device_name)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, verify=verify)
     data_config = evaluation_data(checkpoint.recipe.data, dataset, data_root)
     trained = load_trained_method(checkpoint, device)
     model = feature_model(trained.method, features)

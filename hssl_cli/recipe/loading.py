@@ -12,9 +12,12 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
 
 from hssl_cli.errors import RecipeError
 from hssl_cli.recipe.schema import Recipe
+from hssl_cli.recipe.strict_yaml import load_strict
 
 
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
@@ -22,7 +25,7 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file (see the recipes/ folder for examples)")
-    return parse_recipe(read_text_file(path, "recipe"), source=str(path), overrides=overrides)
+    return parse_recipe(read_text_file(path, "recipe"), source=str(path), overrides=overrides, require_name=True)
 
 
 MAX_TEXT_FILE_BYTES = 1_000_000  # recipes and suites are a few kB; a bigger file is not one
@@ -46,8 +49,10 @@ def read_text_file(path: Path, what: str) -> str:
 def read_yaml_mapping(text: str, source: str, what: str) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     """A YAML document that must be a mapping (an empty one is {}), and the line of every key path."""
     try:
-        raw = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
+        raw, node = load_strict(text)
+        lines = _key_lines(node)
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply for a {what.split(' is ')[0].removeprefix('a ')}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -55,7 +60,8 @@ def read_yaml_mapping(text: str, source: str, what: str) -> tuple[dict[str, Any]
         context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
         if context and context_mark:
             problem += f" ({context} on line {context_mark.line + 1})"
-        raise RecipeError(f"{where}: YAML syntax error: {problem}") from None
+        kind = "refused" if isinstance(error, (ComposerError, ConstructorError)) else "YAML syntax error"
+        raise RecipeError(f"{where}: {kind}: {problem}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -63,18 +69,28 @@ def read_yaml_mapping(text: str, source: str, what: str) -> tuple[dict[str, Any]
     return raw, lines
 
 
-def parse_recipe(text: str, source: str, overrides: typing.Sequence[str] = ()) -> Recipe:
+def parse_recipe(text: str, source: str, overrides: typing.Sequence[str] = (), require_name: bool = False
+                 ) -> Recipe:
+    """A recipe from YAML text; `require_name` (recipe files): refuse one without `name:` (else the name
+    is the source's stem)."""
     raw, lines = read_yaml_mapping(text, source, "a recipe is a YAML mapping of sections (data, augment, ...)")
-    raw.setdefault("name", Path(source).stem)
+    if not raw:
+        raise RecipeError(f"{source}: an empty recipe; a recipe names its run at least, e.g. name: my_run "
+                          "(see recipes/quickstart.yaml)")
     overridden = {}
     for override in overrides:
         key, value = _parse_override(override)
         _set_dotted(raw, key, value, override)
         overridden[key] = override
+    named = "name" in raw
+    raw.setdefault("name", Path(source).stem)
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         raise RecipeError(describe_validation_error(error, source, lines, Recipe, overridden)) from None
+    if require_name and not named:
+        raise RecipeError(f"{source}: no name: key; a recipe names its run (the output folder), e.g. name: my_run")
+    return recipe
 
 
 
@@ -83,8 +99,8 @@ def _parse_override(override: str) -> tuple[str, Any]:
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key.strip()):
         raise RecipeError(f"--set {override}: expected key.sub=value, e.g. --set optim.lr=0.2")
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
+        return key.strip(), load_strict(value)[0]
+    except (yaml.YAMLError, RecursionError):
         raise RecipeError(f"--set {override}: the value is not valid YAML") from None
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
-from hssl_cli.recipe.sections import Section
+from hssl_cli.recipe.sections import Section, Width
 
 if TYPE_CHECKING:
     from hssl_cli.recipe.schema import Recipe
@@ -50,10 +50,11 @@ class EquiModConfig(Section):
 
     weight: float = Field(1.0, ge=0, description="lambda in L = L_inv + lambda L_equi")
     temperature: float = Field(0.2, gt=0, description="tau_y of the equivariance NT-Xent")
-    projector: list[Annotated[int, Field(ge=1)]] = Field(
+    projector: list[Width] = Field(
         [2048, 2048, 128], min_length=1, description="widths of g_eq; its last layer ends in a BN without affine"
     )
-    param_embedding: int = Field(128, ge=1, description="width of the parameter encoder enc(a_t) (Linear+BN)")
+    param_embedding: int = Field(128, ge=1, le=65_536,
+        description="width of the parameter encoder enc(a_t) (Linear+BN)")
 
 
 class SimCLRConfig(MethodSection):
@@ -69,7 +70,7 @@ class SimCLRConfig(MethodSection):
 
 class BYOLConfig(MethodSection):
     name: Literal["byol"] = "byol"
-    predictor: list[Annotated[int, Field(ge=1)]] = Field(
+    predictor: list[Width] = Field(
         [4096, 256], min_length=1, description="widths of the predictor q's layers; the last equals z's size"
     )
     ema_start: float = Field(0.99, ge=0, lt=1, description="tau_0 of the target EMA, raised to 1 by a cosine")
@@ -132,10 +133,11 @@ class KernelConfig(MethodSection):
     objective: Literal["contrastive", "non_contrastive", "kernel_pca"] = Field(
         "contrastive", description="contrastive: |F^T F - A|^2; non_contrastive: tr(F L F^T) with F F^T/N = I; "
         "kernel_pca: no augmentation graph, the base kernel's own top-d features (a baseline)")
-    embedding_dim: int = Field(64, ge=1, description="d: size of the representation F(x)")
-    num_samples: int = Field(1000, ge=2, description="originals drawn from the train split; the points are "
-                             "num_samples x views, which sets the solve's size")
-    augmentations_per_sample: int = Field(2, ge=1, description="augmented views of each original")
+    embedding_dim: int = Field(64, ge=1, le=65_536, description="d: size of the representation F(x)")
+    num_samples: int = Field(1000, ge=2, le=1_000_000,
+        description="originals drawn from the train split; the points are "
+                    "num_samples x views, which sets the solve's size")
+    augmentations_per_sample: int = Field(2, ge=1, le=64, description="augmented views of each original")
     include_original: bool = Field(True, description="also put the un-augmented image in each original's group")
     ridge: float = Field(1e-2, gt=0, description="lambda relative to mean(diag K): M = F (K + lambda I)^-1")
     bandwidth: float | None = Field(None, gt=0, description="rbf sigma in exp(-|x-y|^2 / 2 sigma^2) on normalised "
@@ -143,9 +145,10 @@ class KernelConfig(MethodSection):
     approximation: Literal["exact", "nystrom", "random_features"] = Field(
         "exact", description="exact: the N x N kernel matrix; nystrom: rank landmarks; random_features: rank "
         "random Fourier features (rbf only)")
-    rank: int = Field(1024, ge=1, description="landmarks (nystrom) or random Fourier features")
-    block_size: int = Field(512, ge=1, description="points per block of kernel evaluation (bounds the memory of "
-                            "pixels/Jacobians held at once)")
+    rank: int = Field(1024, ge=1, le=1_000_000, description="landmarks (nystrom) or random Fourier features")
+    block_size: int = Field(512, ge=1, le=1_000_000,
+        description="points per block of kernel evaluation (bounds the memory of "
+                    "pixels/Jacobians held at once)")
 
     @property
     def views(self) -> int:
@@ -187,8 +190,8 @@ class HSSLPairsConfig(Section):
     distribution: Literal["uniform", "neighbourhood", "subset"] = Field(
         "uniform", description="uniform: any g1 != g2; neighbourhood: g2 is g1 rotated by 1..max_steps steps "
         "either way (a weaker augmentation); subset: g1 != g2 both from elements")
-    max_steps: int = Field(1, ge=1, description="neighbourhood: largest relative rotation, in steps of 360/N")
-    elements: list[Annotated[int, Field(ge=0)]] | None = Field(
+    max_steps: int = Field(1, ge=1, le=64, description="neighbourhood: largest relative rotation, in steps of 360/N")
+    elements: list[Annotated[int, Field(ge=0, le=127)]] | None = Field(
         None, description="subset: element indices, k = rotation by k*360/N, N+k = horizontal flip then it")
 
 
@@ -208,7 +211,7 @@ class HSSLConfig(MethodSection):
     structure: Literal["kept", "removed"] = Field(
         "kept", description="removed: the ablation; the backbone's layout without equivariance, its channels "
         "split into |G| pseudo-fibres")
-    predictor: list[Annotated[int, Field(ge=1)]] = Field(
+    predictor: list[Width] = Field(
         [512, 128], min_length=1, description="loss byol: widths of the predictor q; the last equals the projector's")
     ema_start: float = Field(0.99, ge=0, lt=1, description="loss byol: tau_0 of the target EMA, raised to 1")
     invariance_weight: float = Field(25.0, ge=0, description="loss vicreg: lambda (invariance)")
@@ -299,7 +302,7 @@ class MoCoV3Config(MethodSection):
     name: Literal["mocov3"] = "mocov3"
     temperature: float = Field(1.0, gt=0, description="tau of the InfoNCE (the paper: 1.0 for ResNets, "
                                "0.2 for ViTs); the loss is scaled by 2 tau as in the paper's code")
-    predictor: list[Annotated[int, Field(ge=1)]] = Field(
+    predictor: list[Width] = Field(
         [4096, 256], min_length=1, description="widths of the predictor q's layers; the last equals z's size")
     ema_start: float = Field(0.99, ge=0, lt=1, description="m_0 of the momentum encoder, raised to 1 by a cosine")
 

@@ -20,10 +20,15 @@ from hssl_cli.recipe.sections import (
     ViewSpec,
 )
 
+MAX_FEATURES = 2048  # the widest backbone output (e2_resnet18 at |G| = 16); bounds a head's first layer
+MAX_HEAD_BYTES = 8 * 2**30
+
 
 class Recipe(Section):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name; the output folder")
-    seed: int = Field(0, ge=0, description="seed of the data order, the augmentations and the initial weights")
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
+                      description="run name; the output folder")
+    seed: int = Field(0, ge=0, le=2**63 - 1,
+        description="seed of the data order, the augmentations and the initial weights")
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     views: list[ViewSpec] | None = Field(
@@ -49,7 +54,25 @@ class Recipe(Section):
             raise ValueError(f"model.widths: e2_resnet18 has 4 stages, got {len(model.widths)} widths")
         self.method.check(self)
         self._views_fit_the_method()
+        self._heads_fit_in_memory()
         return self
+
+    def _heads_fit_in_memory(self) -> None:
+        """Each MLP head's float32 weights, estimated from its widths (the backbone's features counted as
+        MAX_FEATURES wide), must stay below MAX_HEAD_BYTES: a typo such as 1e14 is refused here, not by the
+        allocator."""
+        heads = {"model.projector": [MAX_FEATURES, *self.model.projector]}
+        predictor = getattr(self.method, "predictor", None)
+        if isinstance(predictor, list):
+            heads["method.predictor"] = [self.model.projector[-1], *predictor]
+        equimod = getattr(self.method, "equimod", None)
+        if equimod is not None:
+            heads["method.equimod.projector"] = [MAX_FEATURES, *equimod.projector]
+        for key, widths in heads.items():
+            weights = sum(a * b for a, b in zip(widths, widths[1:], strict=False))
+            if 4 * weights > MAX_HEAD_BYTES:
+                raise ValueError(f"{key}: layers of widths {widths[1:]} hold about {4 * weights / 2**30:.0f} GiB "
+                                 f"of weights, more than {MAX_HEAD_BYTES // 2**30} GiB; use narrower layers")
 
     def _views_fit_the_method(self) -> None:
         if self.views is None:

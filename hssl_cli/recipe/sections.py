@@ -5,13 +5,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+MAX_WIDTH = 65_536  # widest layer a recipe may ask for; the heads' memory is bounded again in schema.py
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+
+
+def _list_to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# A YAML list of two numbers (strict validation takes tuples only as tuples)
+FloatPair = Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)]
 
 AUGMENT_SECTIONS = ("color_jitter", "blur")  # the nested sections of augment:, which a view overrides key by key
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Strict: unknown keys are refused, numbers are not strings or booleans (YAML 1.1's `true` is not 1),
+    and no float is infinite or NaN."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _ordered_pair(pair: tuple[float, float], low: float, high: float, what: str) -> tuple[float, float]:
@@ -29,7 +43,8 @@ class DataConfig(Section):
     train_split: str = Field("train", description="split used for pretraining and for fitting probes")
     test_split: str = Field("test", description="split used to report probe accuracy")
     subset: int | None = Field(
-        None, ge=1, description="pretrain on this many train images (a seeded random subset; probes use all)"
+        None, ge=1, le=1_000_000_000,
+            description="pretrain on this many train images (a seeded random subset; probes use all)"
     )
     random_rotation: bool = Field(
         False, description="rotate each image by its own fixed random angle (rotated-MNIST protocol; the same "
@@ -39,16 +54,16 @@ class DataConfig(Section):
 
 class ColorJitterConfig(Section):
     p: float = Field(0.8, ge=0, le=1, description="probability of applying colour jitter to a view")
-    brightness: float = Field(0.4, ge=0, description="brightness factor drawn from [1-b, 1+b]")
-    contrast: float = Field(0.4, ge=0, description="contrast factor drawn from [1-c, 1+c]")
-    saturation: float = Field(0.4, ge=0, description="saturation factor drawn from [1-s, 1+s]")
+    brightness: float = Field(0.4, ge=0, le=10, description="brightness factor drawn from [1-b, 1+b]")
+    contrast: float = Field(0.4, ge=0, le=10, description="contrast factor drawn from [1-c, 1+c]")
+    saturation: float = Field(0.4, ge=0, le=10, description="saturation factor drawn from [1-s, 1+s]")
     hue: float = Field(0.1, ge=0, le=0.5, description="hue shift drawn from [-h, h] (fraction of a turn)")
 
 
 class BlurConfig(Section):
     p: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur")
-    sigma: tuple[float, float] = Field((0.1, 2.0), description="blur sigma range in pixels")
-    kernel_size: int | None = Field(None, ge=3, description="odd kernel side; default about 10% of the image")
+    sigma: FloatPair = Field((0.1, 2.0), description="blur sigma range in pixels")
+    kernel_size: int | None = Field(None, ge=3, le=255, description="odd kernel side; default about 10% of the image")
 
     @field_validator("sigma")
     @classmethod
@@ -64,8 +79,8 @@ class BlurConfig(Section):
 
 
 class AugmentConfig(Section):
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="area fraction range of the random crop")
-    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="aspect ratio range of the crop")
+    crop_scale: FloatPair = Field((0.2, 1.0), description="area fraction range of the random crop")
+    crop_ratio: FloatPair = Field((3 / 4, 4 / 3), description="aspect ratio range of the crop")
     flip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
     color_jitter: ColorJitterConfig = Field(default_factory=ColorJitterConfig)
     grayscale: float = Field(0.2, ge=0, le=1, description="probability of converting a view to grayscale")
@@ -92,8 +107,8 @@ class ViewSpec(Section):
     role: Literal["global", "local"] | None = Field(
         None, description="global: the views every loss pairs; local: multi-crop views, each compared with every "
         "global view; default global at data.image_size, local when smaller")
-    crop_scale: tuple[float, float] | None = Field(None, description="overrides augment.crop_scale")
-    crop_ratio: tuple[float, float] | None = Field(None, description="overrides augment.crop_ratio")
+    crop_scale: FloatPair | None = Field(None, description="overrides augment.crop_scale")
+    crop_ratio: FloatPair | None = Field(None, description="overrides augment.crop_ratio")
     flip: float | None = Field(None, description="overrides augment.flip")
     color_jitter: dict[str, Any] | None = Field(None, description="overrides keys of augment.color_jitter")
     grayscale: float | None = Field(None, description="overrides augment.grayscale")
@@ -132,11 +147,11 @@ class ModelConfig(Section):
         "resnet18_cifar", description="feature extractor f; small_convnet is for quick CPU runs; e2_*: "
         "equivariant to model.group (escnn)"
     )
-    projector: list[Annotated[int, Field(ge=1)]] = Field(
+    projector: list[Width] = Field(
         [2048, 2048, 128], min_length=1, description="widths of the projector g's layers; the last is z's size"
     )
     group: GroupConfig | None = Field(None, description="symmetry group of e2_* backbones and of H-SSL's fibres")
-    widths: list[Annotated[int, Field(ge=1)]] | None = Field(
+    widths: list[Width] | None = Field(
         None, min_length=1, description="e2_* backbones: regular fields per stage (|G| channels each); default "
         "e2_convnet [16, 32, 64], e2_resnet18 [16, 32, 64, 128]"
     )
@@ -146,29 +161,39 @@ class ModelConfig(Section):
 
 class OptimConfig(Section):
     name: Literal["sgd", "lars", "adamw"] = Field("lars", description="optimiser")
-    lr: float = Field(0.3, gt=0, description="peak learning rate, reached after the warm-up")
-    weight_decay: float = Field(1e-6, ge=0, description="weight decay (L2 for sgd/lars, decoupled for adamw)")
+    lr: float = Field(0.3, gt=0, le=100, description="peak learning rate, reached after the warm-up")
+    weight_decay: float = Field(1e-6, ge=0, le=10, description="weight decay (L2 for sgd/lars, decoupled for adamw)")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd, lars)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (adamw)")
-    warmup_epochs: float = Field(10.0, ge=0, description="linear warm-up length, then a cosine decay")
+    betas: FloatPair = Field((0.9, 0.999), description="Adam betas (adamw)")
+    warmup_epochs: float = Field(10.0, ge=0, le=100_000, description="linear warm-up length, then a cosine decay")
     final_lr_fraction: float = Field(0.0, ge=0, le=1, description="lr at the end, as a fraction of optim.lr")
-    lars_trust: float = Field(1e-3, gt=0, description="LARS trust coefficient eta")
+    lars_trust: float = Field(1e-3, gt=0, le=1, description="LARS trust coefficient eta")
     exclude_bias_and_norm: bool = Field(
         True, description="no weight decay and no LARS scaling for biases and normalisation weights"
     )
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"betas must both lie in [0, 1), got {list(betas)}")
+        return betas
+
 
 class TrainConfig(Section):
-    epochs: int = Field(100, ge=0, description="passes over the training split; 0 writes the initialised model "
-                        "(the untrained baseline a comparison needs)")
-    batch_size: int = Field(256, ge=2, description="images per step (each gives two views)")
+    epochs: int = Field(100, ge=0, le=100_000,
+        description="passes over the training split; 0 writes the initialised model "
+                    "(the untrained baseline a comparison needs)")
+    batch_size: int = Field(256, ge=2, le=1_000_000, description="images per step (each gives two views)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast and channels_last on CUDA, fp32 on the CPU"
     )
     compile: bool = Field(False, description="torch.compile the model and the augmentation "
                           "(pays off on long GPU runs)")
-    checkpoint_every: int = Field(10, ge=1, description="write epoch-NNNN.safetensors every this many epochs")
-    log_every: int = Field(10, ge=1, description="steps between rows of the JSONL metrics log")
+    checkpoint_every: int = Field(10, ge=1, le=100_000,
+        description="write epoch-NNNN.safetensors every this many epochs")
+    log_every: int = Field(10, ge=1, le=1_000_000, description="steps between rows of the JSONL metrics log")
     diagnostics_every: int = Field(
-        5, ge=0, description="epochs between collapse diagnostics on a held batch, logged to metrics.jsonl; 0: off"
+        5, ge=0, le=100_000,
+            description="epochs between collapse diagnostics on a held batch, logged to metrics.jsonl; 0: off"
     )

@@ -1,0 +1,201 @@
+"""The hostile and careless inputs a fuzzing found, one named regression test each: every one is a
+clear HsslError (one line naming the file or key), never a traceback, a hang or a silent surprise."""
+
+import json
+import os
+import signal
+import struct
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hssl_cli.cli import app
+from hssl_cli.engine import checkpoint as ckpt
+from hssl_cli.engine.train import pretrain
+from hssl_cli.errors import CheckpointError, HsslError, RecipeError
+from hssl_cli.methods import build_method
+from hssl_cli.recipe import load_recipe, parse_recipe
+
+BASE = "name: x\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (BASE + "seed: 1000000000000000000000000000000\n", "seed: Input should be less than or equal to"),
+    (BASE + "optim: {lr: 1.0e+30}\n", "optim.lr: Input should be less than or equal to 100"),
+    (BASE + "optim: {warmup_epochs: .inf}\n", "optim.warmup_epochs: Input should be a finite number"),
+    (BASE + "method: {name: simclr, temperature: .inf}\n", "temperature: Input should be a finite"),
+    ("name: " + "n" * 300 + "\n", "name: String should have at most 100 characters"),
+    (BASE + "model: {projector: [1e14]}\n", "model.projector.0: Input should be a valid integer"),
+    (BASE + "model: {projector: [100000000000000]}\n", "model.projector.0: Input should be less than or equal to"),
+    (BASE + "model: {projector: [60000, 60000, 60000]}\n", "model.projector: layers of widths .* GiB of weights"),
+    (BASE + "train: {epochs: 1e22}\n", "train.epochs: Input should be a valid integer"),
+    (BASE + "augment: {color_jitter: {brightness: 1e21}}\n", "augment.color_jitter.brightness: Input should be less"),
+    (BASE + "optim: {betas: [2, 3]}\n", r"optim.betas: betas must both lie in \[0, 1\)"),
+    (BASE + "train: {batch_size: 1:30}\n", "train.batch_size: Input should be a valid integer"),
+    (BASE + "data: {image_size: 0x10}\n", "data.image_size: Input should be a valid integer"),
+    (BASE + "train: {epochs: true}\n", "train.epochs: Input should be a valid integer"),
+    (BASE + "seed: 1\nseed: 2\n", r"x.yaml:3: refused: duplicate key 'seed' \(first on line 2\)"),
+    (BASE + "a: &a [1, 2]\nb: *a\n", r"x.yaml:3: refused: aliases \(\*a\) are not allowed"),
+    (BASE + "x: " + "[" * 1000 + "]" * 1000 + "\n", "nested deeper than 32 levels"),
+    ("", "an empty recipe"), ("# only a comment\n", "an empty recipe"), ("~\n", "an empty recipe"),
+])  # fmt: skip
+def test_a_recipe_the_engine_cannot_run_is_refused_naming_the_key(text, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(text, "x.yaml")
+
+
+def test_alias_expansion_is_refused_at_once():
+    laughs = "name: x\na: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(9))
+    started = time.perf_counter()
+    with pytest.raises(RecipeError, match="aliases"):
+        parse_recipe(laughs, "x.yaml")
+    assert time.perf_counter() - started < 1
+
+
+def test_a_recipe_file_without_a_name_is_refused(tmp_path):
+    path = tmp_path / "nameless.yaml"
+    path.write_text("seed: 3\n")
+    with pytest.raises(RecipeError, match="no name: key"):
+        load_recipe(path)
+
+
+def test_markup_in_user_text_is_printed_literally(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\n'[/x][link=http://evil]click[/link]': 1\n")
+    result = CliRunner().invoke(app, ["pretrain", str(path), "--check"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "[/x][link=http://evil]click[/link]" in result.output
+
+
+def test_an_unexpected_exception_is_one_line_with_a_hint_and_debug_shows_the_traceback(monkeypatch, tmp_path):
+    import hssl_cli.recipe
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(hssl_cli.recipe, "load_recipe", broken)
+    result = CliRunner().invoke(app, ["pretrain", "recipes/quickstart.yaml", "--check"])
+    assert result.exit_code == 3 and "unexpected ZeroDivisionError: boom" in result.output
+    assert "--debug" in result.output and "Traceback" not in result.output
+    debug = CliRunner().invoke(app, ["--debug", "pretrain", "recipes/quickstart.yaml", "--check"])
+    assert isinstance(debug.exception, ZeroDivisionError)
+
+
+def _model_file(tmp_path, tiny_recipe):
+    torch.manual_seed(0)
+    recipe = tiny_recipe()
+    path = tmp_path / "model.safetensors"
+    ckpt.save_model(path, build_method(recipe, in_channels=1), recipe, 1, 11, {"loss": 1.0},
+                    {"mean": torch.full((1,), 0.3), "std": torch.full((1,), 0.2)})
+    return path
+
+
+def _rewrite(path, change_metadata=None, change_header=None):
+    source = path.read_bytes()
+    length = struct.unpack("<Q", source[:8])[0]
+    header = json.loads(source[8:8 + length])
+    if change_metadata:
+        change_metadata(header["__metadata__"])
+    if change_header:
+        change_header(header)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + source[8 + length:])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("format_version", "abc", "format_version='abc' is not a whole number"),
+    ("epoch", "1e3", "epoch='1e3' is not a whole number"),
+    ("step", "-5", "step='-5' is not a whole number"),
+    ("epoch", "12", "epoch=12 exceeds step=11"),
+    ("metrics", "{", "metrics is not a JSON dict"),
+    ("kind", "[/x]", r"kind='\[/x\]' is none of"),
+    ("recipe", "name: x\n" + "#" * 2_000_000, "its stored recipe is 2,000,008 characters"),
+])  # fmt: skip
+def test_malformed_checkpoint_metadata_is_refused_before_anything_is_built(tmp_path, tiny_recipe, key, value, message):
+    path = _model_file(tmp_path, tiny_recipe)
+    _rewrite(path, change_metadata=lambda metadata: metadata.__setitem__(key, value))
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.load_checkpoint(path)
+
+
+def test_right_shaped_tensors_of_the_wrong_dtype_are_refused(tmp_path, tiny_recipe):
+    from hssl_cli.evaluate.frozen import load_trained_method
+
+    path = _model_file(tmp_path, tiny_recipe)
+    loaded = ckpt.load_checkpoint(path)
+    tensors = dict(loaded.tensors)
+    tensors["projector.0.weight"] = tensors["projector.0.weight"].double()
+    ckpt.save_safetensors_atomically(path, tensors, {k: v for k, v in loaded.metadata.items()
+                                                     if k != ckpt.CHECKSUM})
+    with pytest.warns(UserWarning, match="no checksum"):
+        reloaded = ckpt.load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="dtype of projector.0.weight is torch.float64"):
+        load_trained_method(reloaded, torch.device("cpu"))
+
+
+def test_a_huge_declared_header_is_refused_without_reading_the_file(tmp_path):
+    path = tmp_path / "sparse.safetensors"
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", 2**40))
+        handle.truncate(9 * 2**30)  # a 9 GB sparse file
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match="not a readable .safetensors file"):
+        ckpt.load_checkpoint(path)
+    assert time.perf_counter() - started < 1
+
+
+def test_checkpoints_get_the_run_folder_permissions(tmp_path, tiny_recipe):
+    previous = os.umask(0o022)
+    try:
+        path = _model_file(tmp_path, tiny_recipe)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_resume_state_whose_step_does_not_fit_the_run_is_refused(tmp_path, tiny_recipe):
+    result = pretrain(tiny_recipe("train.epochs=1"), tmp_path, device_name="cpu")
+    state = result.run_dir / "last.state.safetensors"
+    _rewrite(state, change_metadata=lambda metadata: metadata.update(step="999999999999", epoch="5"))
+    with pytest.raises(HsslError, match="step 999999999999 of epoch 5, which does not fit this run"):
+        pretrain(tiny_recipe("train.epochs=1"), tmp_path, device_name="cpu", resume=str(state))
+    ckpt_state = ckpt.load_checkpoint(state, kind="training_state", verify=False)
+    assert ckpt_state.step == 999999999999
+
+
+def test_the_temp_file_of_an_interrupted_write_is_removed_on_resume(tmp_path, tiny_recipe):
+    from hssl_cli.engine.train import StopRequest
+
+    stop = StopRequest()
+    first = pretrain(tiny_recipe(), tmp_path, device_name="cpu", stop=stop,
+                     progress=lambda row: stop() if row["step"] >= 3 else None)
+    stale = first.run_dir / ".last.safetensors.k9x2.tmp"  # what a kill -9 during a write leaves
+    stale.write_bytes(b"half a checkpoint")
+    pretrain(tiny_recipe(), tmp_path, device_name="cpu", resume="auto")
+    assert not stale.exists()
+
+
+def test_sigterm_while_the_data_loads_ends_the_run_cleanly(tmp_path, tiny_recipe, monkeypatch):
+    import hssl_cli.engine.train as train
+
+    load = train.load_split
+
+    def load_then_sigterm(*args, **kwargs):
+        split = load(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return split
+
+    monkeypatch.setattr(train, "load_split", load_then_sigterm)
+    result = pretrain(tiny_recipe(), tmp_path, device_name="cpu")
+    assert result.interrupted and result.steps == 0
+    assert ckpt.load_checkpoint(result.checkpoint).step == 0  # resume continues from here
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_clear_error(tmp_path, tiny_recipe):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(HsslError, match="a-file/runs: cannot write the run's files"):
+        pretrain(tiny_recipe(), blocker / "runs", device_name="cpu")
