@@ -199,3 +199,16 @@ def test_an_output_folder_that_cannot_be_created_is_one_clear_error(tmp_path, ti
     blocker.write_text("not a folder")
     with pytest.raises(HsslError, match="a-file/runs: cannot write the run's files"):
         pretrain(tiny_recipe(), blocker / "runs", device_name="cpu")
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_clear_error(tmp_path, tiny_recipe, monkeypatch):
+    import errno
+
+    import hssl_cli.engine.checkpoint as checkpoint
+
+    def disk_full(path, tensors, metadata):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_safetensors_atomically", disk_full)
+    with pytest.raises(HsslError, match="cannot write the run's files \\(No space left on device\\)"):
+        pretrain(tiny_recipe("train.epochs=1"), tmp_path, device_name="cpu")

@@ -49,6 +49,7 @@ def test_stop_and_resume_is_bit_exact(tmp_path, tiny_recipe, case):
                          "train.diagnostics_every=0")
     whole, first, second = train_stopped_and_resumed(recipe, tmp_path, stop_step=2)
     assert first.interrupted and first.steps == 2 and second.steps == whole.steps == 5
+    assert second.run_dir == first.run_dir  # resumed, not restarted (--resume auto skips unreadable states)
     expected, resumed = load_file(whole.checkpoint), load_file(second.checkpoint)
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[key], resumed[key]) for key in expected), case
@@ -67,6 +68,13 @@ def test_views_give_each_view_its_own_size_count_and_augmentation(tiny_recipe):
     first, second = views.global_params
     assert (first.blur_sigma > 0).all() and not (second.blur_sigma > 0).any() and second.solarize.all()
     assert not torch.equal(views.local_views[0], views.local_views[1])  # three different crops
+
+
+def test_a_recipe_with_views_survives_its_round_trip_through_a_checkpoint(tiny_recipe):
+    from hssl_cli.recipe import recipe_to_yaml
+
+    recipe = tiny_recipe(*METHOD_OVERRIDES["simclr+multicrop"])
+    assert parse_recipe(recipe_to_yaml(recipe), "stored.yaml") == recipe
 
 
 def test_without_views_the_pipeline_draws_what_one_augmenter_drew_before(tiny_recipe):

@@ -118,7 +118,9 @@ class ViewSpec(Section):
     def augment_config(self, base: AugmentConfig) -> AugmentConfig:
         """augment: with this view's overrides; ValueError naming the overridden key when the result is invalid."""
         merged = base.model_dump()
-        for key, value in self.model_dump(exclude_unset=True, exclude={"size", "count", "role"}).items():
+        # keys given as null override nothing (a stored recipe lists every key, most of them null)
+        for key, value in self.model_dump(exclude_unset=True, exclude_none=True,
+                                          exclude={"size", "count", "role"}).items():
             merged[key] = {**merged[key], **value} if key in AUGMENT_SECTIONS and value is not None else value
         try:
             return AugmentConfig.model_validate(merged)
