@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +21,7 @@ from hssl_cli.engine import checkpoint as ckpt
 from hssl_cli.engine import distributed
 from hssl_cli.engine.optim import build_optimizer, learning_rate
 from hssl_cli.engine.run_writer import RunWriter, unwritable
-from hssl_cli.errors import CheckpointError, HsslError, TrainingDiverged
+from hssl_cli.errors import CheckpointError, CheckpointNote, HsslError, TrainingDiverged
 from hssl_cli.methods import build_method
 from hssl_cli.recipe import RESUME_SAFE_KEYS, Recipe, changed_keys
 
@@ -83,8 +84,8 @@ def find_resume_state(resume: str, output_root: Path, recipe: Recipe) -> Path | 
         try:
             ckpt.load_checkpoint(candidate, kind="training_state")
             return candidate
-        except HsslError:
-            continue
+        except HsslError as error:  # e.g. cut short by a kill: an older run may still resume
+            warnings.warn(CheckpointNote(f"--resume auto skipped {candidate}: {error}"), stacklevel=2)
     return None
 
 
