@@ -136,6 +136,10 @@ def pretrain(
         "job wants). The recipe must match the run's. Example: --resume auto")
     ] = None,
     device: DeviceOption = "auto",
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", help="Start a new run from a checkpoint's weights (same architecture; the optimiser, the "
+        "schedule and the step start afresh): fine-tuning, or a longer run than the first. "
+        "Example: --init-from checkpoints/run/<run>/last.safetensors")] = None,
     check: Annotated[bool, typer.Option(
         "--check", help="Validate the recipe (with --set) and print it resolved, every default filled in, "
         "as YAML; train nothing.")] = False,
@@ -164,7 +168,7 @@ the run, bit for bit on the CPU. A NaN/inf loss stops the run and leaves the las
 
     with TrainingProgress(console, f"pretrain {recipe.name}") as progress:
         result = run_pretrain(recipe, output_dir, device_name=device, resume=resume, progress=progress.update,
-                              diagnostics=training_diagnostics)
+                              diagnostics=training_diagnostics, init_from=init_from)
     if not result.is_main:
         raise typer.Exit(143 if result.interrupted else 0)
     print_pretrain(output, recipe.name, result)

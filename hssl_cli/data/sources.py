@@ -93,8 +93,23 @@ def load_split(config: DataConfig, split: str, progress: bool = False) -> ImageS
             return _load_imagefolder(root, split, config.image_size, progress)
         _check_split(config.dataset, split, SPLITS[config.dataset])
         loaders = {"mnist": _load_mnist, "cifar10": _load_cifar10, "stl10": _load_stl10}
-        data = loaders[config.dataset](root, split)
+        try:
+            data = loaders[config.dataset](root, split)
+        except DataError as error:
+            if _looks_like_imagefolder(root):
+                raise DataError(f"{error}. {root} looks like an image-folder tree ({split}/<class>/<image>): "
+                                "set data.dataset: imagefolder") from None
+            raise
     return ImageSplit(resize_images(data.images, config.image_size), data.labels, data.classes)
+
+
+def _looks_like_imagefolder(root: Path) -> bool:
+    """root/<split>/<class>/ folders holding image files (e.g. the CIFAR-10 JPEG copy)."""
+    for split_folder in (root / "train", root / "test"):
+        for class_folder in sorted(split_folder.glob("*"))[:3] if split_folder.is_dir() else []:
+            if class_folder.is_dir() and any(class_folder.glob("*.[jpJP][pnPN]*")):
+                return True
+    return False
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:

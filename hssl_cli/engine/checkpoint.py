@@ -125,6 +125,10 @@ def load_checkpoint(path: str | Path, kind: str = "model", verify: bool = True) 
         raise CheckpointError(f"{path}: no such checkpoint file")
     unreadable = (f"{path}: not a readable .safetensors file (truncated or corrupt: {{}}); use another "
                   "checkpoint of the run, e.g. an epoch-NNNN.safetensors")
+    foreign = _foreign_format(path)
+    if foreign is not None:
+        raise CheckpointError(f"{path}: not a .safetensors file ({foreign}); hssl reads the .safetensors "
+                              "checkpoints that hssl pretrain writes")
     try:
         metadata = _read_metadata(path)
     except (ValueError, OSError, UnicodeDecodeError) as error:
@@ -146,6 +150,24 @@ def load_checkpoint(path: str | Path, kind: str = "model", verify: bool = True) 
                               "corrupt); use another checkpoint of the run, or --no-verify to load it anyway")
     _check_data_stats(path, tensors)
     return Checkpoint(path, tensors, metadata, recipe)
+
+
+def _foreign_format(path: Path) -> str | None:
+    """What a file is when it is plainly not safetensors (whose first bytes are a header length, then '{')."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(64)
+    except OSError:
+        return None
+    if start.startswith(b"PK\x03\x04"):
+        return "a zip archive: torch.save's .pt/.pth format?"
+    if start[:1] == b"\x80":
+        return "a Python pickle"
+    if len(start) >= 9 and start[8:9] == b"{":
+        return None
+    if start and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in start):
+        return "a text file: a recipe? pass it to hssl pretrain"
+    return None
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

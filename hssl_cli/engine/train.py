@@ -23,7 +23,8 @@ from hssl_cli.engine.optim import build_optimizer, learning_rate
 from hssl_cli.engine.run_writer import RunWriter, unwritable
 from hssl_cli.errors import CheckpointError, CheckpointNote, HsslError, TrainingDiverged
 from hssl_cli.methods import build_method
-from hssl_cli.recipe import RESUME_SAFE_KEYS, Recipe, changed_keys
+from hssl_cli.methods.base import SSLMethod
+from hssl_cli.recipe import RESUME_SAFE_KEYS, Recipe, changed_keys, describe_changes
 
 HELD_BATCH = 512  # images of the fixed batch that training-time diagnostics are measured on
 
@@ -78,7 +79,10 @@ def find_resume_state(resume: str, output_root: Path, recipe: Recipe) -> Path | 
             return path / "last.state.safetensors"
         if path.name.endswith(".state.safetensors"):
             return path
-        return path.with_name(path.name.removesuffix(".safetensors") + ".state.safetensors")
+        if path.is_file() and path.name != "last.safetensors":
+            raise HsslError(f"--resume {path}: only a run's last state can be resumed (its folder, last.safetensors "
+                            f"or last.state.safetensors); to start a new run from these weights use --init-from {path}")
+        return path.with_name("last.state.safetensors")
     runs = sorted((output_root / recipe.name).glob("*/last.state.safetensors"), reverse=True)
     for candidate in runs:
         try:
@@ -128,16 +132,18 @@ def pretrain(
     progress: Callable[[dict], None] | None = None,
     stop: StopRequest | None = None,
     diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None = None,
+    init_from: Path | None = None,
 ) -> RunResult:
     """Train `recipe` and write checkpoints; `progress` receives a dict per logged row; `diagnostics`
     (method, held normalised images) -> metrics runs every train.diagnostics_every epochs, in eval mode.
-    Under torchrun/srun every rank runs this; rank 0 alone writes files and reports progress."""
+    `init_from`: a model checkpoint whose weights a new run starts from. Under torchrun/srun every rank
+    runs this; rank 0 alone writes files and reports progress."""
     stop = stop or StopRequest()
     # from the start: a SIGTERM while the data loads ends the run cleanly too (before its first step)
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     context, device = distributed.setup(resolve_device(device_name))
     try:
-        result = _pretrain(recipe, output_root, device, context, resume, progress, stop, diagnostics)
+        result = _pretrain(recipe, output_root, device, context, resume, init_from, progress, stop, diagnostics)
         context.barrier()  # no rank exits before rank 0 has written the last checkpoint
         return result
     finally:
@@ -146,28 +152,38 @@ def pretrain(
             signal.signal(sig, handler)
 
 
-def _run_dir_and_state(recipe: Recipe, output_root: Path, resume: str | None, context: distributed.Distributed
-                       ) -> tuple[Path, ckpt.Checkpoint | None]:
+def _resume_state(recipe: Recipe, output_root: Path, resume: str | None) -> ckpt.Checkpoint | None:
     state_path = find_resume_state(resume, output_root, recipe) if resume is not None else None
     if state_path is None:
-        run_dir = new_run_dir(output_root, recipe) if context.is_main else None
-        return Path(context.broadcast(str(run_dir))), None
+        return None
     state = ckpt.load_checkpoint(state_path, kind="training_state")
     altered = [key for key in changed_keys(state.recipe, recipe) if key not in RESUME_SAFE_KEYS]
     if altered:
-        raise HsslError(f"--resume {state_path}: the recipe differs from the run's in {', '.join(altered)}; "
-                        "restore those keys or start a new run")
-    return state_path.parent, state
+        raise HsslError(f"--resume {state_path}: the recipe differs from the run's in "
+                        f"{describe_changes(state.recipe, recipe, altered)}; restore those keys, or start a new run "
+                        f"from the run's weights with --init-from {state_path.parent / 'last.safetensors'}")
+    return state
+
+
+def _initial_weights(method: nn.Module, init_from: Path) -> None:
+    """A new run that starts from a checkpoint's weights (same architecture; optimiser and step start fresh)."""
+    source = ckpt.load_checkpoint(init_from, kind="model")
+    ckpt.load_module_state(method, {k: v for k, v in source.tensors.items() if not k.startswith("data.")},
+                           source.path, "model (--init-from)")
 
 
 def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: distributed.Distributed,
-              resume: str | None, progress: Callable[[dict], None] | None, stop: StopRequest,
-              diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None) -> RunResult:
+              resume: str | None, init_from: Path | None, progress: Callable[[dict], None] | None,
+              stop: StopRequest, diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None
+              ) -> RunResult:
     batch_size = recipe.train.batch_size
     if batch_size % context.world_size:
         raise HsslError(f"train.batch_size={batch_size} (the global batch) must divide evenly over "
                         f"{context.world_size} processes")
-    run_dir, state = _run_dir_and_state(recipe, output_root, resume, context)
+    if resume is not None and init_from is not None:
+        raise HsslError("--resume continues a run, --init-from starts a new one from a checkpoint's weights; "
+                        "give one of them")
+    state = _resume_state(recipe, output_root, resume)
 
     train_images = load_split(recipe.data, recipe.data.train_split, progress=context.is_main).images
     if recipe.data.subset is not None and recipe.data.subset < len(train_images):
@@ -175,30 +191,40 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
         train_images = train_images[keep[:recipe.data.subset]]
     images = train_images.to(device)
     mean, std = channel_stats(train_images)
+    torch.manual_seed(recipe.seed)  # the initial weights
+    method = build_method(recipe, in_channels=images.shape[1]).to(device)
+    if init_from is not None and state is None:
+        _initial_weights(method, init_from)
+    if not method.closed_form and len(images) < batch_size:
+        raise HsslError(f"train.batch_size={batch_size} exceeds the {len(images)} images of "
+                        f"{recipe.data.dataset}/{recipe.data.train_split}; lower it")
+    # the run folder exists only once the recipe, the data and the model are known to be good
+    if state is not None:
+        run_dir = state.path.parent
+    else:
+        run_dir = Path(context.broadcast(str(new_run_dir(output_root, recipe)) if context.is_main else None))
     writer = RunWriter(run_dir, recipe, {"mean": mean.float(), "std": std.float()}, context.is_main)
+    if init_from is not None and state is None:
+        writer.log({"step": 0, "init_from": str(init_from)})
     try:
-        return _train(recipe, writer, images, mean.to(device), std.to(device), device, context, state,
+        return _train(recipe, writer, method, images, mean.to(device), std.to(device), device, context, state,
                       progress, stop, diagnostics)
     finally:
         writer.close()
 
 
-def _train(recipe: Recipe, writer: RunWriter, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-           device: torch.device, context: distributed.Distributed, state: ckpt.Checkpoint | None,
+def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: torch.Tensor, mean: torch.Tensor,
+           std: torch.Tensor, device: torch.device, context: distributed.Distributed, state: ckpt.Checkpoint | None,
            progress: Callable[[dict], None] | None, stop: StopRequest,
            diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None) -> RunResult:
-    torch.manual_seed(recipe.seed)  # the initial weights
-    method = build_method(recipe, in_channels=images.shape[1]).to(device)
     if method.closed_form:
         return _fit_closed_form(method, recipe, writer, images, Augmenter(recipe.augment, recipe.data.image_size,
                                                                           mean, std))
     batch_size, rank_batch = recipe.train.batch_size, recipe.train.batch_size // context.world_size
     steps_per_epoch = len(images) // batch_size
-    if steps_per_epoch == 0:
-        raise HsslError(f"train.batch_size={batch_size} exceeds the {len(images)} images of "
-                        f"{recipe.data.dataset}/{recipe.data.train_split}; lower it")
     pipelines = build_pipelines(recipe, mean, std)
-    if recipe.train.compile:
+    compile_model = recipe.train.compile is True or (recipe.train.compile == "auto" and device.type == "cuda")
+    if compile_model:
         for pipeline in pipelines:
             pipeline.augmenter.compile()
     with_original = recipe.method.consumes.original
@@ -212,7 +238,7 @@ def _train(recipe: Recipe, writer: RunWriter, images: torch.Tensor, mean: torch.
         ckpt.load_module_state(method, state.prefixed("model"), state.path, "model")
         ckpt.restore_optimizer(optimizer, state)
         start_step = state.step
-    forward = torch.compile(model) if recipe.train.compile else model
+    forward = torch.compile(model) if compile_model else model
 
     total_steps = steps_per_epoch * recipe.train.epochs
     if state is not None and (start_step > total_steps or state.epoch != start_step // steps_per_epoch):

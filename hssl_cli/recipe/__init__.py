@@ -33,7 +33,7 @@ from hssl_cli.recipe.methods import (
     SimCLRConfig,
     VICRegConfig,
 )
-from hssl_cli.recipe.schema import RESUME_SAFE_KEYS, Recipe, changed_keys, recipe_to_yaml
+from hssl_cli.recipe.schema import RESUME_SAFE_KEYS, Recipe, changed_keys, describe_changes, recipe_to_yaml
 from hssl_cli.recipe.sections import (
     AugmentConfig,
     BlurConfig,
@@ -57,6 +57,7 @@ __all__ = [
     "ColorJitterConfig",
     "Consumes",
     "DataConfig",
+    "describe_changes",
     "describe_validation_error",
     "DirectCopyConfig",
     "DirectPredConfig",

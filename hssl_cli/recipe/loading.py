@@ -144,7 +144,16 @@ def describe_validation_error(error: ValidationError, source: str, lines: dict, 
         hint = f"did you mean '{'.'.join((*path[:-1], close[0]))}'?" if close else f"known keys: {', '.join(known)}"
         message = f"unknown key '{key}'; {hint}"
     elif first["type"] == "union_tag_invalid":
-        message = f"{key}: {first['msg']}"
+        tags = first.get("ctx", {}).get("expected_tags", "")
+        close = difflib.get_close_matches(str(first["ctx"].get("tag", "")), [t.strip(" '") for t in tags.split(",")],
+                                          n=1) if tags else []
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        message = f"{key}.name: '{first['ctx'].get('tag')}' is not a method; {hint}known: {tags.replace(chr(39), '')}"
+    elif first["type"] == "union_tag_not_found":
+        given = first.get("input") if isinstance(first.get("input"), dict) else {}
+        close = difflib.get_close_matches("name", [str(k) for k in given], n=1)
+        message = (f"unknown key '{key}.{close[0]}'; did you mean '{key}.name'? (it picks the method)" if close
+                   else f"{key}: no name: key; {key}.name picks the method, e.g. {key}: {{name: simclr}}")
     elif first["type"] == "value_error" or not path:
         message = first["msg"].removeprefix("Value error, ")
         message = f"{key}: {message}" if path else message

@@ -52,6 +52,9 @@ class Recipe(Section):
             raise ValueError(f"model.widths: only e2_* backbones take widths, not '{model.backbone}'; remove it")
         if model.backbone == "e2_resnet18" and model.widths is not None and len(model.widths) != 4:
             raise ValueError(f"model.widths: e2_resnet18 has 4 stages, got {len(model.widths)} widths")
+        if 0 < self.train.epochs < self.optim.warmup_epochs:
+            raise ValueError(f"optim.warmup_epochs={self.optim.warmup_epochs:g} exceeds train.epochs="
+                             f"{self.train.epochs}: the learning rate would never reach optim.lr; shorten the warm-up")
         self.method.check(self)
         self._views_fit_the_method()
         self._heads_fit_in_memory()
@@ -120,6 +123,12 @@ def changed_keys(old: Recipe, new: Recipe) -> list[str]:
     """Dotted keys whose values differ between two recipes."""
     old_flat, new_flat = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
     return sorted(key for key in old_flat.keys() | new_flat.keys() if old_flat.get(key) != new_flat.get(key))
+
+
+def describe_changes(old: Recipe, new: Recipe, keys: list[str]) -> str:
+    """`key (old -> new)` for each of `keys`, e.g. to say why a resume is refused."""
+    old_flat, new_flat = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    return ", ".join(f"{key} ({old_flat.get(key)!r} -> {new_flat.get(key)!r})" for key in keys)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

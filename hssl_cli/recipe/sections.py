@@ -190,8 +190,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast and channels_last on CUDA, fp32 on the CPU"
     )
-    compile: bool = Field(False, description="torch.compile the model and the augmentation "
-                          "(pays off on long GPU runs)")
+    compile: Literal["auto"] | bool = Field(
+        False, description="torch.compile the model and the augmentation (pays off on long GPU runs); auto: on "
+                           "CUDA only (on a CPU compiling costs minutes and gains little)")
     checkpoint_every: int = Field(10, ge=1, le=100_000,
         description="write epoch-NNNN.safetensors every this many epochs")
     log_every: int = Field(10, ge=1, le=1_000_000, description="steps between rows of the JSONL metrics log")
