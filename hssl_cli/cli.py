@@ -267,6 +267,33 @@ def collapse_report(
     print_collapse(output, report)
 
 
+@app.command()
+@user_errors
+def export(
+    checkpoint: CheckpointArgument,
+    out: Annotated[Path, typer.Option(
+        "--out", help="The .safetensors file to write. Example: --out backbone.safetensors", show_default=False)],
+    format: Annotated[str, typer.Option(
+        "--format", help="plain: the backbone's state_dict for hssl_cli.load_backbone / build_backbone; torchvision "
+        "or timm (resnet18_cifar only): the same tensors under those libraries' ResNet-18 names.")] = "plain",
+    verify: VerifyOption = True,
+) -> None:
+    """Write a checkpoint's backbone as a plain state_dict, to load outside hssl.
+
+    The file's metadata says how to build the architecture (for torchvision/timm: resnet18 with the CIFAR \
+stem, a 3x3 stride-1 conv1 and no max-pool, and no classifier) and holds the preprocessing statistics \
+(data_mean, data_std). Then: model.load_state_dict(safetensors.torch.load_file(OUT), strict=True).
+
+    Example: hssl export checkpoints/run/<run>/last.safetensors --format torchvision --out resnet18.safetensors
+    """
+    from hssl_cli.evaluate.export import export_backbone
+
+    report = export_backbone(checkpoint, out, format=format, verify=verify)
+    output.print(f"wrote {report['out']}: {report['tensors']} tensors of a {report['architecture']} backbone "
+                 f"({report['feature_dim']} features); build it with: {report['build']}", soft_wrap=True,
+                 highlight=False, markup=False)
+
+
 @app.command("equivariance-check")
 @user_errors
 def equivariance_check(

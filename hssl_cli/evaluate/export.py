@@ -1,0 +1,61 @@
+"""`hssl export`: a checkpoint's backbone as a plain .safetensors state_dict for code outside hssl.
+
+plain: the backbone's own state_dict (keys without `backbone.`), for `build_backbone(model)` or
+`hssl_cli.load_backbone`; torchvision / timm (resnet18_cifar only): the same tensors, whose names are
+those of torchvision's and timm's ResNet-18, so `load_state_dict(strict=True)` takes them once the
+model has the CIFAR stem (a 3x3 stride-1 conv1, no max-pool) and no classifier. The file's metadata
+holds the architecture, how to build it, and the preprocessing statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hssl_cli.errors import HsslError
+
+FORMATS = ("plain", "torchvision", "timm")
+CIFAR_STEM = {
+    "torchvision": "m = torchvision.models.resnet18(); m.conv1 = torch.nn.Conv2d({c}, 64, 3, 1, 1, bias=False); "
+                   "m.maxpool = torch.nn.Identity(); m.fc = torch.nn.Identity()",
+    "timm": "m = timm.create_model('resnet18', num_classes=0); m.conv1 = torch.nn.Conv2d({c}, 64, 3, 1, 1, "
+            "bias=False); m.maxpool = torch.nn.Identity()",
+}
+
+
+def export_backbone(checkpoint_path: Path, out: Path, format: str = "plain", verify: bool = True) -> dict:
+    from hssl_cli.engine.checkpoint import load_checkpoint
+    from hssl_cli.files import save_safetensors_atomically
+
+    if format not in FORMATS:
+        raise HsslError(f"--format {format}: one of {', '.join(FORMATS)}")
+    checkpoint = load_checkpoint(checkpoint_path, verify=verify)
+    backbone = checkpoint.recipe.model.backbone
+    if format != "plain" and backbone != "resnet18_cifar":
+        raise HsslError(f"--format {format}: only resnet18_cifar backbones have a {format} twin; this checkpoint's "
+                        f"is {backbone}: use --format plain (load it with hssl_cli.load_backbone)")
+    tensors = checkpoint.prefixed("backbone")
+    feature_dim = _loads_into_its_backbone(checkpoint, tensors)
+    mean, std = checkpoint.tensors["data.mean"], checkpoint.tensors["data.std"]
+    build = (CIFAR_STEM[format].format(c=mean.numel()) if format != "plain" else
+             "hssl_cli.models.backbones.build_backbone(ModelConfig(**json.loads(metadata['model'])), in_channels)")
+    metadata = {"format": format, "architecture": backbone, "build": build,
+                "model": json.dumps(checkpoint.recipe.model.model_dump(mode="json")),
+                "in_channels": str(mean.numel()), "feature_dim": str(feature_dim),
+                "data_mean": json.dumps(mean.tolist()), "data_std": json.dumps(std.tolist()),
+                "source": str(checkpoint.path), "method": checkpoint.recipe.method.name,
+                "epoch": checkpoint.metadata["epoch"]}
+    save_safetensors_atomically(out, tensors, metadata)
+    return {"out": str(out), "tensors": len(tensors), **metadata}
+
+
+def _loads_into_its_backbone(checkpoint, tensors: dict) -> int:
+    """Build the checkpoint's backbone and load the tensors strictly: what is exported is known to load."""
+    from hssl_cli.engine.checkpoint import load_module_state
+    from hssl_cli.models.backbones import build_backbone
+
+    model = checkpoint.recipe.model
+    plain = getattr(checkpoint.recipe.method, "structure", "kept") == "removed"  # H-SSL's ablation
+    backbone = build_backbone(model, in_channels=checkpoint.tensors["data.mean"].numel(), plain=plain)
+    load_module_state(backbone, tensors, checkpoint.path, "backbone")
+    return backbone.feature_dim
