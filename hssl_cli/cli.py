@@ -166,9 +166,14 @@ the run, bit for bit on the CPU. A NaN/inf loss stops the run and leaves the las
     from hssl_cli.engine.train import pretrain as run_pretrain
     from hssl_cli.evaluate.spectrum import training_diagnostics
 
+    monitor = None
+    if recipe.train.monitor is not None:
+        from hssl_cli.evaluate.monitor import OnlineMonitor
+
+        monitor = OnlineMonitor(recipe)
     with TrainingProgress(console, f"pretrain {recipe.name}") as progress:
         result = run_pretrain(recipe, output_dir, device_name=device, resume=resume, progress=progress.update,
-                              diagnostics=training_diagnostics, init_from=init_from)
+                              diagnostics=training_diagnostics, init_from=init_from, monitor=monitor)
     if not result.is_main:
         raise typer.Exit(143 if result.interrupted else 0)
     print_pretrain(output, recipe.name, result)

@@ -16,6 +16,7 @@ class TrainingProgress:
 
         self.console, self.title, self.task = console, title, None
         self.last_epoch_printed = 0
+        self.monitor = ""  # the online monitor's last values, shown with every row
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
                             disable=not console.is_terminal)
@@ -29,26 +30,36 @@ class TrainingProgress:
 
     def update(self, row: dict) -> None:
         epoch = int(row["step"] // row["steps_per_epoch"])
+        monitored = {key.removeprefix("monitor/"): value for key, value in row.items() if key.startswith("monitor/")}
+        if monitored:
+            self.monitor = "  " + "  ".join(f"{monitor_label(key)} {value:.1f}" for key, value in monitored.items())
         stats = (f"epoch {row['epoch']:.2f}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
-                 f"{row['images_per_second']:.0f} img/s")
+                 f"{row['images_per_second']:.0f} img/s{self.monitor}")
         if self.task is None:
             self.task = self.bar.add_task(self.title, total=row["total_steps"], stats=stats)
         self.bar.update(self.task, completed=row["step"], stats=stats)
-        if not self.console.is_terminal and epoch > self.last_epoch_printed:
+        if not self.console.is_terminal and (epoch > self.last_epoch_printed or monitored):
             self.last_epoch_printed = epoch
             self.console.print(f"{self.title}: step {row['step']}/{row['total_steps']}  {stats}", highlight=False,
                                soft_wrap=True)
+
+
+def monitor_label(key: str) -> str:
+    """knn_k20_top1 -> kNN(20) top-1, linear_top1 -> linear top-1."""
+    return key.replace("knn_k", "kNN(").replace("_top1", ") top-1" if key.startswith("knn") else " top-1")
 
 
 def print_pretrain(output: Console, name: str, result) -> None:
     """The summary of a finished (or interrupted) `hssl pretrain` (an engine RunResult)."""
     suffix = " (interrupted: continue with --resume)" if result.interrupted else ""
     table = Table(title=f"pretrain {name}{suffix}")
-    for column in ("epochs", "steps", "final loss", "wall time", "images/s"):
+    monitored = getattr(result, "monitor", {})
+    for column in ("epochs", "steps", "final loss", "wall time", "images/s",
+                   *(monitor_label(key.removeprefix("monitor/")) for key in monitored)):
         table.add_column(column, justify="right")
     final_loss = f"{result.final_loss:.4f}" if result.steps else "untrained"
     table.add_row(str(result.epochs), str(result.steps), final_loss, f"{result.wall_seconds:.1f} s",
-                  f"{result.images_per_second:.0f}")
+                  f"{result.images_per_second:.0f}", *(f"{value:.1f}" for value in monitored.values()))
     output.print(table)
     output.print(f"checkpoint: {result.checkpoint}\nevaluate it: hssl probe {result.checkpoint}", soft_wrap=True,
                  highlight=False, markup=False)

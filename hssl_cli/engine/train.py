@@ -7,7 +7,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from hssl_cli.engine.run_writer import RunWriter, unwritable
 from hssl_cli.errors import CheckpointError, CheckpointNote, HsslError, TrainingDiverged
 from hssl_cli.methods import build_method
 from hssl_cli.methods.base import SSLMethod
-from hssl_cli.recipe import RESUME_SAFE_KEYS, Recipe, changed_keys, describe_changes
+from hssl_cli.recipe import Recipe, changed_keys, describe_changes, resume_safe
 
 HELD_BATCH = 512  # images of the fixed batch that training-time diagnostics are measured on
 
@@ -40,6 +40,7 @@ class RunResult:
     images_per_second: float
     interrupted: bool
     is_main: bool = True  # False on the other ranks of a distributed run: they report nothing
+    monitor: dict[str, float] = field(default_factory=dict)  # the online monitor's last values
 
 
 class StopRequest:
@@ -133,17 +134,21 @@ def pretrain(
     stop: StopRequest | None = None,
     diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None = None,
     init_from: Path | None = None,
+    monitor: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
 ) -> RunResult:
     """Train `recipe` and write checkpoints; `progress` receives a dict per logged row; `diagnostics`
     (method, held normalised images) -> metrics runs every train.diagnostics_every epochs, in eval mode.
-    `init_from`: a model checkpoint whose weights a new run starts from. Under torchrun/srun every rank
+    `init_from`: a model checkpoint whose weights a new run starts from. `monitor` (method, mean, std) ->
+    metrics runs every train.monitor.every epochs on rank 0, in eval mode; its rows go to the log and to
+    `progress`, its last values into the result. Under torchrun/srun every rank
     runs this; rank 0 alone writes files and reports progress."""
     stop = stop or StopRequest()
     # from the start: a SIGTERM while the data loads ends the run cleanly too (before its first step)
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     context, device = distributed.setup(resolve_device(device_name))
     try:
-        result = _pretrain(recipe, output_root, device, context, resume, init_from, progress, stop, diagnostics)
+        result = _pretrain(recipe, output_root, device, context, resume, init_from, progress, stop, diagnostics,
+                           monitor)
         context.barrier()  # no rank exits before rank 0 has written the last checkpoint
         return result
     finally:
@@ -157,7 +162,7 @@ def _resume_state(recipe: Recipe, output_root: Path, resume: str | None) -> ckpt
     if state_path is None:
         return None
     state = ckpt.load_checkpoint(state_path, kind="training_state")
-    altered = [key for key in changed_keys(state.recipe, recipe) if key not in RESUME_SAFE_KEYS]
+    altered = [key for key in changed_keys(state.recipe, recipe) if not resume_safe(key)]
     if altered:
         raise HsslError(f"--resume {state_path}: the recipe differs from the run's in "
                         f"{describe_changes(state.recipe, recipe, altered)}; restore those keys, or start a new run "
@@ -174,8 +179,8 @@ def _initial_weights(method: nn.Module, init_from: Path) -> None:
 
 def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: distributed.Distributed,
               resume: str | None, init_from: Path | None, progress: Callable[[dict], None] | None,
-              stop: StopRequest, diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None
-              ) -> RunResult:
+              stop: StopRequest, diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None,
+              monitor: Callable | None) -> RunResult:
     batch_size = recipe.train.batch_size
     if batch_size % context.world_size:
         raise HsslError(f"train.batch_size={batch_size} (the global batch) must divide evenly over "
@@ -208,7 +213,7 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
         writer.log({"step": 0, "init_from": str(init_from)})
     try:
         return _train(recipe, writer, method, images, mean.to(device), std.to(device), device, context, state,
-                      progress, stop, diagnostics)
+                      progress, stop, diagnostics, monitor)
     finally:
         writer.close()
 
@@ -216,7 +221,8 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
 def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: torch.Tensor, mean: torch.Tensor,
            std: torch.Tensor, device: torch.device, context: distributed.Distributed, state: ckpt.Checkpoint | None,
            progress: Callable[[dict], None] | None, stop: StopRequest,
-           diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None) -> RunResult:
+           diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None,
+           monitor: Callable | None = None) -> RunResult:
     if method.closed_form:
         return _fit_closed_form(method, recipe, writer, images, Augmenter(recipe.augment, recipe.data.image_size,
                                                                           mean, std))
@@ -260,6 +266,7 @@ def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: torch.T
     loss_sums: dict[str, torch.Tensor] = {}
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     row: dict[str, float] = {}
+    monitored: dict[str, float] = {}
     permutation = None
     step, stopping = start_step, context.any(stop.requested, device)  # stopped while the data loaded
     model.train()
@@ -315,6 +322,16 @@ def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: torch.T
                 method.train()
                 writer.log({"step": step, "epoch": finished_epoch,
                             **{f"diagnostics/{k}": v for k, v in measured.items()}})
+            monitor_due = recipe.train.monitor is not None and (finished_epoch % recipe.train.monitor.every == 0
+                                                                or step == total_steps)
+            if monitor is not None and monitor_due and context.is_main:
+                method.eval()
+                with torch.no_grad():
+                    monitored = monitor(method, mean, std)
+                method.train()
+                writer.log({"step": step, "epoch": finished_epoch, **monitored})
+                if progress is not None:
+                    progress(row | monitored | {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch})
 
     if saved_step != step:
         save(step, with_epoch_file=False, metrics={"loss": row.get("loss", float("nan"))})
@@ -322,7 +339,7 @@ def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: torch.T
     done_steps = step - start_step
     return RunResult(writer.run_dir, writer.last_checkpoint, step // steps_per_epoch, step,
                      row.get("loss", float("nan")), wall, done_steps * batch_size / max(wall, 1e-9),
-                     interrupted=step < total_steps, is_main=context.is_main)
+                     interrupted=step < total_steps, is_main=context.is_main, monitor=monitored)
 
 
 def _fit_closed_form(method: nn.Module, recipe: Recipe, writer: RunWriter, images: torch.Tensor,

@@ -33,7 +33,14 @@ from hssl_cli.recipe.methods import (
     SimCLRConfig,
     VICRegConfig,
 )
-from hssl_cli.recipe.schema import RESUME_SAFE_KEYS, Recipe, changed_keys, describe_changes, recipe_to_yaml
+from hssl_cli.recipe.schema import (
+    RESUME_SAFE_KEYS,
+    Recipe,
+    changed_keys,
+    describe_changes,
+    recipe_to_yaml,
+    resume_safe,
+)
 from hssl_cli.recipe.sections import (
     AugmentConfig,
     BlurConfig,
@@ -41,6 +48,7 @@ from hssl_cli.recipe.sections import (
     DataConfig,
     GroupConfig,
     ModelConfig,
+    MonitorConfig,
     OptimConfig,
     ResolvedView,
     Section,
@@ -74,12 +82,14 @@ __all__ = [
     "MethodSection",
     "MoCoV3Config",
     "ModelConfig",
+    "MonitorConfig",
     "OptimConfig",
     "parse_recipe",
     "read_text_file",
     "read_yaml_mapping",
     "Recipe",
     "recipe_to_yaml",
+    "resume_safe",
     "RecipeError",
     "ResolvedView",
     "RESUME_SAFE_KEYS",

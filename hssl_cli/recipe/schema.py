@@ -111,8 +111,14 @@ class Recipe(Section):
 
 # Keys that may change between a run and its resumption without altering the result.
 RESUME_SAFE_KEYS = frozenset(
-    {"data.root", "train.checkpoint_every", "train.log_every", "train.compile", "train.diagnostics_every"}
+    {"data.root", "train.checkpoint_every", "train.log_every", "train.compile", "train.diagnostics_every",
+     "train.monitor"}
 )
+
+
+def resume_safe(key: str) -> bool:
+    """Whether a dotted key (or a key inside a section, e.g. train.monitor.every) may change on resume."""
+    return any(key == safe or key.startswith(f"{safe}.") for safe in RESUME_SAFE_KEYS)
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML: every key, defaults included; stored in each checkpoint."""

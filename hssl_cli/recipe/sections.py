@@ -182,6 +182,18 @@ class OptimConfig(Section):
         return betas
 
 
+class MonitorConfig(Section):
+    """An online check that training helps: kNN (and optionally linear) top-1 of the frozen backbone features,
+    fitted on `samples` train images and scored on `samples` images of `split`, every `every` epochs."""
+
+    every: int = Field(1, ge=1, le=100_000, description="epochs between evaluations (and always after the last)")
+    knn: bool = Field(True, description="cosine kNN (k = 20, temperature 0.07), as hssl probe's")
+    linear: bool = Field(False, description="also a linear probe (L-BFGS softmax regression, as hssl probe's)")
+    split: str = Field("test", description="split to score on; the train split gives held-out train images "
+                       "disjoint from the fitted ones, the split to choose settings on")
+    samples: int = Field(2000, ge=10, le=1_000_000, description="images fitted on and images scored (fixed, seeded)")
+
+
 class TrainConfig(Section):
     epochs: int = Field(100, ge=0, le=100_000,
         description="passes over the training split; 0 writes the initialised model "
@@ -196,6 +208,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(10, ge=1, le=100_000,
         description="write epoch-NNNN.safetensors every this many epochs")
     log_every: int = Field(10, ge=1, le=1_000_000, description="steps between rows of the JSONL metrics log")
+    monitor: MonitorConfig | None = Field(
+        None, description="online kNN/linear evaluation while training, e.g. monitor: {every: 1}; null: off")
     diagnostics_every: int = Field(
         5, ge=0, le=100_000,
             description="epochs between collapse diagnostics on a held batch, logged to metrics.jsonl; 0: off"

@@ -42,13 +42,13 @@ def read_result(folder: Path, loaded: LoadedSuite, cell: Cell) -> dict | None:
         result = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise HsslError(f"{path}: not a readable result (corrupt); delete it and run the cell again") from None
-    from hssl_cli.recipe import RESUME_SAFE_KEYS, changed_keys, parse_recipe
+    from hssl_cli.recipe import changed_keys, parse_recipe, resume_safe
 
     try:
         stored = parse_recipe(result["recipe"], f"{path} (stored recipe)")
     except (KeyError, TypeError):
         raise HsslError(f"{path}: not a result written by hssl sweep; delete it and run the cell again") from None
-    changed = [key for key in changed_keys(stored, cell.recipe) if key not in RESUME_SAFE_KEYS]
+    changed = [key for key in changed_keys(stored, cell.recipe) if not resume_safe(key)]
     if result.get("evaluation") != evaluation_settings(loaded):
         changed.append("the suite's probe/collapse_report/equivariance_check settings")
     if changed:
