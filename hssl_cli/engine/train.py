@@ -71,27 +71,30 @@ def seeded_generator(device: torch.device, *parts: int) -> torch.Generator:
     return generator
 
 
-def find_resume_state(resume: str, output_root: Path, recipe: Recipe) -> Path | None:
-    """`auto`: the newest run folder of this recipe with a readable training state (None when there is
-    none yet: a requeued job's first start); else the state file beside the given path."""
+def find_resume_state(resume: str, output_root: Path, recipe: Recipe) -> ckpt.Checkpoint | None:
+    """The training state to resume, loaded once. `auto`: the newest run folder of this recipe with a
+    readable state (None when there is none yet: a requeued job's first start); else the state beside the
+    given path."""
     if resume != "auto":
-        path = Path(resume)
-        if path.is_dir():
-            return path / "last.state.safetensors"
-        if path.name.endswith(".state.safetensors"):
-            return path
-        if path.is_file() and path.name != "last.safetensors":
-            raise HsslError(f"--resume {path}: only a run's last state can be resumed (its folder, last.safetensors "
-                            f"or last.state.safetensors); to start a new run from these weights use --init-from {path}")
-        return path.with_name("last.state.safetensors")
+        return ckpt.load_checkpoint(_state_path(Path(resume)), kind="training_state")
     runs = sorted((output_root / recipe.name).glob("*/last.state.safetensors"), reverse=True)
     for candidate in runs:
         try:
-            ckpt.load_checkpoint(candidate, kind="training_state")
-            return candidate
+            return ckpt.load_checkpoint(candidate, kind="training_state")
         except HsslError as error:  # e.g. cut short by a kill: an older run may still resume
             warnings.warn(CheckpointNote(f"--resume auto skipped {candidate}: {error}"), stacklevel=2)
     return None
+
+
+def _state_path(path: Path) -> Path:
+    if path.is_dir():
+        return path / "last.state.safetensors"
+    if path.name.endswith(".state.safetensors"):
+        return path
+    if path.is_file() and path.name != "last.safetensors":
+        raise HsslError(f"--resume {path}: only a run's last state can be resumed (its folder, last.safetensors "
+                        f"or last.state.safetensors); to start a new run from these weights use --init-from {path}")
+    return path.with_name("last.state.safetensors")
 
 
 def new_run_dir(output_root: Path, recipe: Recipe) -> Path:
@@ -158,10 +161,10 @@ def pretrain(
 
 
 def _resume_state(recipe: Recipe, output_root: Path, resume: str | None) -> ckpt.Checkpoint | None:
-    state_path = find_resume_state(resume, output_root, recipe) if resume is not None else None
-    if state_path is None:
+    state = find_resume_state(resume, output_root, recipe) if resume is not None else None
+    if state is None:
         return None
-    state = ckpt.load_checkpoint(state_path, kind="training_state")
+    state_path = state.path
     altered = [key for key in changed_keys(state.recipe, recipe) if not resume_safe(key)]
     if altered:
         raise HsslError(f"--resume {state_path}: the recipe differs from the run's in "
