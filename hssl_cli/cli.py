@@ -299,6 +299,42 @@ stem, a 3x3 stride-1 conv1 and no max-pool, and no classifier) and holds the pre
                  highlight=False, markup=False)
 
 
+@app.command()
+@user_errors
+def plot(
+    runs: Annotated[list[Path], typer.Argument(
+        metavar="RUN...", help="Run folders, checkpoints in them, or folders of runs (all runs below). "
+        "Example: checkpoints/quickstart/20261203-065817 checkpoints/simclr_cifar10", show_default=False)],
+    out: Annotated[Path, typer.Option(
+        "--out", help="The figure: .png, .pdf or .svg. Example: --out curves.pdf")] = Path("curves.png"),
+    metrics: Annotated[list[str] | None, typer.Option(
+        "--metric", help="Panels to draw: metric names of metrics.jsonl, * as a wildcard; repeatable "
+        "(default: loss, lr, monitor/*, diagnostics/*/effective_rank). Example: --metric 'diagnostics/*/rankme'")
+    ] = None,
+    labels: Annotated[list[str] | None, typer.Option(
+        "--label", help="A legend label per run, in order (default: <recipe name>/<run folder>); repeatable.")
+    ] = None,
+    title: Annotated[str | None, typer.Option("--title", help="The figure's title.")] = None,
+) -> None:
+    """Overlay the training curves of several runs: one panel per metric against epochs, one colour per run.
+
+    Reads each run's metrics.jsonl (loss, lr, the online monitor's accuracy, the collapse diagnostics' \
+effective rank per layer, and whatever else the method logs). A resumed run is drawn once: rows of a \
+killed run after its last checkpoint are replaced by the resumed run's.
+
+    Example: hssl plot checkpoints/simclr_cifar10_cpu checkpoints/byol_cifar10_cpu --out curves.pdf
+    """
+    from hssl_cli.evaluate.curves import DEFAULT_PANELS, plot_runs, read_run, run_folders
+
+    folders = run_folders(runs)
+    if labels and len(labels) != len(folders):
+        raise HsslError(f"--label given {len(labels)} time(s) for {len(folders)} run(s); give one per run or none")
+    curves = [read_run(folder, label) for folder, label in zip(folders, labels or [None] * len(folders), strict=True)]
+    panels = plot_runs(curves, out, metrics or DEFAULT_PANELS, title)
+    output.print(f"wrote {out}: {len(curves)} run(s), panels {', '.join(panels)}", soft_wrap=True, highlight=False,
+                 markup=False)
+
+
 @app.command("equivariance-check")
 @user_errors
 def equivariance_check(

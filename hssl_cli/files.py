@@ -65,3 +65,8 @@ def save_safetensors_atomically(path: Path, tensors: dict[str, torch.Tensor], me
 
 def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda temp: Path(temp).write_text(text))
+
+
+def save_figure_atomically(figure, path: Path, dpi: int = 130) -> None:
+    """A matplotlib Figure to `path`, in the format its suffix names (png, pdf, svg)."""
+    write_atomically(path, lambda temp: figure.savefig(temp, dpi=dpi, format=path.suffix.lstrip(".").lower()))

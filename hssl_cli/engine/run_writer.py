@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from hssl_cli.engine import checkpoint as ckpt
+from hssl_cli.engine.loggers import open_loggers
 from hssl_cli.errors import HsslError
 from hssl_cli.files import remove_stale_temp_files
 from hssl_cli.recipe import Recipe, recipe_to_yaml
@@ -23,14 +24,17 @@ def unwritable(folder: Path, error: Exception) -> HsslError:
 
 
 class RunWriter:
-    def __init__(self, run_dir: Path, recipe: Recipe, data_stats: dict[str, torch.Tensor], is_main: bool):
+    def __init__(self, run_dir: Path, recipe: Recipe, data_stats: dict[str, torch.Tensor], is_main: bool,
+                 resumed_step: int = 0):
         self.run_dir, self.recipe, self.data_stats, self.is_main = run_dir, recipe, data_stats, is_main
         self._metrics = None
+        self._loggers: list = []
         if is_main:
             remove_stale_temp_files(run_dir)  # of a write a kill -9 interrupted
             try:
                 (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
                 self._metrics = (run_dir / "metrics.jsonl").open("a")
+                self._loggers = open_loggers(recipe.train.loggers, run_dir, recipe, resumed_step)
             except OSError as error:
                 raise unwritable(run_dir, error) from None
 
@@ -44,6 +48,8 @@ class RunWriter:
             try:
                 self._metrics.write(json.dumps(row) + "\n")
                 self._metrics.flush()
+                for logger in self._loggers:
+                    logger.log(row)
             except OSError as error:
                 raise unwritable(self.run_dir, error) from None
 
@@ -69,6 +75,9 @@ class RunWriter:
                                      epoch, step, self.data_stats)
 
     def close(self) -> None:
+        for logger in self._loggers:
+            logger.close()
+        self._loggers = []
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None

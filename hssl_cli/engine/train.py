@@ -211,7 +211,8 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
         run_dir = state.path.parent
     else:
         run_dir = Path(context.broadcast(str(new_run_dir(output_root, recipe)) if context.is_main else None))
-    writer = RunWriter(run_dir, recipe, {"mean": mean.float(), "std": std.float()}, context.is_main)
+    writer = RunWriter(run_dir, recipe, {"mean": mean.float(), "std": std.float()}, context.is_main,
+                       resumed_step=state.step if state is not None else 0)
     if init_from is not None and state is None:
         writer.log({"step": 0, "init_from": str(init_from)})
     try:

@@ -214,3 +214,16 @@ class TrainConfig(Section):
         5, ge=0, le=100_000,
             description="epochs between collapse diagnostics on a held batch, logged to metrics.jsonl; 0: off"
     )
+    loggers: list[Literal["jsonl", "csv", "tensorboard", "wandb"]] = Field(
+        ["jsonl"], max_length=4,
+        description="where metric rows go: metrics.jsonl always; csv (metrics.csv), tensorboard (<run>/tensorboard/) "
+                    "and wandb (when installed) besides, e.g. loggers: [jsonl, tensorboard]")
+
+    @field_validator("loggers")
+    @classmethod
+    def _wandb_installed(cls, loggers: list[str]) -> list[str]:
+        import importlib.util
+
+        if "wandb" in loggers and importlib.util.find_spec("wandb") is None:
+            raise ValueError("wandb is not installed here; pip install wandb, or leave wandb out of the list")
+        return loggers
