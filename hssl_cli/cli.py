@@ -191,35 +191,63 @@ def probe(
         "--features", help="backbone (f(x), the usual choice) or projector (the method's embedding of one view, "
         "as its loss sees it: g(f(x)), or the head on one fibre for H-SSL).")] = "backbone",
     train_samples: Annotated[int | None, typer.Option(
-        "--train-samples", help="Fit the probes on a fixed random subset of train (default: all). "
-        "Example: --train-samples 6000")] = None,
+        "--train-samples", "--train-subset", help="Fit the probes on a fixed random subset of train (default: all): "
+        "a quick probe of a large split. Example: --train-samples 6000")] = None,
     test_samples: Annotated[int | None, typer.Option(
-        "--test-samples", help="Score on a fixed random subset of test (default: all). Example: --test-samples 3000")
-    ] = None,
+        "--test-samples", "--test-subset", help="Score on a fixed random subset of test (default: all). "
+        "Example: --test-samples 3000")] = None,
+    labels: Annotated[str, typer.Option(
+        "--labels", help="Low-label evaluation: keep this percentage of each class's train labels (a fixed, seeded "
+        "subset, the same for every checkpoint). Example: --labels 1%")] = "100%",
+    protocol: Annotated[str, typer.Option(
+        "--protocol", help="fast: L-BFGS softmax regression on standardised features of unaugmented images (one "
+        "backbone pass; seconds). standard: the papers' linear evaluation, SGD on features of crop+flip views drawn "
+        "every epoch (one backbone pass per image per epoch; see --epochs, --lr, --batch-size).")] = "fast",
+    epochs: Annotated[int, typer.Option("--epochs", help="--protocol standard: epochs of SGD.")] = 100,
+    lr: Annotated[float, typer.Option("--lr", help="--protocol standard: learning rate for batch 256, scaled "
+                                      "linearly with --batch-size; cosine schedule.")] = 0.1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="--protocol standard: images per SGD step.")] = 256,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="--protocol standard: weight decay.")] = 0.0,
     test_rotations: Annotated[list[float] | None, typer.Option(
         "--test-rotation", help="Also score the same probes on the test images rotated by this angle in degrees "
         "(bilinear); repeatable. Example: --test-rotation 17 --test-rotation 100")] = None,
     validation: Annotated[bool, typer.Option(
         "--validation", help="Score on held-out train images (--test-samples of them, default 10%), never on "
         "test: the split to choose settings on.")] = False,
+    cache: Annotated[bool, typer.Option(
+        "--cache/--no-cache", help="Keep the extracted features (safetensors in $HSSL_CACHE_DIR/features, default "
+        "~/.cache/hssl/features, keyed by a hash of the weights and the images), so the next probe of the same "
+        "checkpoint and data skips the extraction.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     device: DeviceOption = "auto",
     verify: VerifyOption = True,
 ) -> None:
     """Linear and kNN evaluation of the frozen features of a checkpoint (no recipe file needed).
 
-    Features of the train and test splits are extracted once. A softmax classifier is trained \
-full-batch (L-BFGS) on standardised features, its weight decay chosen on a held-out 10% of train; \
-a weighted kNN (cosine, k=20 and k=200, temperature 0.07) votes. Top-1/top-5 on the test split.
+    Features of the train and test splits are extracted once (and cached). --protocol fast (default): a \
+softmax classifier trained full-batch (L-BFGS) on standardised features, its weight decay chosen on a \
+held-out 10% of train. --protocol standard: the papers' SGD linear evaluation with crop+flip augmentation \
+(comparable with published numbers; slow on a CPU). Both: a weighted kNN (cosine, k=20 and k=200, \
+temperature 0.07) votes. Top-1/top-5 on the test split; --json says which protocol made each number.
 
-    Example: hssl probe checkpoints/quickstart/20261123-120000/last.safetensors --json
+    Examples: hssl probe checkpoints/quickstart/20261123-120000/last.safetensors --json; \
+hssl probe CKPT --labels 1% --train-subset 20000; hssl probe CKPT --protocol standard --epochs 100
     """
+    from hssl_cli.evaluate.linear_sgd import SgdProtocol
     from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
 
+    for name, value, low in (("--epochs", epochs, 1), ("--batch-size", batch_size, 2)):
+        if value < low:
+            raise HsslError(f"{name} {value}: give at least {low}")
+    if not (0 < lr <= 100 and 0 <= weight_decay <= 10):
+        raise HsslError(f"--lr {lr:g} / --weight-decay {weight_decay:g}: give 0 < lr <= 100 and "
+                        "0 <= weight decay <= 10")
     report = probe_checkpoint(checkpoint, dataset=dataset, data_root=data_root, features=features,
                               device_name=device, progress=not as_json, train_samples=train_samples,
                               test_samples=test_samples, test_rotations=test_rotations or [],
-                              validation=validation, verify=verify)
+                              validation=validation, verify=verify, labels=labels, protocol=protocol,
+                              sgd=SgdProtocol(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay),
+                              cache=cache)
     if as_json:
         output.print_json(json.dumps(report))
         return

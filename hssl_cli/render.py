@@ -3,9 +3,26 @@ cli.py compute; these functions only print what they are given."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar on stderr for long work (decoding, feature extraction); yields `advance(count)`."""
+    if not enabled:
+        yield lambda count: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda count: bar.advance(task, count)
 
 
 class TrainingProgress:
@@ -66,16 +83,27 @@ def print_pretrain(output: Console, name: str, result) -> None:
 
 
 def print_probe(output: Console, report: dict) -> None:
-    table = Table(title=f"probe: {report['dataset']} {report['train_size']} train / {report['test_size']} "
+    labels = "" if report.get("labels", "100%") == "100%" else f" ({report['labels']} of the labels)"
+    table = Table(title=f"probe: {report['dataset']} {report['train_size']} train{labels} / {report['test_size']} "
                   f"{escape(report['test_split'])}, "
                   f"{report['features']} features (d={report['feature_dim']})")
-    for column in ("evaluation", "top-1 %", "top-5 %", "detail"):
+    for column in ("evaluation", "protocol", "top-1 %", "top-5 %", "detail"):
         table.add_column(column)
     for name, result in report["results"].items():
-        table.add_row(name, f"{result['top1']:.2f}", f"{result['top5']:.2f}", result.get("detail", ""))
+        table.add_row(name, result.get("protocol", ""), f"{result['top1']:.2f}", f"{result['top5']:.2f}",
+                      result.get("detail", ""))
     output.print(table)
     output.print(f"checkpoint: {report['checkpoint']} (epoch {report['epoch']}, {report['method']}, "
-                 f"{report['backbone']}); {report['seconds']:.1f} s", soft_wrap=True, highlight=False, markup=False)
+                 f"{report['backbone']}); {report['seconds']:.1f} s{cached(report)}", soft_wrap=True, highlight=False,
+                 markup=False)
+
+
+def cached(report: dict) -> str:
+    """', features from the cache' when every feature set came from it."""
+    cache = report.get("feature_cache") or {}
+    if cache.get("hits") and not cache.get("misses"):
+        return ", features from the cache"
+    return ""
 
 
 def print_collapse(output: Console, report: dict) -> None:

@@ -22,6 +22,12 @@ def _deterministic_cpu():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _feature_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """hssl probe caches features; tests keep theirs out of ~/.cache."""
+    monkeypatch.setenv("HSSL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hssl-cache"))
+
+
 @pytest.fixture
 def tiny_recipe():
     def make(*overrides: str):

@@ -32,7 +32,6 @@ import struct
 import warnings
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from hssl_cli.errors import DataError
 from hssl_cli.files import save_safetensors_atomically
 from hssl_cli.recipe import DataConfig
+from hssl_cli.render import progress_bar
 
 SPLITS = {
     "digits": ("train", "test"),
@@ -311,7 +311,7 @@ def _visible_folders(folder: Path) -> list[str]:
 def _decode_files(paths: list[str], size: int, progress: bool, description: str) -> torch.Tensor:
     """Read and decode image files to uint8 RGB (N, 3, size, size), resizing those of another size."""
     images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    with _progress_bar(progress, description, len(paths)) as advance:
+    with progress_bar(progress, description, len(paths)) as advance:
         for start in range(0, len(paths), DECODE_CHUNK):
             decoded = _decode_chunk(paths[start : start + DECODE_CHUNK])
             by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -364,19 +364,6 @@ def _to_uint8(image: torch.Tensor) -> torch.Tensor:
     if image.dtype == torch.uint16:  # 16-bit PNG
         return (image.to(torch.int32) >> 8).to(torch.uint8)
     return image
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callable[[int], None]]:
-    if not enabled:
-        yield lambda count: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda count: bar.advance(task, count)
 
 
 def _cache_folders(root: Path) -> list[Path]:

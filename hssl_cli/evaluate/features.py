@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -19,12 +20,14 @@ def model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, images: Tensor, mean: Tensor, std: Tensor, batch_size: int = 512
+    model: nn.Module, images: Tensor, mean: Tensor, std: Tensor, batch_size: int = 512,
+    advance: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Run `model` in eval mode on normalised uint8 images (N, C, H, W); return float32 (N, D).
 
     Batches are moved to the model's device, under bf16 autocast on CUDA. Outputs with more than two
-    dimensions are flattened after the batch dimension. The train/eval mode of every submodule is
+    dimensions are flattened after the batch dimension. `advance(n)` is told of every batch done (a
+    progress bar). The train/eval mode of every submodule is
     restored afterwards, so a partly frozen model (e.g. eval-mode BatchNorm) comes back unchanged.
     """
     if images.ndim != 4 or images.shape[0] == 0:
@@ -47,6 +50,8 @@ def extract_features(
             with autocast:
                 output = model(normalize(batch, mean, std))
             chunks.append(output.float().flatten(1))
+            if advance is not None:
+                advance(batch.shape[0])
         return torch.cat(chunks)
     finally:
         for module, training in modes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,8 +16,10 @@ if TYPE_CHECKING:
     import torch
 
     from hssl_cli.data.sources import ImageSplit
+    from hssl_cli.evaluate.linear_sgd import SgdProtocol
 
 KNN_NEIGHBOURS = (20, 200)
+PROTOCOLS = ("fast", "standard")
 
 
 def evaluation_data(data: DataConfig, dataset: str | None, data_root: str | None) -> DataConfig:
@@ -70,30 +74,63 @@ def probe_images(train: ImageSplit, test: ImageSplit | None, train_samples: int 
     return train.images[train_index], train.labels[train_index], test_images, test_labels
 
 
+def label_fraction(text: str) -> float:
+    """'1%' -> 0.01; the fraction of train labels a low-label probe keeps."""
+    try:
+        percent = float(text.strip().removesuffix("%"))
+    except ValueError:
+        percent = math.nan
+    if not text.strip().endswith("%") or not 0 < percent <= 100:
+        raise HsslError(f"--labels {text}: give a percentage of the train labels in (0, 100], e.g. 1%, 10% or 100%")
+    return percent / 100
+
+
+def label_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Indices keeping `fraction` of each class's images (at least one per class), chosen by a seeded
+    permutation: the same subset for every checkpoint probed, so low-label results compare."""
+    import torch
+
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    kept = []
+    for label in labels.unique().tolist():
+        members = order[labels[order] == label]
+        kept.append(members[:max(1, round(fraction * len(members)))])
+    return torch.cat(kept).sort().values
+
+
 def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | None = None,
                      features: str = "backbone", device_name: str = "auto", progress: bool = True,
                      train_samples: int | None = None, test_samples: int | None = None,
-                     test_rotations: Sequence[float] = (), validation: bool = False, verify: bool = True) -> dict:
+                     test_rotations: Sequence[float] = (), validation: bool = False, verify: bool = True,
+                     labels: str = "100%", protocol: str = "fast", sgd: SgdProtocol | None = None,
+                     cache: bool = True, cache_dir: Path | None = None) -> dict:
     """Linear probe and kNN of a checkpoint's frozen features; `train_samples`/`test_samples` use fixed
     random subsets of the splits; each angle of `test_rotations` (degrees) scores the same probes again
     on the test images rotated by it. `validation`: score on held-out train images instead of the test
     split (test_samples of them, default 10%), disjoint from the probe's train images: the split to
-    choose settings on."""
-    import math
-
+    choose settings on. `labels`: the percentage of train labels kept (per class, seeded). `protocol`:
+    fast (L-BFGS on standardised features of the unaugmented images) or standard (`sgd`: the papers' SGD
+    with crop and flip). Features are cached (`cache_dir`, default ~/.cache/hssl/features) unless `cache`
+    is False."""
     import torch
 
     from hssl_cli.data.groups import rotate_uint8
     from hssl_cli.data.sources import load_split
-    from hssl_cli.engine.checkpoint import load_checkpoint
+    from hssl_cli.engine.checkpoint import load_checkpoint, tensor_checksum
     from hssl_cli.engine.train import resolve_device
+    from hssl_cli.evaluate.feature_cache import FeatureCache, default_cache_dir
     from hssl_cli.evaluate.features import extract_features
     from hssl_cli.evaluate.frozen import feature_model, load_trained_method
+    from hssl_cli.evaluate.linear_sgd import SgdProtocol, train_linear_sgd
     from hssl_cli.evaluate.probe import fit_linear_probe, knn_probe, topk_accuracy
+    from hssl_cli.render import progress_bar
 
     for name, value in (("--train-samples", train_samples), ("--test-samples", test_samples)):
         if value is not None and value < 10:
             raise HsslError(f"{name} {value}: too few images to probe; use at least 10 (or leave it out for all)")
+    if protocol not in PROTOCOLS:
+        raise HsslError(f"--protocol {protocol}: choose one of {', '.join(PROTOCOLS)}")
+    fraction = label_fraction(labels)
     started = time.perf_counter()
     device = resolve_device(device_name)
     checkpoint = load_checkpoint(path, verify=verify)
@@ -106,25 +143,48 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
         raise HsslError(f"{data_config.dataset} has {train.images.shape[1]} channel(s) but the checkpoint's model "
                         f"reads {trained.in_channels}; probe on a dataset with {trained.in_channels}")
     train_images, train_labels, test_images, test_labels = probe_images(train, test, train_samples, test_samples)
-    train_features = extract_features(model, train_images, trained.mean, trained.std)
+    if fraction < 1:
+        kept = label_subset(train_labels, fraction)
+        train_images, train_labels = train_images[kept], train_labels[kept]
+    weights = tensor_checksum(checkpoint.tensors) + checkpoint.metadata.get("recipe", "")
+    cache_folder = (cache_dir or default_cache_dir()) if cache else None
+    feature_cache = FeatureCache(cache_folder, hashlib.sha256(weights.encode()).hexdigest(),
+                                 {"features": features, "device": device.type})
+
+    def features_of(images: torch.Tensor, what: str) -> torch.Tensor:
+        def extract(images: torch.Tensor) -> torch.Tensor:
+            with progress_bar(progress, f"features of {what}", len(images)) as advance:
+                return extract_features(model, images, trained.mean, trained.std, advance=advance)
+
+        return feature_cache.features(images, extract).to(device)
+
+    train_features = features_of(train_images, "train")
     train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     num_classes = len(train.classes)
 
-    classifier = fit_linear_probe(train_features, train_labels, num_classes)
+    if protocol == "fast":
+        classifier = fit_linear_probe(train_features, train_labels, num_classes)
+        linear_scores, linear_detail = classifier.scores, f"L-BFGS, weight decay {classifier.weight_decay:g}"
+    else:
+        sgd = sgd or SgdProtocol()
+        with progress_bar(progress, "linear SGD (epochs)", sgd.epochs) as advance:
+            layer = train_linear_sgd(model, train_images, train_labels, num_classes, trained.mean, trained.std, sgd,
+                                     advance)
+        linear_scores, linear_detail = layer, sgd.describe()
     results = {}
 
-    def score(suffix: str, images: torch.Tensor, neighbours: tuple[int, ...]) -> None:
-        test_features = extract_features(model, images, trained.mean, trained.std)
-        linear = topk_accuracy(classifier.scores(test_features), test_labels)
-        results[f"linear{suffix}"] = {**linear, "detail": f"weight decay {classifier.weight_decay:g}"}
+    def score(suffix: str, images: torch.Tensor, neighbours: tuple[int, ...], what: str) -> None:
+        test_features = features_of(images, what)
+        linear = topk_accuracy(linear_scores(test_features), test_labels)
+        results[f"linear{suffix}"] = {**linear, "protocol": protocol, "detail": linear_detail}
         for k in neighbours:
             knn = knn_probe(train_features, train_labels, test_features, test_labels, num_classes, k=k)
-            results[f"knn_k{k}{suffix}"] = {**knn, "detail": "cosine, T=0.07"}
+            results[f"knn_k{k}{suffix}"] = {**knn, "protocol": "knn", "detail": "cosine, T=0.07"}
 
-    score("", test_images, KNN_NEIGHBOURS)
+    score("", test_images, KNN_NEIGHBOURS, "test")
     for degrees in test_rotations:
         angles = torch.full((len(test_images),), math.radians(degrees))
-        score(f"@rot{degrees:g}", rotate_uint8(test_images, angles), KNN_NEIGHBOURS[:1])
+        score(f"@rot{degrees:g}", rotate_uint8(test_images, angles), KNN_NEIGHBOURS[:1], f"test @{degrees:g} deg")
     return {
         "checkpoint": str(checkpoint.path),
         "method": checkpoint.recipe.method.name,
@@ -134,9 +194,13 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
         "features": features,
         "feature_dim": int(train_features.shape[1]),
         "train_size": len(train_labels),
+        "labels": labels.strip(),
+        "protocol": protocol,
         "test_size": len(test_labels),
         "test_split": f"{data_config.train_split} (held out)" if validation else data_config.test_split,
         "test_rotations": list(test_rotations),
         "results": results,
+        "feature_cache": {"folder": str(cache_folder) if cache_folder else None, "hits": feature_cache.hits,
+                          "misses": feature_cache.misses},
         "seconds": round(time.perf_counter() - started, 2),
     }
