@@ -267,11 +267,17 @@ IsoLoss): the alignment of its eigenvectors with those of the correlation z^T z 
     Verdict rule, per layer: {VERDICT_RULE}. The checkpoint's verdict is its projector's (the backbone's \
 when there is no projector).
 
-    Example: hssl collapse-report checkpoints/quickstart/20261123-120000/last.safetensors --plot spectrum.png
+    Several checkpoints (a run's epochs, or methods side by side): a table each, and with --plot one figure \
+with their spectra overlaid per layer, on the same data sample.
+
+    Examples: hssl collapse-report checkpoints/quickstart/20261123-120000/last.safetensors --plot spectrum.png; \
+hssl collapse-report RUN/epoch-0010.safetensors RUN/epoch-0100.safetensors --plot spectra.pdf
 """)
 @user_errors
 def collapse_report(
-    checkpoint: CheckpointArgument,
+    checkpoints: Annotated[list[Path], typer.Argument(
+        metavar="CKPT...", show_default=False,
+        help="Model checkpoints or run folders. Example: checkpoints/quickstart/<run>/last.safetensors")],
     dataset: DatasetOption = None,
     data_root: DataRootOption = None,
     split: Annotated[str | None, typer.Option(
@@ -283,21 +289,39 @@ def collapse_report(
         "--threshold", help="An eigenvalue below this fraction of the largest counts as a collapsed dimension. "
         "Example: --threshold 1e-4")] = DEFAULT_THRESHOLD,
     plot: Annotated[Path | None, typer.Option(
-        "--plot", help="Write a PNG: the log-scale spectrum of each layer side by side. Example: --plot out.png")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with the eigenvalues) "
-                                          "instead of the table.")] = False,
+        "--plot", help="Write a figure (.png, .pdf or .svg): one log-scale panel per layer, the spectra of every "
+        "checkpoint overlaid, titled with the dataset. Example: --plot spectra.pdf")] = None,
+    labels: Annotated[list[str] | None, typer.Option(
+        "--label", help="The legend label of each checkpoint, in order (default: method, backbone, epoch); "
+        "repeatable. Example: --label SimCLR --label BYOL")] = None,
+    shared_axes: Annotated[bool, typer.Option(
+        "--shared-axes/--separate-axes", help="Panels share their y-axis (compare layers at a glance) or each "
+        "gets its own range.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (with the eigenvalues; a list for "
+                                          "several checkpoints) instead of the table.")] = False,
     device: DeviceOption = "auto",
     verify: VerifyOption = True,
 ) -> None:
     from hssl_cli.evaluate.collapse_report import collapse_report as run_report
+    from hssl_cli.evaluate.spectrum import plot_spectra
 
-    report = run_report(checkpoint, dataset=dataset, data_root=data_root, split=split, samples=samples,
-                        threshold=threshold, plot=plot, device_name=device, progress=not as_json, verify=verify)
+    if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise HsslError(f"--plot {plot}: give a .png, .pdf or .svg file")
+    if labels and len(labels) != len(checkpoints):
+        raise HsslError(f"--label given {len(labels)} time(s) for {len(checkpoints)} checkpoint(s); give one each "
+                        "or none")
+    reports = [run_report(checkpoint, dataset=dataset, data_root=data_root, split=split, samples=samples,
+                          threshold=threshold, device_name=device, progress=not as_json, verify=verify)
+               for checkpoint in checkpoints]
+    if plot is not None:
+        plot_spectra(reports, plot, labels, shared_axes)
+        for report in reports:
+            report["plot"] = str(plot)
     if as_json:
-        output.print_json(json.dumps(report))
+        output.print_json(json.dumps(reports[0] if len(reports) == 1 else reports))
         return
-    print_collapse(output, report)
+    for report in reports:
+        print_collapse(output, report)
 
 
 @app.command()

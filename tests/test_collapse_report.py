@@ -106,3 +106,19 @@ def test_help_states_the_verdict_rule_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip().splitlines()[-1] == "False", done.stdout + done.stderr
     assert "complete collapse when" in done.stdout and "dimensional collapse when" in done.stdout
+
+
+def test_several_checkpoints_give_a_table_each_one_overlaid_figure_and_a_json_list(checkpoints, tmp_path):
+    plot = tmp_path / "spectra.pdf"
+    both = [str(checkpoints["simclr"]), str(checkpoints["collapsing"])]
+    result = runner.invoke(app, ["collapse-report", *both, "--device", "cpu", "--samples", "200", "--plot", str(plot),
+                                 "--label", "SimCLR", "--label", "collapsing", "--separate-axes"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("collapse report:") == 2 and plot.read_bytes()[:4] == b"%PDF"
+    reports = json.loads(runner.invoke(app, ["collapse-report", *both, "--device", "cpu", "--samples", "200",
+                                             "--json"]).output)
+    assert [report["checkpoint"] for report in reports] == both
+    for options, message in ((["--plot", str(tmp_path / "x.jpg")], "give a .png, .pdf or .svg file"),
+                             (["--label", "one"], "--label given 1 time(s) for 2 checkpoint(s)")):
+        result = runner.invoke(app, ["collapse-report", *both, "--device", "cpu", *options])
+        assert result.exit_code == 2 and message in result.output

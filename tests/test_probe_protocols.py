@@ -112,7 +112,8 @@ def test_sgd_linear_evaluation_learns_separable_classes_and_leaves_the_backbone_
 
 def test_standard_protocol_says_which_protocol_made_each_number(trained):
     runner = CliRunner()
-    result = runner.invoke(app, ["probe", str(trained), "--device", "cpu", "--protocol", "standard", "--epochs", "4", "--batch-size", "50", "--lr", "2",
+    result = runner.invoke(app, ["probe", str(trained), "--device", "cpu", "--protocol", "standard", "--epochs", "4",
+                                 "--batch-size", "50", "--lr", "2",
                                  "--train-subset", "400", "--test-subset", "200", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)

@@ -142,8 +142,17 @@ def test_layer_outputs_are_the_methods_collapse_layers_flattened():
         "backbone": (8, 6), "projector": (8, 4), "predictor": (8, 4)}
 
 
-def test_plot_writes_a_png_with_one_panel_per_layer(tmp_path):
-    layers = {f"layer{i}": layer_spectrum(embeddings_of_rank(rank)) for i, rank in enumerate((1, DIM))}
-    plot_spectra(layers, tmp_path / "sub" / "spectrum.png", "test")
-    payload = (tmp_path / "sub" / "spectrum.png").read_bytes()
-    assert payload[:8] == b"\x89PNG\r\n\x1a\n" and len(payload) > 10_000
+def test_plot_overlays_reports_per_layer_in_the_format_of_the_suffix(tmp_path):
+    def report(ranks, epoch):
+        layers = {f"layer{i}": layer_spectrum(embeddings_of_rank(rank)) for i, rank in enumerate(ranks)}
+        return {"layers": layers, "threshold": 1e-3, "dataset": "imagefolder", "data_root": "/data/cifar10-jpeg",
+                "samples": 100, "split": "test", "method": "simclr", "loss": None, "backbone": "small_convnet",
+                "epoch": epoch}
+
+    reports = [report((1, DIM), 0), report((DIM, DIM), 10)]
+    for suffix, magic in ((".png", b"\x89PNG\r\n\x1a\n"), (".pdf", b"%PDF"), (".svg", b"<?xml")):
+        path = tmp_path / "sub" / f"spectrum{suffix}"
+        plot_spectra(reports, path, shared_axes=suffix != ".svg")
+        assert path.read_bytes().startswith(magic) and path.stat().st_size > 5_000
+    svg = (tmp_path / "sub" / "spectrum.svg").read_text()
+    assert "cifar10-jpeg" in svg and "imagefolder" not in svg and "epoch 10" in svg

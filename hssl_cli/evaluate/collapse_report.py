@@ -13,10 +13,11 @@ CHUNK = 512  # images per forward pass
 
 
 def collapse_report(path: Path, dataset: str | None = None, data_root: str | None = None, split: str | None = None,
-                    samples: int = 2048, threshold: float = DEFAULT_THRESHOLD, plot: Path | None = None,
+                    samples: int = 2048, threshold: float = DEFAULT_THRESHOLD,
                     device_name: str = "auto", progress: bool = True, verify: bool = True) -> dict:
     """Spectral collapse metrics of every layer (backbone, projector, predictor) of a checkpoint on
-    `samples` images of `split` (default: the data's test split), drawn with a fixed seed."""
+    `samples` images of `split` (default: the data's test split), drawn with a fixed seed. The eigenvalues
+are in the report; spectrum.plot_spectra draws one or several reports."""
     import torch
 
     from hssl_cli.data.augment import normalize
@@ -25,7 +26,7 @@ def collapse_report(path: Path, dataset: str | None = None, data_root: str | Non
     from hssl_cli.engine.train import resolve_device
     from hssl_cli.evaluate.frozen import load_trained_method
     from hssl_cli.evaluate.probe_checkpoint import evaluation_data
-    from hssl_cli.evaluate.spectrum import layer_outputs, layer_spectrum, plot_spectra, predictor_alignment
+    from hssl_cli.evaluate.spectrum import layer_outputs, layer_spectrum, predictor_alignment
 
     if samples < 2:
         raise HsslError(f"--samples {samples}: need at least 2 images for a covariance")
@@ -57,12 +58,6 @@ def collapse_report(path: Path, dataset: str | None = None, data_root: str | Non
     # the verdict of the representation the loss shapes: the projector output when there is one
     verdict_layer = "projector" if "projector" in layers else "backbone"
     loss = getattr(checkpoint.recipe.method, "loss", None)  # e.g. DirectPred's byol | iso
-    method_label = checkpoint.recipe.method.name + (f" ({loss} loss)" if loss else "")
-    title = (f"{checkpoint.path.parent.name}/{checkpoint.path.name}: {method_label}, "
-             f"{checkpoint.recipe.model.backbone}, epoch {checkpoint.epoch}, "
-             f"{len(chosen)} {data_config.dataset}/{split} images")
-    if plot is not None:
-        plot_spectra(layers, plot, title, threshold)
     return {
         "checkpoint": str(checkpoint.path),
         "method": checkpoint.recipe.method.name,
@@ -70,6 +65,7 @@ def collapse_report(path: Path, dataset: str | None = None, data_root: str | Non
         "backbone": checkpoint.recipe.model.backbone,
         "epoch": checkpoint.epoch,
         "dataset": data_config.dataset,
+        "data_root": data_config.root,
         "split": split,
         "samples": len(chosen),
         "threshold": threshold,
@@ -77,6 +73,6 @@ def collapse_report(path: Path, dataset: str | None = None, data_root: str | Non
         "verdict_layer": verdict_layer,
         "layers": layers,
         "predictor_alignment": alignment,
-        "plot": str(plot) if plot is not None else None,
+        "plot": None,
         "seconds": round(time.perf_counter() - started, 2),
     }

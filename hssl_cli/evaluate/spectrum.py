@@ -164,26 +164,58 @@ def training_diagnostics(method: SSLMethod, held_images: Tensor) -> dict[str, fl
     return metrics
 
 
-def plot_spectra(layers: dict[str, dict], path: Path, title: str, threshold: float = DEFAULT_THRESHOLD) -> None:
-    """One log-scale panel per layer: correlation eigenvalues / the largest, by rank, with the threshold line."""
+def plot_spectra(reports: list[dict], path: Path, labels: list[str] | None = None, shared_axes: bool = True) -> None:
+    """Correlation spectra of one or several collapse reports, overlaid: one log-scale panel per layer
+    (eigenvalue / the largest, by rank), a line per checkpoint with its effective rank in the legend, the
+    threshold dashed; panels share their y-axis unless `shared_axes` is False. The format follows the
+    path's suffix (PNG, PDF, SVG)."""
     from matplotlib.figure import Figure  # lazily: plotting is optional; Figure needs no pyplot state
 
-    figure = Figure(figsize=(4.2 * len(layers), 3.8), layout="constrained")
-    axes = figure.subplots(1, len(layers), squeeze=False)[0]
+    from hssl_cli.files import save_figure_atomically
+
+    labels = labels or [report_label(report) for report in reports]
+    layer_names = list(dict.fromkeys(name for report in reports for name in report["layers"]))
+    figure = Figure(figsize=(3.6 * len(layer_names) + 0.4, 3.4), layout="constrained")
+    axes = figure.subplots(1, len(layer_names), squeeze=False, sharey=shared_axes)[0]
     floor = 1e-12  # zeros cannot be drawn on a log axis; they sit on the floor
-    for axis, (name, layer) in zip(axes, layers.items(), strict=True):
-        eigenvalues = torch.tensor(layer["eigenvalues"], dtype=torch.float64)
-        relative = (eigenvalues / eigenvalues.max()).clamp_min(floor) if eigenvalues.max() > 0 else \
-            torch.full_like(eigenvalues, floor)
-        axis.semilogy(range(1, len(relative) + 1), relative.numpy(), marker=".", markersize=3, linewidth=1)
-        axis.axhline(threshold, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-        axis.set_ylim(min(float(relative.min()), threshold) / 3, 3)
+    lowest = min(report["threshold"] for report in reports)
+    for axis, name in zip(axes, layer_names, strict=True):
+        dims = []
+        for index, (report, label) in enumerate(zip(reports, labels, strict=True)):
+            layer = report["layers"].get(name)
+            if layer is None:
+                continue
+            dims.append(layer["dim"])
+            eigenvalues = torch.tensor(layer["eigenvalues"], dtype=torch.float64)
+            largest = eigenvalues.max()
+            relative = (eigenvalues / largest).clamp_min(floor) if largest > 0 else torch.full_like(eigenvalues, floor)
+            lowest = min(lowest, float(relative.min()))
+            axis.semilogy(range(1, len(relative) + 1), relative.numpy(), color=f"C{index % 10}", linewidth=1.3,
+                          label=f"{label} (eff. rank {layer['effective_rank']:.1f})")
+        axis.axhline(reports[0]["threshold"], color="0.4", linestyle="--", linewidth=0.8,
+                     label=f"threshold {reports[0]['threshold']:g}")
+        axis.set_title(f"{name} (D={'/'.join(map(str, dict.fromkeys(dims)))})", fontsize=10)
         axis.set_xlabel("eigenvalue rank")
-        axis.set_ylabel("correlation eigenvalue / largest")
-        axis.set_title(f"{name} (D={layer['dim']})\neff. rank {layer['effective_rank']:.1f}: {layer['verdict']}",
-                       fontsize=10)
         axis.grid(True, which="major", alpha=0.3)
-        axis.legend(loc="lower left", fontsize=8)
-    figure.suptitle(title, fontsize=11)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+        axis.legend(loc="lower left", fontsize=7)
+        if not shared_axes or axis is axes[0]:
+            axis.set_ylabel("eigenvalue / largest")
+    for axis in axes:
+        axis.set_ylim(lowest / 3, 3)
+    figure.suptitle(f"Correlation spectra: {dataset_label(reports[0])}, {reports[0]['samples']} "
+                    f"{reports[0]['split']} images", fontsize=11)
+    save_figure_atomically(figure, path)
+
+
+def dataset_label(report: dict) -> str:
+    """CIFAR-10, MNIST, ... or, for an image folder, the folder's name (e.g. cifar10-jpeg)."""
+    names = {"digits": "digits (scikit-learn)", "mnist": "MNIST", "cifar10": "CIFAR-10", "stl10": "STL-10"}
+    if report["dataset"] == "imagefolder" and report.get("data_root"):
+        return Path(report["data_root"]).name
+    return names.get(report["dataset"], report["dataset"])
+
+
+def report_label(report: dict) -> str:
+    """'simclr, resnet18_cifar, epoch 200' (with DirectPred's loss where it has one)."""
+    loss = f" ({report['loss']} loss)" if report.get("loss") else ""
+    return f"{report['method']}{loss}, {report['backbone']}, epoch {report['epoch']}"
