@@ -76,5 +76,5 @@ def test_a_plain_export_rebuilds_with_its_metadata_and_the_api_loads_checkpoints
     trained = hssl_cli.load_method(checkpoint)
     assert trained.method.embedding(torch.randn(3, 1, 16, 16)).shape == (3, 32)
     assert json.loads(metadata["data_mean"]) == pytest.approx(trained.mean.tolist())
-    with pytest.raises(HsslError, match="only resnet18_cifar backbones have a torchvision twin"):
+    with pytest.raises(HsslError, match="only resnet18_cifar and torchvision:<name> backbones have a torchvision twin"):
         export_backbone(checkpoint, tmp_path / "x.safetensors", format="torchvision")

@@ -173,6 +173,22 @@ def _resume_state(recipe: Recipe, output_root: Path, resume: str | None) -> ckpt
     return state
 
 
+def _backbone_runs_on(backbone: nn.Module, images: torch.Tensor, recipe: Recipe) -> None:
+    """One eval-mode forward of two blank images: a backbone that cannot read this data's size (a timm ViT
+    built for 224 px on 32 px images) fails here, in one line, before a run folder exists."""
+    blank = torch.zeros(2, *images.shape[1:], device=images.device)
+    training = backbone.training
+    try:
+        with torch.no_grad():
+            backbone.eval()(blank)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise HsslError(f"model.backbone {recipe.model.backbone} cannot read {images.shape[1]}-channel "
+                        f"{images.shape[-1]}x{images.shape[-1]} images ({' '.join(str(error).split())[:200]}); "
+                        "set data.image_size to a size it takes, or choose another backbone") from None
+    finally:
+        backbone.train(training)
+
+
 def _initial_weights(method: nn.Module, init_from: Path) -> None:
     """A new run that starts from a checkpoint's weights (same architecture; optimiser and step start fresh)."""
     source = ckpt.load_checkpoint(init_from, kind="model")
@@ -201,6 +217,7 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
     mean, std = channel_stats(train_images)
     torch.manual_seed(recipe.seed)  # the initial weights
     method = build_method(recipe, in_channels=images.shape[1]).to(device)
+    _backbone_runs_on(method.backbone, images, recipe)
     if init_from is not None and state is None:
         _initial_weights(method, init_from)
     if not method.closed_form and len(images) < batch_size:

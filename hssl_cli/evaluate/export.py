@@ -1,9 +1,10 @@
 """`hssl export`: a checkpoint's backbone as a plain .safetensors state_dict for code outside hssl.
 
 plain: the backbone's own state_dict (keys without `backbone.`), for `build_backbone(model)` or
-`hssl_cli.load_backbone`; torchvision / timm (resnet18_cifar only): the same tensors, whose names are
+`hssl_cli.load_backbone`; torchvision / timm: for resnet18_cifar the same tensors, whose names are
 those of torchvision's and timm's ResNet-18, so `load_state_dict(strict=True)` takes them once the
-model has the CIFAR stem (a 3x3 stride-1 conv1, no max-pool) and no classifier. The file's metadata
+model has the CIFAR stem (a 3x3 stride-1 conv1, no max-pool) and no classifier; for a timm:<name> or
+torchvision:<name> backbone the library's own model without its classifier. The file's metadata
 holds the architecture, how to build it, and the preprocessing statistics.
 """
 
@@ -31,14 +32,18 @@ def export_backbone(checkpoint_path: Path, out: Path, format: str = "plain", ver
         raise HsslError(f"--format {format}: one of {', '.join(FORMATS)}")
     checkpoint = load_checkpoint(checkpoint_path, verify=verify)
     backbone = checkpoint.recipe.model.backbone
-    if format != "plain" and backbone != "resnet18_cifar":
-        raise HsslError(f"--format {format}: only resnet18_cifar backbones have a {format} twin; this checkpoint's "
-                        f"is {backbone}: use --format plain (load it with hssl_cli.load_backbone)")
+    if format != "plain" and backbone not in ("resnet18_cifar",) and not backbone.startswith(f"{format}:"):
+        raise HsslError(f"--format {format}: only resnet18_cifar and {format}:<name> backbones have a {format} twin; "
+                        f"this checkpoint's is {backbone}: use --format plain (load it with hssl_cli.load_backbone)")
     tensors = checkpoint.prefixed("backbone")
     feature_dim = _loads_into_its_backbone(checkpoint, tensors)
     mean, std = checkpoint.tensors["data.mean"], checkpoint.tensors["data.std"]
-    build = (CIFAR_STEM[format].format(c=mean.numel()) if format != "plain" else
-             "hssl_cli.models.backbones.build_backbone(ModelConfig(**json.loads(metadata['model'])), in_channels)")
+    if format == "plain":
+        build = "hssl_cli.models.backbones.build_backbone(ModelConfig(**json.loads(metadata['model'])), in_channels)"
+    elif backbone == "resnet18_cifar":
+        build = CIFAR_STEM[format].format(c=mean.numel())
+    else:
+        build = _library_build(backbone, mean.numel())
     metadata = {"format": format, "architecture": backbone, "build": build,
                 "model": json.dumps(checkpoint.recipe.model.model_dump(mode="json")),
                 "in_channels": str(mean.numel()), "feature_dim": str(feature_dim),
@@ -47,6 +52,19 @@ def export_backbone(checkpoint_path: Path, out: Path, format: str = "plain", ver
                 "epoch": checkpoint.metadata["epoch"]}
     save_safetensors_atomically(out, tensors, metadata)
     return {"out": str(out), "tensors": len(tensors), **metadata}
+
+
+def _library_build(backbone: str, in_channels: int) -> str:
+    """How to build a timm:/torchvision: backbone's own model so that the exported tensors load strictly."""
+    library, name = backbone.split(":", 1)
+    if library == "timm":
+        return f"m = timm.create_model('{name}', num_classes=0, in_chans={in_channels})"
+    import torchvision
+
+    from hssl_cli.models.library import classifier_of
+
+    head, _ = classifier_of(torchvision.models.get_model(name, weights=None))
+    return f"m = torchvision.models.get_model('{name}'); m.{head} = torch.nn.Identity()"
 
 
 def _loads_into_its_backbone(checkpoint, tensors: dict) -> int:

@@ -47,6 +47,7 @@ BACKBONES = {"resnet18_cifar": resnet18_cifar, "small_convnet": SmallConvNet}
 
 def build_backbone(model: ModelConfig | str, in_channels: int, plain: bool = False) -> nn.Module:
     """The recipe's backbone (`model`, or just a plain backbone's name); it exposes `feature_dim`.
+    timm:<name> and torchvision:<name> come from those libraries (models/library.py).
 
     e2_* backbones (escnn, imported only for them) need model.group; `plain` builds their
     structure-removed twin (same layout, ordinary layers, |G| pseudo-fibres).
@@ -54,6 +55,10 @@ def build_backbone(model: ModelConfig | str, in_channels: int, plain: bool = Fal
     name = model if isinstance(model, str) else model.backbone
     if name in BACKBONES:
         return BACKBONES[name](in_channels=in_channels)
+    if name.startswith(("timm:", "torchvision:")):
+        from hssl_cli.models.library import library_backbone
+
+        return library_backbone(name, in_channels)
     if isinstance(model, str) or model.group is None:
         raise ValueError(f"backbone '{name}' is equivariant and needs model.group; pass the ModelConfig")
     from hssl_cli.data.groups import Group

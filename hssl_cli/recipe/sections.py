@@ -3,6 +3,8 @@ training. Every key has a default and a description; pydantic only, no torch."""
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
@@ -19,6 +21,7 @@ def _list_to_tuple(value: Any) -> Any:
 FloatPair = Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)]
 
 AUGMENT_SECTIONS = ("color_jitter", "blur")  # the nested sections of augment:, which a view overrides key by key
+BUILT_IN_BACKBONES = ("resnet18_cifar", "small_convnet", "e2_convnet", "e2_resnet18")
 
 
 class Section(BaseModel):
@@ -145,9 +148,11 @@ class GroupConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["resnet18_cifar", "small_convnet", "e2_convnet", "e2_resnet18"] = Field(
-        "resnet18_cifar", description="feature extractor f; small_convnet is for quick CPU runs; e2_*: "
-        "equivariant to model.group (escnn)"
+    backbone: str = Field(
+        "resnet18_cifar", max_length=100, description="feature extractor f: resnet18_cifar, small_convnet (quick "
+        "CPU runs), e2_convnet or e2_resnet18 (equivariant to model.group, escnn), or any model of timm or "
+        "torchvision by name, untrained, classifier removed: timm:<name> (e.g. timm:resnet50, timm:vit_small_patch16_"
+        "224), torchvision:<name> (e.g. torchvision:resnet50)"
     )
     projector: list[Width] = Field(
         [2048, 2048, 128], min_length=1, description="widths of the projector g's layers; the last is z's size"
@@ -157,6 +162,18 @@ class ModelConfig(Section):
         None, min_length=1, description="e2_* backbones: regular fields per stage (|G| channels each); default "
         "e2_convnet [16, 32, 64], e2_resnet18 [16, 32, 64, 128]"
     )
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        library, _, model = name.partition(":")
+        if name in BUILT_IN_BACKBONES or (library in ("timm", "torchvision") and re.fullmatch(r"[\w.\-]+", model)):
+            return name
+        close = difflib.get_close_matches(name, BUILT_IN_BACKBONES, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        library_form = f"timm:{name} or torchvision:{name}" if ":" not in name else "timm:<name> or torchvision:<name>"
+        raise ValueError(f"unknown backbone '{name}'; {hint}choose {', '.join(BUILT_IN_BACKBONES)}, or a library's "
+                         f"model: {library_form}")
 
 
 
