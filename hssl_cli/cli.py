@@ -40,7 +40,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 output = Console()
 if not output.is_terminal and "COLUMNS" not in os.environ:
-    output.width = 160  # piped or redirected: rich would cut tables at 80 columns
+    output.width = 10_000  # piped or redirected: rich would cut tables at 80 columns; a file gets them whole
 
 
 DEBUG = {"traceback": False}  # `hssl --debug CMD`: let unexpected exceptions keep their traceback

@@ -2,6 +2,9 @@
 linear evaluation (--protocol standard)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -126,3 +129,13 @@ def test_standard_protocol_says_which_protocol_made_each_number(trained):
                                (["--labels", "0%"], "--labels 0%"), (["--epochs", "0"], "--epochs 0")):
         result = runner.invoke(app, ["probe", str(trained), "--device", "cpu", *arguments])
         assert result.exit_code == 2 and message in result.output
+
+
+def test_piped_tables_are_printed_whole(trained):
+    result = subprocess.run([sys.executable, "-m", "hssl_cli", "probe", str(trained), "--device", "cpu", "--protocol",
+                             "standard", "--epochs", "1", "--test-subset", "100"], capture_output=True, text=True,
+                            timeout=300, env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout and "cosine, wd 0, crop+flip" in result.stdout
+    widest = max(len(line) for line in result.stdout.splitlines())
+    assert widest > 120  # wider than a terminal's 80 columns would have allowed
