@@ -75,9 +75,12 @@ class RunWriter:
                                      epoch, step, self.data_stats)
 
     def close(self) -> None:
-        for logger in self._loggers:
-            logger.close()
-        self._loggers = []
+        loggers, self._loggers = self._loggers, []
+        try:
+            for logger in loggers:
+                logger.close()
+        except OSError as error:
+            raise unwritable(self.run_dir, error) from None
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
