@@ -66,6 +66,8 @@ METHOD_OVERRIDES = {
     "directpred+isoloss": ["method={name: directpred, loss: iso}"],
     "hssl": [C4_BACKBONE, "method={name: hssl}"],
     "hssl+fibres": [C4_BACKBONE, "method={name: hssl, pairing: fibres, loss: vicreg}"],
+    "hssl+positions": ["method={name: hssl, fibres: positions, structure: removed}"],
+    "hssl+roto_translations": [C4_BACKBONE, "method={name: hssl, fibres: group_and_positions}"],
     "equivariant_pretext": [C4_BACKBONE, "method={name: equivariant_pretext, contrastive_weight: 1.0}"],
     "invariant_contrastive": [C4_BACKBONE, "method={name: invariant_contrastive}"],
 }

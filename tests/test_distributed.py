@@ -36,7 +36,7 @@ def _without_batchnorm(module: nn.Module) -> nn.Module:
 def _draws_by_global_index(first_image: int) -> None:
     """Make every method draw integers as a function of the image's index in the global batch."""
     import hssl_cli.methods.equivariant_heads as heads
-    import hssl_cli.methods.hssl as hssl
+    import hssl_cli.methods.fibres as fibres
 
     calls = [0]
 
@@ -45,7 +45,7 @@ def _draws_by_global_index(first_image: int) -> None:
         index = torch.arange(first_image, first_image + count, device=device)
         return low + (3 * index + calls[0]) % (high - low)
 
-    hssl.random_integers = heads.random_integers = draw
+    fibres.random_integers = heads.random_integers = draw
 
 
 def _recipe(case: str):

@@ -7,7 +7,7 @@ from hssl_cli.engine.checkpoint import load_checkpoint
 from hssl_cli.errors import HsslError, RecipeError
 from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
 from hssl_cli.methods import build_method
-from hssl_cli.methods.hssl import draw_pairs, fibre_pair
+from hssl_cli.methods.fibres import draw_pairs
 from hssl_cli.recipe import parse_recipe
 from tests.conftest import train_stopped_and_resumed
 
@@ -36,8 +36,8 @@ def test_fibre_pairing_equals_the_augmented_pair_construction_for_90_degree_rota
     images = torch.randn(16, 1, 12, 12)
     g1, g2 = _pairs(hssl.group, 16)
     inverses = hssl.group.inverses
-    fibres = fibre_pair(hssl.backbone, images, images, inverses[g1], inverses[g2], hssl.group, "fibres")
-    augmented = fibre_pair(assl.backbone, images, images, g1, g2, assl.group, "inputs")
+    fibres = hssl.fibre_pair(hssl.backbone, images, images, inverses[g1], inverses[g2])
+    augmented = assl.fibre_pair(assl.backbone, images, images, g1, g2)
     for from_fibres, from_inputs in zip(fibres, augmented, strict=True):
         assert torch.allclose(from_fibres, from_inputs, atol=1e-5)
     hssl_loss = hssl.pair_losses(images, images, inverses[g1], inverses[g2])["loss"]
@@ -63,8 +63,8 @@ def test_structure_removed_pairs_pseudo_fibres_of_a_plain_backbone():
     # no structure, so the identity that holds for the equivariant backbone fails here
     g1, g2 = _pairs(ablation.group, 8)
     inverses = ablation.group.inverses
-    fibres = fibre_pair(ablation.backbone, images, images, inverses[g1], inverses[g2], ablation.group, "fibres")
-    augmented = fibre_pair(ablation.backbone, images, images, g1, g2, ablation.group, "inputs")
+    fibres = ablation.fibre_pair(ablation.backbone, images, images, inverses[g1], inverses[g2])
+    augmented = ablation.fibre_pair(ablation.backbone, images, images, g1, g2, pairing="inputs")
     assert not torch.allclose(fibres[0], augmented[0], atol=1e-3)
 
 

@@ -6,6 +6,10 @@ h(z_e(T_g x)) = h(z_{g^-1}(x)): the augmented pair (T_g1 x, T_g2 x) is two fibre
 Positives (h(z_g1(x)), h(z_g2(x))), g1 != g2 ~ p(G); negatives the other images' fibres; the pairwise
 loss is NT-Xent, VICReg or BYOL's. `pairing: inputs` is the augmentation-SSL twin (identity fibres of
 T_g1 x and T_g2 x, two passes); `structure: removed` the ablation on a non-equivariant backbone.
+
+Translations (`fibres: positions`): any CNN is equivariant to shifts by its stride, so the positions of a
+feature map are the fibres, and a pair of positions of one pass stands for a pair of crops of the image;
+`fibres: group_and_positions` pairs roto-translations on an e2_* backbone (methods/fibres.py).
 """
 
 from __future__ import annotations
@@ -17,66 +21,46 @@ from hssl_cli.data.groups import Group, act_on_images
 from hssl_cli.data.views import Views
 from hssl_cli.errors import HsslError
 from hssl_cli.losses import byol_cosine, info_nce, vicreg
-from hssl_cli.methods.base import SSLMethod, random_integers
+from hssl_cli.methods.base import SSLMethod
 from hssl_cli.methods.byol import make_target, target_momentum, update_target
+from hssl_cli.methods.fibres import (
+    PositionMixer,
+    count_period,
+    draw_pairs,
+    draw_position_pairs,
+    grid_neighbours,
+    group_fibres,
+    position_fibres,
+)
 from hssl_cli.models.heads import mlp
-from hssl_cli.recipe import HSSLPairsConfig, ModelConfig, Recipe
+from hssl_cli.models.spatial import map_size
+from hssl_cli.recipe import ModelConfig, Recipe
 
 IDENTITY = 0  # index of the identity element in every group of data/groups.py
 
 
-def draw_pairs(group: Group, pairs: HSSLPairsConfig, batch: int, generator: torch.Generator,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pair g1 != g2 ~ p(G) per image, from the step's generator."""
-    if pairs.distribution == "subset":
-        subset = torch.tensor(sorted(set(pairs.elements)), device=device)
-        first = random_integers(0, len(subset), batch, generator, device)
-        second = (first + random_integers(1, len(subset), batch, generator, device)) % len(subset)  # any other
-        return subset[first], subset[second]
-    g1 = random_integers(0, group.size, batch, generator, device)
-    if pairs.distribution == "uniform":
-        relative = random_integers(1, group.size, batch, generator, device)  # any h != e, so g2 = g1 h != g1
-    else:  # neighbourhood: h a rotation by 1..max_steps steps, either way
-        sign = 2 * random_integers(0, 2, batch, generator, device) - 1
-        relative = (random_integers(1, pairs.max_steps + 1, batch, generator, device) * sign) % group.order
-    return g1, group.cayley.to(device)[g1, relative]
-
-
-def lifted_features(backbone: nn.Module, images: torch.Tensor, group: Group) -> torch.Tensor:
-    """z(x): (B, |G|, C). Equivariant backbones (and their plain twins) say which channels form fibre g;
-    any other backbone's features are cut into |G| consecutive pseudo-fibres."""
-    if hasattr(backbone, "lifted"):
-        return backbone.lifted(images)
-    features = backbone(images)
-    return features.view(len(features), group.size, -1)
-
-
-def fibre_pair(backbone: nn.Module, first: torch.Tensor, second: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor,
-               group: Group, pairing: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two positives (B, C) before the head.
-
-    fibres: z_g1(first), z_g2(first), one pass (`second` is `first`);
-    augmented_fibres: z_g1(first), z_g2(second), one pass over both views;
-    inputs: z_e(T_g1 first), z_e(T_g2 second), the augmentation-SSL construction.
-    """
-    rows = torch.arange(len(first), device=first.device)
-    if pairing == "inputs":
-        both = torch.cat([act_on_images(first, g1, group), act_on_images(second, g2, group)])
-        return lifted_features(backbone, both, group)[:, IDENTITY].chunk(2)
-    if pairing == "fibres":
-        lifted = lifted_features(backbone, first, group)
-        return lifted[rows, g1], lifted[rows, g2]
-    lifted_first, lifted_second = lifted_features(backbone, torch.cat([first, second]), group).chunk(2)
-    return lifted_first[rows, g1], lifted_second[rows, g2]
-
-
 class HSSL(SSLMethod):
-    def __init__(self, backbone: nn.Module, recipe: Recipe):
+    def __init__(self, backbone: nn.Module, recipe: Recipe, in_channels: int):
         super().__init__(backbone)
         model, config = recipe.model, recipe.method
-        self.group = Group(model.group.name, model.group.order)
+        self.fibres_kind, self.layer = config.fibres, config.fibres_from
+        self.group = Group(model.group.name, model.group.order) if config.fibres != "positions" else None
         self.pairing, self.loss_name, self.pairs = config.pairing, config.loss, config.pairs
-        self.projector = mlp(self._fibre_dim(backbone, model), model.projector)  # the shared head h
+        self.mixer = None
+        if config.fibres == "group":
+            fibre_dim = self._fibre_dim(backbone, model)
+        else:
+            channels, height, width = map_size(backbone, in_channels, recipe.data.image_size, self.layer)
+            fibre_dim = channels // backbone.group.size if hasattr(backbone, "lifted") else channels
+            steps = config.pairs.max_steps if config.pairs.distribution == "neighbourhood" else None
+            table, counts = grid_neighbours(height, width, steps)
+            self.register_buffer("neighbour_table", table, persistent=False)  # follows the architecture
+            self.register_buffer("neighbour_counts", counts, persistent=False)
+            self.neighbour_period = count_period(counts)
+            if config.structure == "removed":
+                fibres = height * width * (self.group.size if self.group is not None else 1)
+                self.mixer = PositionMixer(fibres)
+        self.projector = mlp(fibre_dim, model.projector)  # the shared head h
         self.temperature = config.temperature
         self.vicreg_weights = {"invariance_weight": config.invariance_weight,
                                "variance_weight": config.variance_weight,
@@ -99,34 +83,77 @@ class HSSL(SSLMethod):
         from hssl_cli.models.backbones import build_backbone
 
         # structure removed: the ablation's backbone, the layout without equivariance
-        return cls(build_backbone(recipe.model, in_channels, plain=recipe.method.structure == "removed"), recipe)
+        backbone = build_backbone(recipe.model, in_channels, plain=recipe.method.structure == "removed")
+        return cls(backbone, recipe, in_channels)
+
+    def fibres(self, backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """z(x): (B, F, C), the fibres this method pairs (mixed, in the structure-removed ablation)."""
+        if self.fibres_kind == "group":
+            return group_fibres(backbone, images, self.group)
+        lifted = position_fibres(backbone, images, self.layer, self.group)
+        return lifted if self.mixer is None else self.mixer(lifted)
+
+    def draw(self, batch: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fibre indices (i1, i2), i1 != i2 ~ p(G), one pair per image, from the step's generator."""
+        if self.fibres_kind == "group":
+            return draw_pairs(self.group, self.pairs, batch, generator, device)
+        p1, p2 = draw_position_pairs(self.neighbour_table, self.neighbour_counts, self.neighbour_period, batch,
+                                     generator, device)
+        if self.fibres_kind == "positions":
+            return p1, p2
+        g1, g2 = draw_pairs(self.group, self.pairs, batch, generator, device)
+        positions = len(self.neighbour_counts)
+        return g1 * positions + p1, g2 * positions + p2  # element-major, as position_fibres lays them out
+
+    def fibre_pair(self, backbone: nn.Module, first: torch.Tensor, second: torch.Tensor, i1: torch.Tensor,
+                   i2: torch.Tensor, pairing: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two positives (B, C) before the head, by `pairing` (default: the method's).
+
+        fibres: z_i1(first), z_i2(first), one pass (`second` is `first`);
+        augmented_fibres: z_i1(first), z_i2(second), one pass over both views;
+        inputs (group fibres): z_e(T_g1 first), z_e(T_g2 second), the augmentation-SSL construction.
+        """
+        rows = torch.arange(len(first), device=first.device)
+        pairing = pairing or self.pairing
+        if pairing == "inputs":
+            both = torch.cat([act_on_images(first, i1, self.group), act_on_images(second, i2, self.group)])
+            return self.fibres(backbone, both)[:, IDENTITY].chunk(2)
+        if pairing == "fibres":
+            lifted = self.fibres(backbone, first)
+            return lifted[rows, i1], lifted[rows, i2]
+        lifted_first, lifted_second = self.fibres(backbone, torch.cat([first, second])).chunk(2)
+        return lifted_first[rows, i1], lifted_second[rows, i2]
 
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
         # fibres: one pass over the un-augmented batch x0, no augmented views at all
         first, second = (views.original, views.original) if self.pairing == "fibres" else views.global_views
-        g1, g2 = draw_pairs(self.group, self.pairs, len(first), generator, first.device)
-        return self.pair_losses(first, second, g1, g2)
+        i1, i2 = self.draw(len(first), generator, first.device)
+        return self.pair_losses(first, second, i1, i2)
 
-    def pair_losses(self, first: torch.Tensor, second: torch.Tensor, g1: torch.Tensor,
-                    g2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The loss for explicit group elements (forward draws them from p(G))."""
+    def pair_losses(self, first: torch.Tensor, second: torch.Tensor, i1: torch.Tensor,
+                    i2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss for explicit fibre indices (forward draws them from p(G))."""
         # Heads see both positives in one batch, as SimCLR's projector sees both views (shared BN statistics).
-        h1, h2 = self.projector(torch.cat(fibre_pair(self.backbone, first, second, g1, g2, self.group,
-                                                     self.pairing))).chunk(2)
+        h1, h2 = self.projector(torch.cat(self.fibre_pair(self.backbone, first, second, i1, i2))).chunk(2)
         if self.loss_name == "nt_xent":
             return {"loss": info_nce(h1, h2, self.temperature, gather_distributed=True)}
         if self.loss_name == "vicreg":
             return vicreg(h1, h2, **self.vicreg_weights, gather_distributed=True)
         p1, p2 = self.predictor(torch.cat([h1, h2])).chunk(2)
-        with torch.no_grad():
-            t1, t2 = self.target["projector"](torch.cat(fibre_pair(self.target["backbone"], first, second, g1, g2,
-                                                                   self.group, self.pairing))).chunk(2)
+        with torch.no_grad():  # the target reads the online mixer (the ablation's) without gradient
+            t1, t2 = self.target["projector"](torch.cat(self.fibre_pair(self.target["backbone"], first, second, i1,
+                                                                        i2))).chunk(2)
         return {"loss": byol_cosine(p1, t2) + byol_cosine(p2, t1)}
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
-        """h(z_e(x)): the head reads one fibre, so the embedding of one view is the head on its identity
-        fibre (not on the group-pooled features, an input the head never saw)."""
-        return self.projector(lifted_features(self.backbone, images, self.group)[:, IDENTITY])
+        """The head reads one fibre, so the embedding of one view is the head on a fibre, not on pooled
+        features (an input it never saw): group fibres, h(z_e(x)); position fibres, the mean of h over the
+        map's positions."""
+        lifted = self.fibres(self.backbone, images)
+        if self.fibres_kind == "group":
+            return self.projector(lifted[:, IDENTITY])
+        batch, count = lifted.shape[:2]
+        return self.projector(lifted.flatten(0, 1)).view(batch, count, -1).mean(dim=1)
 
     def after_optimizer_step(self, progress: float) -> None:
         if self.loss_name == "byol":

@@ -189,8 +189,10 @@ class HSSLPairsConfig(Section):
 
     distribution: Literal["uniform", "neighbourhood", "subset"] = Field(
         "uniform", description="uniform: any g1 != g2; neighbourhood: g2 is g1 rotated by 1..max_steps steps "
-        "either way (a weaker augmentation); subset: g1 != g2 both from elements")
-    max_steps: int = Field(1, ge=1, le=64, description="neighbourhood: largest relative rotation, in steps of 360/N")
+        "either way (a weaker augmentation); for position fibres, p2 within max_steps of p1 on the map's grid "
+        "(Chebyshev distance: like a small crop offset); subset: g1 != g2 both from elements")
+    max_steps: int = Field(1, ge=1, le=64, description="neighbourhood: largest relative rotation, in steps of 360/N, "
+                           "or largest offset between two positions, in map cells")
     elements: list[Annotated[int, Field(ge=0, le=127)]] | None = Field(
         None, description="subset: element indices, k = rotation by k*360/N, N+k = horizontal flip then it")
 
@@ -209,8 +211,16 @@ class HSSLConfig(MethodSection):
         "(instance discrimination between near-identical fibres); inputs: the augmentation-SSL twin, identity "
         "fibres of T_g1 t1 x and T_g2 t2 x")
     structure: Literal["kept", "removed"] = Field(
-        "kept", description="removed: the ablation; the backbone's layout without equivariance, its channels "
-        "split into |G| pseudo-fibres")
+        "kept", description="removed: the ablation; group fibres: the backbone's layout without equivariance, its "
+        "channels split into |G| pseudo-fibres; position fibres: positions mixed by a learned dense layer over the "
+        "map (MLP-Mixer-like token mixing), so a pseudo-position is no translation of the input")
+    fibres: Literal["group", "positions", "group_and_positions"] = Field(
+        "group", description="group: the |G| fibres of model.group (rotations, flips), pooled over space; positions: "
+        "the h x w positions of a convolutional map (translation H-SSL, any CNN backbone: the homomorphic "
+        "counterpart of random crops); group_and_positions: both (roto-translations, e2_* backbones)")
+    fibres_from: Literal["last", "layer3", "layer4"] = Field(
+        "last", description="position fibres: the map they are read from; last: the last map before pooling "
+        "(resnet18_cifar: layer4); layer3: ResNet's third stage (twice the grid)")
     predictor: list[Width] = Field(
         [512, 128], min_length=1, description="loss byol: widths of the predictor q; the last equals the projector's")
     ema_start: float = Field(0.99, ge=0, lt=1, description="loss byol: tau_0 of the target EMA, raised to 1")
@@ -225,9 +235,15 @@ class HSSLConfig(MethodSection):
 
     def check(self, recipe: Recipe) -> None:
         model = recipe.model
+        if self.fibres == "positions":
+            self._check_positions(recipe)
+            return
         if model.group is None:
             raise ValueError("model.group is required for method hssl (it pairs the group's fibres); "
-                             "e.g. group: {name: C, order: 8}")
+                             "e.g. group: {name: C, order: 8}; for translation H-SSL on any CNN set "
+                             "method.fibres: positions")
+        if self.fibres == "group_and_positions":
+            self._check_positions(recipe)
         if self.structure == "kept" and not model.backbone.startswith("e2_"):
             raise ValueError(f"method.structure 'kept' needs an equivariant model.backbone (e2_convnet, e2_resnet18), "
                              f"got '{model.backbone}'; for the ablation set method.structure: removed")
@@ -242,6 +258,19 @@ class HSSLConfig(MethodSection):
                              "use distribution: uniform")
         if size < 2:
             raise ValueError("model.group: H-SSL needs at least two group elements to pair")
+        if self.loss == "byol":
+            _check_predictor_width(self.predictor, recipe)
+
+    def _check_positions(self, recipe: Recipe) -> None:
+        if self.pairing == "inputs":
+            raise ValueError(f"method.pairing: inputs with fibres: {self.fibres}; the augmentation twin of position "
+                             "fibres is random crops: method simclr with augment.crop_scale")
+        if self.pairs.distribution == "subset":
+            raise ValueError("method.pairs.distribution: subset names group elements; position pairs are uniform "
+                             "or neighbourhood")
+        if self.fibres_from != "last" and not recipe.model.backbone.startswith(("resnet", "torchvision:resnet")):
+            raise ValueError(f"method.fibres_from: {self.fibres_from} is a ResNet stage; {recipe.model.backbone} has "
+                             "only its last map (fibres_from: last)")
         if self.loss == "byol":
             _check_predictor_width(self.predictor, recipe)
 

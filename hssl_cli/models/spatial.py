@@ -1,0 +1,58 @@
+"""Spatial feature maps of convolutional backbones, before pooling: where translation H-SSL finds its
+fibres. A convolution commutes with translations, so the feature at position p of T_s x is the feature
+at p - s/stride of x wherever the shift is a multiple of the map's stride and the receptive field stays
+inside the image (zero padding breaks it at the borders)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from hssl_cli.errors import RecipeError
+
+MAP_LAYERS = ("last", "layer3", "layer4")
+
+
+def feature_map(backbone: nn.Module, images: torch.Tensor, layer: str = "last") -> torch.Tensor:
+    """The map (B, C, h, w) of `layer` ("last": the last map before pooling; layer3/layer4: those stages of a
+    ResNet). Equivariant backbones give (B, C |G|, h, w), channels field-major (C fields of |G| each)."""
+    from torchvision.models import ResNet
+
+    from hssl_cli.models.backbones import SmallConvNet
+    from hssl_cli.models.equivariant import EquivariantBackbone
+
+    if isinstance(backbone, ResNet):
+        return _resnet_map(backbone, images, "layer4" if layer == "last" else layer)
+    if layer != "last":
+        raise RecipeError(f"method.fibres_from: {layer} names a ResNet stage; {type(backbone).__name__} has only "
+                          "its last map (fibres_from: last)")
+    if isinstance(backbone, SmallConvNet):
+        return backbone.features(images)
+    if isinstance(backbone, EquivariantBackbone):
+        return backbone.layer_outputs(images)[-1][1]
+    if hasattr(backbone, "forward_features"):  # timm's CNNs: the unpooled map
+        maps = backbone.forward_features(images)
+        if maps.ndim == 4:
+            return maps
+    raise RecipeError(f"model.backbone: {type(backbone).__name__} gives no spatial map to take position fibres from; "
+                      "use small_convnet, resnet18_cifar, an e2_* backbone or a timm CNN")
+
+
+def _resnet_map(network: nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:
+    maps = network.maxpool(network.relu(network.bn1(network.conv1(images))))
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        maps = getattr(network, name)(maps)
+        if name == layer:
+            return maps
+    raise RecipeError(f"method.fibres_from: {layer} is not a stage of ResNet; use layer3, layer4 or last")
+
+
+def map_size(backbone: nn.Module, channels: int, image_size: int, layer: str = "last") -> tuple[int, int, int]:
+    """(C, h, w) of the map for images of this size: one eval-mode forward of a blank image, on a float32 CPU
+    copy (escnn shares its sampled bases between models, which may sit on another device or dtype)."""
+    probe = copy.deepcopy(backbone).to("cpu", torch.float32).eval()
+    with torch.no_grad():
+        maps = feature_map(probe, torch.zeros(1, channels, image_size, image_size), layer)
+    return tuple(maps.shape[1:])
