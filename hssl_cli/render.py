@@ -177,6 +177,23 @@ def print_equivariance(output: Console, report: dict) -> None:
     output.print(table(f"invariance |f(T_g x) - f(x)| / |f(x)|: test group {report['test_group']}",
                        [(name, errors, name == "pooled features") for name, errors in report["invariance"].items()],
                        report["augmentation_invariance"]))
+    translations = report.get("translations")
+    if translations is not None:
+        shifts = Table(title=f"translation |map(T_s x) - S map(x)| / |map(x)|: last map, stride "
+                       f"{translations['stride']}, {translations['positions']} positions out of the canvas "
+                       f"border's reach ({translations['canvas']} px canvas)")
+        for column in ("shift", "moves the map by", "error"):
+            shifts.add_column(column, justify="left" if column == "shift" else "right")
+        for shift in translations["shifts"]:
+            dy, dx = shift["pixels"]
+            cells = f"({dy / translations['stride']:g}, {dx / translations['stride']:g}) cells"
+            if shift["error"] is None:
+                cell = "[dim]no position far enough from the border[/]"
+            else:
+                colour = ("green" if shift["error"] <= tolerance else "red") if shift["exact"] else "dim"
+                cell = f"[{colour}]{shift['error']:.1e}[/]"
+            shifts.add_row(shift["label"], cells + ("" if shift["exact"] else " (interpolated)"), cell)
+        output.print(shifts)
     verdict = "[green]passed[/]" if report["passed"] else "[bold red]failed[/]"
     output.print(f"{verdict}: worst error at exact elements {report['worst_exact_error']:.2e} (tolerance "
                  f"{tolerance:g}; interpolated elements are shown, not gated); {report['samples']} "

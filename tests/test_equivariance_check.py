@@ -101,3 +101,25 @@ def test_help_explains_every_option_without_importing_torch():
 def test_bad_group_is_a_user_error(tmp_path, bad):
     result, _ = _check("--recipe", str(_write(tmp_path, PLAIN_RECIPE, "plain")), "--group", bad)
     assert result.exit_code == 2 and "C<N> or D<N>" in result.output
+
+
+def test_translations_of_a_cnn_map_are_exact_at_its_stride_and_interpolated_between(tmp_path):
+    result, report = _check("--recipe", str(_write(tmp_path, PLAIN_RECIPE, "plain")), "--json", "--group", "C1")
+    assert result.exit_code == 0, result.output  # C1: only the identity, so the translations decide the gate
+    translations = report["translations"]
+    assert translations["stride"] == 8 and translations["positions"] > 0
+    exact = [shift for shift in translations["shifts"] if shift["exact"]]
+    half = [shift for shift in translations["shifts"] if not shift["exact"]]
+    assert len(exact) == 4 and max(shift["error"] for shift in exact) < 1e-5
+    assert min(shift["error"] for shift in half) > 1e-3  # half a cell: no exact move, shown and not gated
+    assert report["passed"]
+    table, _ = _check("--recipe", str(_write(tmp_path, PLAIN_RECIPE, "plain")), "--group", "C1")
+    assert "moves the map by" in table.output and "(0.5, 0) cells (interpolated)" in table.output
+
+
+def test_a_backbone_without_a_map_has_no_translation_rows():
+    import torch
+
+    from hssl_cli.evaluate.equivariance import _translations
+
+    assert _translations(torch.nn.Flatten(), torch.zeros(2, 1, 8, 8)) is None

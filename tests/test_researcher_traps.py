@@ -1,5 +1,7 @@
 """Small traps a new user fell into (issue 14, item 5), each now a clear message or a sane default."""
 
+import pickle
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -72,9 +74,24 @@ def test_cifar10_pointed_at_an_image_folder_tree_suggests_imagefolder(tmp_path):
 @pytest.mark.parametrize("content, kind", [
     (b"name: quickstart\nseed: 0\n", "a text file: a recipe"),
     (b"PK\x03\x04" + bytes(60), "a zip archive: torch.save's .pt/.pth format"),
+    (pickle.dumps({"state_dict": list(range(20))}, protocol=4), "a Python pickle"),
 ])  # fmt: skip
 def test_a_foreign_file_is_named_for_what_it_is(tmp_path, content, kind):
     path = tmp_path / "foreign.pth"
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=f"not a .safetensors file \\({kind}"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_whose_header_length_starts_with_a_pickle_byte_loads(tmp_path):
+    """A header of 0x..80 bytes begins with byte 0x80, as a pickle does: it is still safetensors."""
+    from safetensors.torch import save_file
+
+    from hssl_cli.engine.checkpoint import _foreign_format
+
+    for padding in range(300):
+        path = tmp_path / "x.safetensors"
+        save_file({"t": torch.zeros(1)}, path, metadata={"pad": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80 and _foreign_format(path) is None

@@ -159,12 +159,12 @@ def _foreign_format(path: Path) -> str | None:
             start = handle.read(64)
     except OSError:
         return None
+    if len(start) >= 9 and start[8:9] == b"{":  # first: a header length may well start with byte 0x80
+        return None
     if start.startswith(b"PK\x03\x04"):
         return "a zip archive: torch.save's .pt/.pth format?"
-    if start[:1] == b"\x80":
+    if start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle protocol 2-5
         return "a Python pickle"
-    if len(start) >= 9 and start[8:9] == b"{":
-        return None
     if start and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in start):
         return "a text file: a recipe? pass it to hssl pretrain"
     return None

@@ -4,6 +4,8 @@ For a test group T (C_N or D_N acting on images, data/groups.py) and a batch x o
 - equivariance of every layer of an equivariant backbone: ||f_l(T_g x) - L_g f_l(x)|| / ||f_l(x)||,
   where L_g moves the map on its grid and permutes the fibres of each regular field, plus the same for
   the spatially pooled lifted features (pure fibre permutation, meaningful for every angle);
+- translation equivariance of the last spatial map of any convolutional backbone (evaluate/translation.py):
+  shifts by multiples of its stride are exact, half-stride shifts interpolated;
 - invariance of the pooled features f(x) and of the embedding, for any backbone:
   ||f(T_g x) - f(x)|| / ||f(x)||, and the same under one draw of the recipe's augmentations.
 Norms are Frobenius norms over the whole batch. Elements that are multiples of 90 degrees (and flips)
@@ -26,6 +28,7 @@ from hssl_cli.errors import HsslError
 from hssl_cli.recipe import Recipe
 
 DEFAULT_TEST_GROUP = "C4"
+TRANSLATION_SAMPLES = 8  # images on the (large) canvases of the translation check
 
 
 @dataclass
@@ -84,6 +87,16 @@ def group_invariance(function: Callable[[torch.Tensor], torch.Tensor], images: t
     return {test_group.label(element): relative_error(function(act_on_images(images, element, test_group)),
                                                       reference, reference)
             for element in range(test_group.size)}
+
+
+def _translations(backbone: nn.Module, images: torch.Tensor) -> dict | None:
+    """The last map's translation equivariance (evaluate/translation.py), or None without a spatial map."""
+    from hssl_cli.evaluate.translation import translation_equivariance
+
+    try:
+        return translation_equivariance(backbone, images)
+    except HsslError:  # no spatial map (feature_map names why): nothing to measure
+        return None
 
 
 def load_checked_model(checkpoint: Path | None, recipe_path: Path | None, device: torch.device,
@@ -163,9 +176,12 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
                 reference = function(images)
                 augmentations[name] = relative_error(function(views), reference, reference)
 
+    translations = _translations(backbone, images[:TRANSLATION_SAMPLES])
     exact = {test_group.label(e) for e in range(test_group.size) if test_group.is_exact(e)}
     gated = [error for row in [*layers, {"errors": invariance["pooled features"]}]
              for label, error in row["errors"].items() if label in exact]
+    if translations is not None:
+        gated += [shift["error"] for shift in translations["shifts"] if shift["exact"] and shift["error"] is not None]
     worst = max(gated, default=0.0)
     return {
         "source": checked.source,
@@ -185,6 +201,7 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
         "layers": layers,
         "invariance": invariance,
         "augmentation_invariance": augmentations,
+        "translations": translations,
         "tolerance": tolerance,
         "worst_exact_error": worst,
         "passed": worst <= tolerance,

@@ -139,7 +139,8 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
         probe = probe_checkpoint(run.checkpoint, dataset=probe_settings.dataset, data_root=probe_settings.data_root,
                                  features=probe_settings.features, device_name=device, progress=False,
                                  train_samples=probe_settings.train_samples, test_samples=probe_settings.test_samples,
-                                 test_rotations=probe_settings.test_rotations, validation=probe_settings.validation)
+                                 test_rotations=probe_settings.test_rotations, validation=probe_settings.validation,
+                                 cache=False)  # each cell's checkpoint is probed once: a cache would only fill disks
         collapse = equivariance = None
         if loaded.suite.collapse_report is not None:
             from hssl_cli.evaluate.collapse_report import collapse_report
