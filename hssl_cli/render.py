@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -106,8 +107,23 @@ def cached(report: dict) -> str:
     return ""
 
 
+def dataset_label(report: dict) -> str:
+    """CIFAR-10, MNIST, ... or, for an image folder, the folder's name (e.g. cifar10-jpeg)."""
+    names = {"digits": "digits (scikit-learn)", "mnist": "MNIST", "cifar10": "CIFAR-10", "stl10": "STL-10"}
+    if report["dataset"] == "imagefolder" and report.get("data_root"):
+        return Path(report["data_root"]).name
+    return names.get(report["dataset"], report["dataset"])
+
+
+def report_label(report: dict) -> str:
+    """'simclr, resnet18_cifar, epoch 200' (with DirectPred's loss where it has one)."""
+    loss = f" ({report['loss']} loss)" if report.get("loss") else ""
+    return f"{report['method']}{loss}, {report['backbone']}, epoch {report['epoch']}"
+
+
 def print_collapse(output: Console, report: dict) -> None:
-    table = Table(title=f"collapse report: {report['samples']} {report['dataset']}/{escape(report['split'])} images, "
+    table = Table(title=f"collapse report: {report['samples']} {escape(dataset_label(report))}/"
+                  f"{escape(report['split'])} images, "
                   f"threshold {report['threshold']:g}")
     for column in ("layer", "D", "eff. rank", "raw eff. rank", "RankMe", "part. ratio", "std(z/|z|) / healthy",
                    "collapsed dims", "verdict"):

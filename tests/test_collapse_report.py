@@ -83,7 +83,7 @@ def test_table_and_plot(checkpoints, tmp_path):
     result = runner.invoke(app, ["collapse-report", str(checkpoints["collapsing"]), "--device", "cpu",
                                  "--samples", "200", "--plot", str(plot)])
     assert result.exit_code == 0, result.output
-    assert "200 digits/test images" in result.output and "predictor alignment" in result.output
+    assert "200 digits (scikit-learn)/test images" in result.output and "predictor alignment" in result.output
     assert "verdict (projector):" in result.output and "collapse" in result.output.split("verdict (projector):")[1]
     assert plot.read_bytes()[:4] == b"\x89PNG"
 

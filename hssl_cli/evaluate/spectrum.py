@@ -172,6 +172,7 @@ def plot_spectra(reports: list[dict], path: Path, labels: list[str] | None = Non
     from matplotlib.figure import Figure  # lazily: plotting is optional; Figure needs no pyplot state
 
     from hssl_cli.files import save_figure_atomically
+    from hssl_cli.render import dataset_label, report_label
 
     labels = labels or [report_label(report) for report in reports]
     layer_names = list(dict.fromkeys(name for report in reports for name in report["layers"]))
@@ -205,17 +206,3 @@ def plot_spectra(reports: list[dict], path: Path, labels: list[str] | None = Non
     figure.suptitle(f"Correlation spectra: {dataset_label(reports[0])}, {reports[0]['samples']} "
                     f"{reports[0]['split']} images", fontsize=11)
     save_figure_atomically(figure, path)
-
-
-def dataset_label(report: dict) -> str:
-    """CIFAR-10, MNIST, ... or, for an image folder, the folder's name (e.g. cifar10-jpeg)."""
-    names = {"digits": "digits (scikit-learn)", "mnist": "MNIST", "cifar10": "CIFAR-10", "stl10": "STL-10"}
-    if report["dataset"] == "imagefolder" and report.get("data_root"):
-        return Path(report["data_root"]).name
-    return names.get(report["dataset"], report["dataset"])
-
-
-def report_label(report: dict) -> str:
-    """'simclr, resnet18_cifar, epoch 200' (with DirectPred's loss where it has one)."""
-    loss = f" ({report['loss']} loss)" if report.get("loss") else ""
-    return f"{report['method']}{loss}, {report['backbone']}, epoch {report['epoch']}"
