@@ -100,11 +100,14 @@ def print_probe(output: Console, report: dict) -> None:
 
 
 def cached(report: dict) -> str:
-    """', features from the cache' when every feature set came from it."""
+    """' (features 1.2 s from the cache, linear 40.1 s, kNN 9.8 s)': where the time went."""
+    stages = report.get("seconds_by_stage")
+    if not stages:
+        return ""
     cache = report.get("feature_cache") or {}
-    if cache.get("hits") and not cache.get("misses"):
-        return ", features from the cache"
-    return ""
+    source = " from the cache" if cache.get("hits") and not cache.get("misses") else ""
+    return (f" (features {stages['features']:.1f} s{source}, linear {stages['linear']:.1f} s, "
+            f"kNN {stages['knn']:.1f} s)")
 
 
 def dataset_label(report: dict) -> str:

@@ -83,6 +83,7 @@ def test_a_second_probe_reads_the_cache_and_reports_the_same_numbers(trained, tm
     assert first["feature_cache"]["misses"] == 2 and second["feature_cache"] == {
         "folder": str(tmp_path), "hits": 2, "misses": 0}
     assert first["results"] == second["results"]
+    assert set(second["seconds_by_stage"]) == {"features", "linear", "knn"}
     uncached = probe_checkpoint(trained, device_name="cpu", progress=False, cache=False)
     assert uncached["results"] == first["results"] and uncached["feature_cache"]["folder"] is None
 

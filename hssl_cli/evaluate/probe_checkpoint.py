@@ -151,17 +151,23 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     feature_cache = FeatureCache(cache_folder, hashlib.sha256(weights.encode()).hexdigest(),
                                  {"features": features, "device": device.type})
 
+    timings = {"features": 0.0, "linear": 0.0, "knn": 0.0}  # seconds, for the report
+
     def features_of(images: torch.Tensor, what: str) -> torch.Tensor:
         def extract(images: torch.Tensor) -> torch.Tensor:
             with progress_bar(progress, f"features of {what}", len(images)) as advance:
                 return extract_features(model, images, trained.mean, trained.std, advance=advance)
 
-        return feature_cache.features(images, extract).to(device)
+        began = time.perf_counter()
+        features = feature_cache.features(images, extract).to(device)
+        timings["features"] += time.perf_counter() - began
+        return features
 
     train_features = features_of(train_images, "train")
     train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     num_classes = len(train.classes)
 
+    began = time.perf_counter()
     if protocol == "fast":
         classifier = fit_linear_probe(train_features, train_labels, num_classes)
         linear_scores, linear_detail = classifier.scores, f"L-BFGS, weight decay {classifier.weight_decay:g}"
@@ -171,15 +177,18 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
             layer = train_linear_sgd(model, train_images, train_labels, num_classes, trained.mean, trained.std, sgd,
                                      advance)
         linear_scores, linear_detail = layer, sgd.describe()
+    timings["linear"] += time.perf_counter() - began
     results = {}
 
     def score(suffix: str, images: torch.Tensor, neighbours: tuple[int, ...], what: str) -> None:
         test_features = features_of(images, what)
         linear = topk_accuracy(linear_scores(test_features), test_labels)
         results[f"linear{suffix}"] = {**linear, "protocol": protocol, "detail": linear_detail}
+        began = time.perf_counter()
         for k in neighbours:
             knn = knn_probe(train_features, train_labels, test_features, test_labels, num_classes, k=k)
             results[f"knn_k{k}{suffix}"] = {**knn, "protocol": "knn", "detail": "cosine, T=0.07"}
+        timings["knn"] += time.perf_counter() - began
 
     score("", test_images, KNN_NEIGHBOURS, "test")
     for degrees in test_rotations:
@@ -203,4 +212,5 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
         "feature_cache": {"folder": str(cache_folder) if cache_folder else None, "hits": feature_cache.hits,
                           "misses": feature_cache.misses},
         "seconds": round(time.perf_counter() - started, 2),
+        "seconds_by_stage": {stage: round(value, 2) for stage, value in timings.items()},
     }
