@@ -161,6 +161,26 @@ def print_cells(output: Console, rows: list[dict], title: str) -> None:
     output.print(table)
 
 
+def _scale_table(scales: dict, tolerance: float) -> Table:
+    """Rows: the stages of the lifted network; a column per down-scaling S^j (exact ones gated)."""
+    table = Table(title=f"scale |f_k(S^j x) - f_(k+j)(x)| / |f_(k+j)(x)|: {scales['levels']} levels, factor "
+                  f"{scales['factor']}, levels k < K - j")
+    table.add_column("layer")
+    for element in scales["elements"]:
+        table.add_column(element["label"] + ("" if element["exact"] else ", not gated"), justify="right")
+    for row in scales["layers"]:
+        cells = [row["name"]]
+        for element in scales["elements"]:
+            error = row["errors"][element["label"]]
+            if error is None:
+                cells.append("[dim]sizes differ[/]")
+                continue
+            colour = ("green" if error <= tolerance else "red") if element["exact"] else "dim"
+            cells.append(f"[{colour}]{error:.1e}[/]")
+        table.add_row(*cells)
+    return table
+
+
 def print_equivariance(output: Console, report: dict) -> None:
     """Rows: layers (or feature kinds); columns: the worst error over exact and over interpolated elements
     (every element's value is in --json). Gated values are green or red, the others dim."""
@@ -193,8 +213,11 @@ def print_equivariance(output: Console, report: dict) -> None:
         output.print(table(f"equivariance |f(T_g x) - L_g f(x)| / |f(x)|: {report['model_group']} backbone, "
                            f"test group {report['test_group']}",
                            [(row["name"], row["errors"], True) for row in report["layers"]]))
-    output.print(table(f"invariance |f(T_g x) - f(x)| / |f(x)|: test group {report['test_group']}",
-                       [(name, errors, name == "pooled features") for name, errors in report["invariance"].items()],
+    gated = report.get("rotations_gated", True)
+    output.print(table(f"invariance |f(T_g x) - f(x)| / |f(x)|: test group {report['test_group']}"
+                       + ("" if gated else " (not gated: the model claims no rotation symmetry; --group gates it)"),
+                       [(name, errors, gated and name == "pooled features")
+                        for name, errors in report["invariance"].items()],
                        report["augmentation_invariance"]))
     translations = report.get("translations")
     if translations is not None:
@@ -213,6 +236,9 @@ def print_equivariance(output: Console, report: dict) -> None:
                 cell = f"[{colour}]{shift['error']:.1e}[/]"
             shifts.add_row(shift["label"], cells + ("" if shift["exact"] else " (interpolated)"), cell)
         output.print(shifts)
+    scales = report.get("scales")
+    if scales is not None:
+        output.print(_scale_table(scales, tolerance))
     verdict = "[green]passed[/]" if report["passed"] else "[bold red]failed[/]"
     output.print(f"{verdict}: worst error at exact elements {report['worst_exact_error']:.2e} (tolerance "
                  f"{tolerance:g}; interpolated elements are shown, not gated); {report['samples']} "

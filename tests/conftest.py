@@ -68,6 +68,7 @@ METHOD_OVERRIDES = {
     "hssl+fibres": [C4_BACKBONE, "method={name: hssl, pairing: fibres, loss: vicreg}"],
     "hssl+positions": ["method={name: hssl, fibres: positions, structure: removed}"],
     "hssl+roto_translations": [C4_BACKBONE, "method={name: hssl, fibres: group_and_positions}"],
+    "hssl+scales": ["model.scales={levels: 2}", "method={name: hssl, fibres: scales}"],
     "equivariant_pretext": [C4_BACKBONE, "method={name: equivariant_pretext, contrastive_weight: 1.0}"],
     "invariant_contrastive": [C4_BACKBONE, "method={name: invariant_contrastive}"],
 }

@@ -78,3 +78,19 @@ def test_a_plain_export_rebuilds_with_its_metadata_and_the_api_loads_checkpoints
     assert json.loads(metadata["data_mean"]) == pytest.approx(trained.mean.tolist())
     with pytest.raises(HsslError, match="only resnet18_cifar and torchvision:<name> backbones have a torchvision twin"):
         export_backbone(checkpoint, tmp_path / "x.safetensors", format="torchvision")
+
+
+def test_a_scale_lifted_backbone_exports_plain_only(tmp_path, tiny_recipe):
+    recipe = tiny_recipe("train.epochs=0", "model.backbone=resnet18_cifar", "model.scales={levels: 2}",
+                         "method={name: hssl, fibres: scales}")
+    checkpoint = pretrain(recipe, tmp_path, device_name="cpu").checkpoint
+    with pytest.raises(HsslError, match="multi-scale lifting of resnet18_cifar"):
+        export_backbone(checkpoint, tmp_path / "tv.safetensors", format="torchvision")
+    from hssl_cli.models.backbones import build_backbone
+
+    export_backbone(checkpoint, tmp_path / "plain.safetensors")
+    backbone = build_backbone(recipe.model, in_channels=1).eval()
+    backbone.load_state_dict(load_file(tmp_path / "plain.safetensors"), strict=True)
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(backbone(images), hssl_cli.load_backbone(checkpoint)(images))

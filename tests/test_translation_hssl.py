@@ -88,23 +88,52 @@ def test_position_pairs_are_the_fibres_of_one_pass():
     assert torch.equal(first, maps[rows, :, p1]) and torch.equal(second, maps[rows, :, p2])
 
 
-def test_structure_removed_mixes_positions_so_a_shift_is_no_longer_a_move():
+def test_structure_mixed_mixes_positions_so_a_shift_is_no_longer_a_move():
     kept = _method("{name: hssl, fibres: positions}", SMALL.replace("32}", "64}"))
-    removed = _method("{name: hssl, fibres: positions, structure: removed}", SMALL.replace("32}", "64}"))
-    removed.backbone.load_state_dict(kept.backbone.state_dict())
-    assert removed.mixer.mix.weight.shape == (64, 64)
+    mixed = _method("{name: hssl, fibres: positions, structure: mixed}", SMALL.replace("32}", "64}"))
+    mixed.backbone.load_state_dict(kept.backbone.state_dict())
+    assert mixed.mixer.mix.weight.shape == (64, 64)
     images = torch.randn(2, 1, 64, 64)
     shifted = torch.roll(images, (8, 8), dims=(2, 3))
     errors = {}
     with torch.no_grad():
-        for name, method in (("kept", kept.eval()), ("removed", removed.eval())):
+        for name, method in (("kept", kept.eval()), ("mixed", mixed.eval())):
             fibres, moved = method.fibres(method.backbone, images), method.fibres(method.backbone, shifted)
             cell, previous = 3 * 8 + 3, 2 * 8 + 2  # an interior position and the one it moved from
             errors[name] = ((moved[:, cell] - fibres[:, previous]).abs().max() / fibres.abs().max()).item()
-    assert errors["kept"] < 1e-5 and errors["removed"] > 1e-2
+    assert errors["kept"] < 1e-5 and errors["mixed"] > 1e-2
+    losses = mixed(Views([images, images], []), torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    assert mixed.mixer.mix.weight.grad is not None
+
+
+def test_structure_removed_shuffles_the_maps_entries_into_pseudo_positions():
+    """Pseudo-position q holds C entries of the map drawn from all channels and positions by a fixed
+    permutation: the same entries as `kept` (so the pooled features a probe reads are unchanged), but no
+    pseudo-position is any position's feature vector, and the permutation survives a checkpoint."""
+    kept = _method("{name: hssl, fibres: positions}")
+    removed = _method("{name: hssl, fibres: positions, structure: removed}", seed=1)
+    removed.backbone.load_state_dict(kept.backbone.state_dict())
+    images = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        positions = kept.fibres(kept.backbone, images)  # (B, 16, 256)
+        shuffled = removed.fibres(removed.backbone, images)
+    assert shuffled.shape == positions.shape
+    assert torch.equal(shuffled.flatten(1).sort(dim=1).values, positions.flatten(1).sort(dim=1).values)
+    permutation = removed.mixer.permutation
+    source_position, source_channel = permutation // 256, permutation % 256
+    assert torch.equal(shuffled.flatten(1), positions.flatten(1)[:, permutation])
+    per_pseudo_position = source_position.view(16, 256)
+    assert all(len(row.unique()) > 8 for row in per_pseudo_position)  # each draws from many positions
+    assert (source_channel.view(16, 256) != torch.arange(256)).float().mean() > 0.9  # channels moved too
+    assert "mixer.permutation" in removed.state_dict()
+    again = _method("{name: hssl, fibres: positions, structure: removed}", seed=2)
+    assert not torch.equal(again.mixer.permutation, permutation)
+    again.load_state_dict(removed.state_dict())
+    assert torch.equal(again.mixer.permutation, permutation)
     losses = removed(Views([images, images], []), torch.Generator().manual_seed(0))
     losses["loss"].backward()
-    assert removed.mixer.mix.weight.grad is not None
+    assert torch.isfinite(losses["loss"])
 
 
 def test_roto_translation_fibres_pair_elements_and_positions():
@@ -129,6 +158,7 @@ def test_recipe_checks_for_position_fibres_name_the_keys():
         ("{name: hssl, fibres: positions, pairs: {distribution: subset, elements: [0, 1]}}", "names group elements"),
         ("{name: hssl, fibres: positions, fibres_from: layer3}", "fibres_from: layer3 is a ResNet stage"),
         ("{name: hssl, fibres: group_and_positions}", "model.group is required"),
+        ("{name: hssl, structure: mixed}", "structure: mixed mixes map positions"),
     ):
         with pytest.raises(RecipeError, match=message):
             parse_recipe(SMALL + f"method: {method}\n", "x.yaml")

@@ -6,6 +6,8 @@ For a test group T (C_N or D_N acting on images, data/groups.py) and a batch x o
   the spatially pooled lifted features (pure fibre permutation, meaningful for every angle);
 - translation equivariance of the last spatial map of any convolutional backbone (evaluate/translation.py):
   shifts by multiples of its stride are exact, half-stride shifts interpolated;
+- scale equivariance of a multi-scale lifting (model.scales, evaluate/scales.py), stage by stage: down-scaling
+  by average pooling is exact, by bilinear resizing interpolated;
 - invariance of the pooled features f(x) and of the embedding, for any backbone:
   ||f(T_g x) - f(x)|| / ||f(x)||, and the same under one draw of the recipe's augmentations.
 Norms are Frobenius norms over the whole batch. Elements that are multiples of 90 degrees (and flips)
@@ -177,11 +179,22 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
                 augmentations[name] = relative_error(function(views), reference, reference)
 
     translations = _translations(backbone, images[:TRANSLATION_SAMPLES])
+    scales = None
+    if hasattr(backbone, "levels"):  # a multi-scale lifting
+        from hssl_cli.evaluate.scales import scale_equivariance
+
+        scales = scale_equivariance(backbone, images)
     exact = {test_group.label(e) for e in range(test_group.size) if test_group.is_exact(e)}
+    # a scale lifting claims no rotation symmetry: its rotation rows are gated only when --group asks for them
+    rotations_gated = model_group is not None or group is not None or not hasattr(backbone, "levels")
     gated = [error for row in [*layers, {"errors": invariance["pooled features"]}]
-             for label, error in row["errors"].items() if label in exact]
+             for label, error in row["errors"].items() if label in exact] if rotations_gated else []
     if translations is not None:
         gated += [shift["error"] for shift in translations["shifts"] if shift["exact"] and shift["error"] is not None]
+    if scales is not None:
+        exact_scales = {element["label"] for element in scales["elements"] if element["exact"]}
+        gated += [error for row in scales["layers"] for label, error in row["errors"].items()
+                  if label in exact_scales and error is not None]
     worst = max(gated, default=0.0)
     return {
         "source": checked.source,
@@ -202,6 +215,8 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
         "invariance": invariance,
         "augmentation_invariance": augmentations,
         "translations": translations,
+        "scales": scales,
+        "rotations_gated": rotations_gated,
         "tolerance": tolerance,
         "worst_exact_error": worst,
         "passed": worst <= tolerance,

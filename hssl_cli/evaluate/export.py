@@ -35,6 +35,9 @@ def export_backbone(checkpoint_path: Path, out: Path, format: str = "plain", ver
     if format != "plain" and backbone not in ("resnet18_cifar",) and not backbone.startswith(f"{format}:"):
         raise HsslError(f"--format {format}: only resnet18_cifar and {format}:<name> backbones have a {format} twin; "
                         f"this checkpoint's is {backbone}: use --format plain (load it with hssl_cli.load_backbone)")
+    if format != "plain" and checkpoint.recipe.model.scales is not None:
+        raise HsslError(f"--format {format}: this backbone is a multi-scale lifting of {backbone} (model.scales), "
+                        "which no library model has; use --format plain (load it with hssl_cli.load_backbone)")
     tensors = checkpoint.prefixed("backbone")
     feature_dim = _loads_into_its_backbone(checkpoint, tensors)
     mean, std = checkpoint.tensors["data.mean"], checkpoint.tensors["data.std"]

@@ -1,7 +1,9 @@
 """H-SSL's fibres and p(G): where the lifted dimension of a backbone's representation comes from and how a
 pair of its elements is drawn. Fibres z(x): (B, F, C), F group elements (rotations/flips of an e2_*
 backbone, fibre of g = its channels of g), F map positions of a CNN (translations: z_p(T_s x) = z_{p-s}(x)),
-or both (roto-translations: F = |G| h w)."""
+both (roto-translations: F = |G| h w), or F scale levels of a multi-scale lifting (z_k(S^j x) = z_{k+j}(x)).
+The structure-removed ablations live here too: PositionMixer (a soft crop, `structure: mixed`) and
+EntryShuffle (`structure: removed`)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ from hssl_cli.models.spatial import feature_map
 from hssl_cli.recipe import HSSLPairsConfig
 
 
-def draw_pairs(group: Group, pairs: HSSLPairsConfig, batch: int, generator: torch.Generator,
+def draw_pairs(group: Group | None, pairs: HSSLPairsConfig, batch: int, generator: torch.Generator,
                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pair g1 != g2 ~ p(G) per image, from the step's generator."""
+    """One pair g1 != g2 ~ p(G) per image, from the step's generator (`group` unused for a subset)."""
     if pairs.distribution == "subset":
         subset = torch.tensor(sorted(set(pairs.elements)), device=device)
         first = random_integers(0, len(subset), batch, generator, device)
@@ -56,6 +58,11 @@ def draw_position_pairs(table: torch.Tensor, counts: torch.Tensor, period: int, 
     p1 = random_integers(0, len(counts), batch, generator, device)
     column = random_integers(0, period, batch, generator, device) % counts.to(device)[p1]
     return p1, table.to(device)[p1, column]
+
+
+def level_neighbours(levels: int, max_steps: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale levels k != k' with |k - k'| <= max_steps (any other level when None): a 1 x K grid's table."""
+    return grid_neighbours(1, levels, max_steps)
 
 
 def count_period(counts: torch.Tensor) -> int:
@@ -96,3 +103,19 @@ class PositionMixer(nn.Module):
 
     def forward(self, fibres: torch.Tensor) -> torch.Tensor:
         return self.mix(fibres.transpose(1, 2)).transpose(1, 2)  # (B, P, C): z'_q = sum_p M_qp z_p
+
+
+class EntryShuffle(nn.Module):
+    """The structure-removed ablation of position fibres: the map's C x P entries (channel, position) are
+    permuted by a fixed random permutation drawn at construction (from the global generator that seeds the
+    initial weights, kept in the checkpoint), and cut back into P pseudo-positions of C entries: channel c of
+    pseudo-position q is some channel at some position, so no pseudo-position is the feature of a shifted
+    image. The backbone, the fibre size and the pooled features a probe reads are those of `kept`."""
+
+    def __init__(self, positions: int, channels: int):
+        super().__init__()
+        self.register_buffer("permutation", torch.randperm(positions * channels))
+
+    def forward(self, fibres: torch.Tensor) -> torch.Tensor:
+        batch, positions, channels = fibres.shape
+        return fibres.reshape(batch, -1)[:, self.permutation].view(batch, positions, channels)

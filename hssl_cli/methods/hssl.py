@@ -9,7 +9,8 @@ T_g1 x and T_g2 x, two passes); `structure: removed` the ablation on a non-equiv
 
 Translations (`fibres: positions`): any CNN is equivariant to shifts by its stride, so the positions of a
 feature map are the fibres, and a pair of positions of one pass stands for a pair of crops of the image;
-`fibres: group_and_positions` pairs roto-translations on an e2_* backbone (methods/fibres.py).
+`fibres: group_and_positions` pairs roto-translations on an e2_* backbone; `fibres: scales` pairs the levels
+of a multi-scale lifting (models/scale_lifted.py), a pair of down-scaled views (methods/fibres.py).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from hssl_cli.losses import byol_cosine, info_nce, vicreg
 from hssl_cli.methods.base import SSLMethod
 from hssl_cli.methods.byol import make_target, target_momentum, update_target
 from hssl_cli.methods.fibres import (
+    EntryShuffle,
     PositionMixer,
     count_period,
     draw_pairs,
     draw_position_pairs,
     grid_neighbours,
     group_fibres,
+    level_neighbours,
     position_fibres,
 )
 from hssl_cli.models.heads import mlp
@@ -44,22 +47,26 @@ class HSSL(SSLMethod):
         super().__init__(backbone)
         model, config = recipe.model, recipe.method
         self.fibres_kind, self.layer = config.fibres, config.fibres_from
-        self.group = Group(model.group.name, model.group.order) if config.fibres != "positions" else None
+        with_group = config.fibres in ("group", "group_and_positions")
+        self.group = Group(model.group.name, model.group.order) if with_group else None
         self.pairing, self.loss_name, self.pairs = config.pairing, config.loss, config.pairs
         self.mixer = None
         if config.fibres == "group":
             fibre_dim = self._fibre_dim(backbone, model)
+        elif config.fibres == "scales":
+            fibre_dim = backbone.feature_dim
+            steps = config.pairs.max_steps if config.pairs.distribution == "neighbourhood" else None
+            self._pair_table(*level_neighbours(model.scales.levels, steps))
         else:
             channels, height, width = map_size(backbone, in_channels, recipe.data.image_size, self.layer)
             fibre_dim = channels // backbone.group.size if hasattr(backbone, "lifted") else channels
             steps = config.pairs.max_steps if config.pairs.distribution == "neighbourhood" else None
-            table, counts = grid_neighbours(height, width, steps)
-            self.register_buffer("neighbour_table", table, persistent=False)  # follows the architecture
-            self.register_buffer("neighbour_counts", counts, persistent=False)
-            self.neighbour_period = count_period(counts)
-            if config.structure == "removed":
-                fibres = height * width * (self.group.size if self.group is not None else 1)
+            self._pair_table(*grid_neighbours(height, width, steps))
+            fibres = height * width * (self.group.size if self.group is not None else 1)
+            if config.structure == "mixed":
                 self.mixer = PositionMixer(fibres)
+            elif config.structure == "removed":
+                self.mixer = EntryShuffle(fibres, fibre_dim)
         self.projector = mlp(fibre_dim, model.projector)  # the shared head h
         self.temperature = config.temperature
         self.vicreg_weights = {"invariance_weight": config.invariance_weight,
@@ -69,6 +76,11 @@ class HSSL(SSLMethod):
             self.predictor = mlp(model.projector[-1], config.predictor)
             self.target = make_target(backbone, self.projector)
             self.ema_start = config.ema_start
+
+    def _pair_table(self, table: torch.Tensor, counts: torch.Tensor) -> None:
+        self.register_buffer("neighbour_table", table, persistent=False)  # follows the architecture
+        self.register_buffer("neighbour_counts", counts, persistent=False)
+        self.neighbour_period = count_period(counts)
 
     def _fibre_dim(self, backbone: nn.Module, model: ModelConfig) -> int:
         if hasattr(backbone, "lifted"):
@@ -87,9 +99,11 @@ class HSSL(SSLMethod):
         return cls(backbone, recipe, in_channels)
 
     def fibres(self, backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """z(x): (B, F, C), the fibres this method pairs (mixed, in the structure-removed ablation)."""
+        """z(x): (B, F, C), the fibres this method pairs (mixed or shuffled, in the ablations)."""
         if self.fibres_kind == "group":
             return group_fibres(backbone, images, self.group)
+        if self.fibres_kind == "scales":
+            return backbone.lifted(images)
         lifted = position_fibres(backbone, images, self.layer, self.group)
         return lifted if self.mixer is None else self.mixer(lifted)
 
@@ -97,9 +111,11 @@ class HSSL(SSLMethod):
         """Fibre indices (i1, i2), i1 != i2 ~ p(G), one pair per image, from the step's generator."""
         if self.fibres_kind == "group":
             return draw_pairs(self.group, self.pairs, batch, generator, device)
+        if self.fibres_kind == "scales" and self.pairs.distribution == "subset":
+            return draw_pairs(None, self.pairs, batch, generator, device)  # subset: no group law needed
         p1, p2 = draw_position_pairs(self.neighbour_table, self.neighbour_counts, self.neighbour_period, batch,
                                      generator, device)
-        if self.fibres_kind == "positions":
+        if self.fibres_kind in ("positions", "scales"):
             return p1, p2
         g1, g2 = draw_pairs(self.group, self.pairs, batch, generator, device)
         positions = len(self.neighbour_counts)
@@ -147,10 +163,10 @@ class HSSL(SSLMethod):
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
         """The head reads one fibre, so the embedding of one view is the head on a fibre, not on pooled
-        features (an input it never saw): group fibres, h(z_e(x)); position fibres, the mean of h over the
-        map's positions."""
+        features (an input it never saw): group and scale fibres, h(z_e(x)); position fibres, the mean of h
+        over the map's positions."""
         lifted = self.fibres(self.backbone, images)
-        if self.fibres_kind == "group":
+        if self.fibres_kind in ("group", "scales"):  # the identity element; scales: the full-size level
             return self.projector(lifted[:, IDENTITY])
         batch, count = lifted.shape[:2]
         return self.projector(lifted.flatten(0, 1)).view(batch, count, -1).mean(dim=1)

@@ -50,9 +50,15 @@ def build_backbone(model: ModelConfig | str, in_channels: int, plain: bool = Fal
     timm:<name> and torchvision:<name> come from those libraries (models/library.py).
 
     e2_* backbones (escnn, imported only for them) need model.group; `plain` builds their
-    structure-removed twin (same layout, ordinary layers, |G| pseudo-fibres).
+    structure-removed twin (same layout, ordinary layers, |G| pseudo-fibres). model.scales wraps a plain CNN
+    in a multi-scale lifting; `plain` then builds its twin (unshared copies on the un-scaled image).
     """
     name = model if isinstance(model, str) else model.backbone
+    scales = None if isinstance(model, str) else model.scales
+    if scales is not None:  # a multi-scale lifting of the plain CNN (models/scale_lifted.py)
+        from hssl_cli.models.scale_lifted import ScaleLiftedBackbone
+
+        return ScaleLiftedBackbone(build_backbone(name, in_channels), scales.levels, plain=plain)
     if name in BACKBONES:
         return BACKBONES[name](in_channels=in_channels)
     if name.startswith(("timm:", "torchvision:")):

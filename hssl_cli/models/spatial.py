@@ -23,6 +23,8 @@ def feature_map(backbone: nn.Module, images: torch.Tensor, layer: str = "last") 
     from hssl_cli.models.backbones import SmallConvNet
     from hssl_cli.models.equivariant import EquivariantBackbone
 
+    if hasattr(backbone, "levels"):  # a multi-scale lifting: its full-size level's map
+        return feature_map(backbone.network(0), images, layer)
     if isinstance(backbone, ResNet):
         return _resnet_map(backbone, images, "layer4" if layer == "last" else layer)
     if layer != "last":

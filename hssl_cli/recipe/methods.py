@@ -210,14 +210,18 @@ class HSSLConfig(MethodSection):
         "augmentation a fair comparison shares); fibres: z_g1(x), z_g2(x) of one pass, no other augmentation "
         "(instance discrimination between near-identical fibres); inputs: the augmentation-SSL twin, identity "
         "fibres of T_g1 t1 x and T_g2 t2 x")
-    structure: Literal["kept", "removed"] = Field(
-        "kept", description="removed: the ablation; group fibres: the backbone's layout without equivariance, its "
-        "channels split into |G| pseudo-fibres; position fibres: positions mixed by a learned dense layer over the "
-        "map (MLP-Mixer-like token mixing), so a pseudo-position is no translation of the input")
-    fibres: Literal["group", "positions", "group_and_positions"] = Field(
+    structure: Literal["kept", "removed", "mixed"] = Field(
+        "kept", description="removed: the ablation that takes the fibres' group structure away; group fibres: the "
+        "backbone's layout without equivariance, its channels split into |G| pseudo-fibres; position fibres: the "
+        "map's C x h w entries shuffled by a fixed random permutation, so a pseudo-position holds C entries of "
+        "random channels at random positions, no feature of a shifted image; scale fibres: K unshared copies of the "
+        "CNN on the un-scaled image. mixed (position fibres): positions mixed by a learned dense layer over the map "
+        "(MLP-Mixer-like token mixing); measured to act as a soft crop, not as a removal")
+    fibres: Literal["group", "positions", "group_and_positions", "scales"] = Field(
         "group", description="group: the |G| fibres of model.group (rotations, flips), pooled over space; positions: "
         "the h x w positions of a convolutional map (translation H-SSL, any CNN backbone: the homomorphic "
-        "counterpart of random crops); group_and_positions: both (roto-translations, e2_* backbones)")
+        "counterpart of random crops); group_and_positions: both (roto-translations, e2_* backbones); scales: the "
+        "K levels of model.scales (the image down-scaled by 2^k, shared weights)")
     fibres_from: Literal["last", "layer3", "layer4"] = Field(
         "last", description="position fibres: the map they are read from; last: the last map before pooling "
         "(resnet18_cifar: layer4); layer3: ResNet's third stage (twice the grid)")
@@ -235,8 +239,14 @@ class HSSLConfig(MethodSection):
 
     def check(self, recipe: Recipe) -> None:
         model = recipe.model
+        if self.structure == "mixed" and self.fibres not in ("positions", "group_and_positions"):
+            raise ValueError(f"method.structure: mixed mixes map positions; fibres: {self.fibres} has none (use "
+                             "structure: removed for the ablation)")
         if self.fibres == "positions":
             self._check_positions(recipe)
+            return
+        if self.fibres == "scales":
+            self._check_scales(recipe)
             return
         if model.group is None:
             raise ValueError("model.group is required for method hssl (it pairs the group's fibres); "
@@ -244,9 +254,9 @@ class HSSLConfig(MethodSection):
                              "method.fibres: positions")
         if self.fibres == "group_and_positions":
             self._check_positions(recipe)
-        if self.structure == "kept" and not model.backbone.startswith("e2_"):
-            raise ValueError(f"method.structure 'kept' needs an equivariant model.backbone (e2_convnet, e2_resnet18), "
-                             f"got '{model.backbone}'; for the ablation set method.structure: removed")
+        if self.structure != "removed" and not model.backbone.startswith("e2_"):
+            raise ValueError(f"method.structure '{self.structure}' needs an equivariant model.backbone (e2_convnet, "
+                             f"e2_resnet18), got '{model.backbone}'; for the ablation set method.structure: removed")
         size = model.group.order * (2 if model.group.name == "D" else 1)
         pairs = self.pairs
         if pairs.distribution == "subset" and (pairs.elements is None or len(set(pairs.elements)) < 2
@@ -258,6 +268,25 @@ class HSSLConfig(MethodSection):
                              "use distribution: uniform")
         if size < 2:
             raise ValueError("model.group: H-SSL needs at least two group elements to pair")
+        if self.loss == "byol":
+            _check_predictor_width(self.predictor, recipe)
+
+    def _check_scales(self, recipe: Recipe) -> None:
+        if recipe.model.scales is None:
+            raise ValueError("method.fibres: scales pairs the levels of a multi-scale lifting; set model.scales, e.g. "
+                             "scales: {levels: 3}")
+        levels, pairs = recipe.model.scales.levels, self.pairs
+        if self.pairing == "inputs":
+            raise ValueError("method.pairing: inputs with fibres: scales; the lifting is exactly equivariant, so the "
+                             "identity fibre of S^k x IS fibre k of x: the twin would compute the same pairs; use "
+                             "augmented_fibres or fibres")
+        if pairs.distribution == "subset" and (pairs.elements is None or len(set(pairs.elements)) < 2
+                                               or max(pairs.elements) >= levels):
+            raise ValueError(f"method.pairs.elements: subset needs at least two distinct levels below "
+                             f"model.scales.levels = {levels}, got {pairs.elements}")
+        if pairs.distribution == "neighbourhood" and pairs.max_steps >= levels:
+            raise ValueError(f"method.pairs.max_steps={pairs.max_steps}: levels are at most {levels - 1} apart; use "
+                             "distribution: uniform")
         if self.loss == "byol":
             _check_predictor_width(self.predictor, recipe)
 

@@ -44,6 +44,8 @@ class Recipe(Section):
         model = self.model
         if self.data.dataset != "digits" and self.data.root is None:
             raise ValueError(f"data.root is required for dataset '{self.data.dataset}'")
+        if model.scales is not None:
+            self._scales_fit(model)
         equivariant = model.backbone.startswith("e2_")
         if equivariant and model.group is None:
             raise ValueError(f"model.group is required for model.backbone '{model.backbone}'; "
@@ -59,6 +61,17 @@ class Recipe(Section):
         self._views_fit_the_method()
         self._heads_fit_in_memory()
         return self
+
+    def _scales_fit(self, model: ModelConfig) -> None:
+        if model.backbone not in ("small_convnet", "resnet18_cifar") and not model.backbone.startswith(
+                ("timm:", "torchvision:")):
+            raise ValueError(f"model.scales lifts a plain CNN (small_convnet, resnet18_cifar, timm:/torchvision:), "
+                             f"not '{model.backbone}'; remove model.scales or change model.backbone")
+        coarsest = 2 ** (model.scales.levels - 1)
+        if self.data.image_size % coarsest or self.data.image_size // coarsest < 8:
+            raise ValueError(f"model.scales.levels={model.scales.levels}: data.image_size {self.data.image_size} must "
+                             f"be divisible by {coarsest} and leave at least 8 px at the coarsest level; use fewer "
+                             "levels")
 
     def _heads_fit_in_memory(self) -> None:
         """Each MLP head's float32 weights, estimated from its widths (the backbone's features counted as

@@ -147,6 +147,11 @@ class GroupConfig(Section):
     order: int = Field(8, ge=1, le=64, description="N; the group has N (C) or 2N (D) elements")
 
 
+class ScalesConfig(Section):
+    levels: int = Field(3, ge=2, le=6, description="K: the backbone runs, with shared weights, on the image "
+                        "down-scaled by 1, 2, ..., 2^(K-1) (average pooling); its K pooled outputs are scale fibres")
+
+
 class ModelConfig(Section):
     backbone: str = Field(
         "resnet18_cifar", max_length=100, description="feature extractor f: resnet18_cifar, small_convnet (quick "
@@ -162,6 +167,9 @@ class ModelConfig(Section):
         None, min_length=1, description="e2_* backbones: regular fields per stage (|G| channels each); default "
         "e2_convnet [16, 32, 64], e2_resnet18 [16, 32, 64, 128]"
     )
+    scales: ScalesConfig | None = Field(
+        None, description="multi-scale lifting of a plain CNN backbone (scale equivariance, H-SSL's "
+        "method.fibres: scales): e.g. {levels: 3}; the probe reads the max over levels")
 
     @field_validator("backbone")
     @classmethod
