@@ -62,6 +62,7 @@ METHOD_OVERRIDES = {
     "barlow_twins": ["method={name: barlow_twins}"],
     "mocov3": ["method={name: mocov3, temperature: 0.5, predictor: [64, 32]}"],
     "directpred": ["method={name: directpred}"],
+    "directpred+every3": ["method={name: directpred, predictor_every: 3, eps_convention: outside}"],
     "directcopy": ["method={name: directcopy}"],
     "directpred+isoloss": ["method={name: directpred, loss: iso}"],
     "hssl": [C4_BACKBONE, "method={name: hssl}"],

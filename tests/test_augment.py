@@ -239,7 +239,7 @@ def test_views_equal_torchvision_functional_ops_replaying_the_same_params():
 def test_grayscale_blur_and_solarize_match_torchvision_functional():
     images = photo_patches()[:16]
     identity = ViewParams.identity(16, "cpu")
-    augmenter = make_augmenter(blur={"kernel_size": 5})
+    augmenter = make_augmenter(blur={"kernel_size": 5}).reference()  # params its config (blur p 0) never draws
     floats = as_floats(images)
 
     everywhere = torch.ones(16, dtype=torch.bool)
@@ -349,3 +349,22 @@ def test_compiled_augmenter_gives_the_eager_views_without_recompiling_for_new_dr
                                        atol=1e-5, rtol=0)
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("config", [
+    NOTHING_ON,
+    {**EVERYTHING_ON, "blur": {"p": 0.0}},  # every CIFAR recipe: no blur
+    {**EVERYTHING_ON, "color_jitter": {"p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.0}},
+    {**EVERYTHING_ON, "grayscale": 0.0, "solarize": 0.0, "color_jitter": {"p": 0.0}},
+    EVERYTHING_ON,
+])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_ops_that_cannot_act_are_skipped_without_changing_a_view(config, channels):
+    """The fast path (ops with probability 0, or a hue range of 0, left out at build time) gives the
+    reference path's views (every op applied) to 1e-6, and the same parameters."""
+    images = photo_patches()[:16] if channels == 3 else photo_patches()[:16, :1]
+    fast, reference = make_augmenter(channels, **config), make_augmenter(channels, **config).reference()
+    views, params = fast(images, torch.Generator().manual_seed(3), with_params=True)
+    expected, expected_params = reference(images, torch.Generator().manual_seed(3), with_params=True)
+    assert torch.equal(params.as_vector(), expected_params.as_vector())
+    assert (views - expected).abs().max() <= 1e-6

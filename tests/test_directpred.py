@@ -75,6 +75,32 @@ def test_predictor_weight_is_the_normalised_spectrum_of_the_correlation_raised_t
     torch.testing.assert_close(CorrelationPredictor(3, 0.5, 0.1, 0.998).weight(), 0.1**0.5 * torch.eye(3))
 
 
+def test_eps_outside_is_the_authors_code_convention():
+    basis, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))
+    correlation = basis @ torch.diag(torch.tensor([4.0, 1.0, 0.0])) @ basis.T
+    outside = CorrelationPredictor(3, alpha=0.5, eps=0.1, rho=0.998, eps_inside=False)
+    outside.correlation.copy_(correlation)
+    # (s / max(s)) ** 0.5 + eps = (1.1, 0.6, 0.1)
+    expected = basis @ torch.diag(torch.tensor([1.1, 0.6, 0.1])) @ basis.T
+    torch.testing.assert_close(outside.weight(), expected, rtol=0, atol=1e-3)  # sqrt of a rounded 0
+
+
+def test_the_predictor_is_refreshed_every_n_steps_and_kept_between():
+    predictor = CorrelationPredictor(4, alpha=0.5, eps=0.1, rho=0.5, every=3)
+    generator = torch.Generator().manual_seed(0)
+    used, fresh = [], []
+    for _ in range(7):
+        predictor.update(torch.randn(16, 4, generator=generator))
+        fresh.append(predictor.weight())
+        used.append(predictor.training_weight().clone())
+    for step, weight in enumerate(used):  # refreshed at steps 0, 3, 6 from that step's C
+        assert torch.equal(weight, fresh[step - step % 3]), step
+    assert not torch.equal(used[1], fresh[1]) and int(predictor.calls) == 7
+    assert {"correlation", "weight_p", "calls"} <= predictor.state_dict().keys()
+    every_step = CorrelationPredictor(4, alpha=0.5, eps=0.1, rho=0.5)
+    assert set(every_step.state_dict()) == {"correlation"}  # checkpoints of every-step runs are unchanged
+
+
 def test_correlation_is_an_ema_of_the_uncentred_batch_correlation():
     predictor = CorrelationPredictor(2, alpha=0.5, eps=0.1, rho=0.9)
     first, second = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, 0.0]])
@@ -122,7 +148,8 @@ def test_target_momentum_rises_from_tau0_to_one_by_a_cosine():
     assert target_momentum(1.0, 0.99) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("method", ["{name: directpred, loss: iso}", "{name: directcopy, ema: false}"])
+@pytest.mark.parametrize("method", ["{name: directpred, loss: iso}", "{name: directcopy, ema: false}",
+                                    "{name: directpred, predictor_every: 3}"])
 def test_directpred_resume_after_stop_continues_bit_exact(tmp_path, tiny_recipe, method):
     whole, first, second = train_stopped_and_resumed(tiny_recipe(f"method={method}", "train.epochs=1"), tmp_path,
                                                      stop_step=4)

@@ -125,3 +125,25 @@ def test_two_ranks_match_one_rank_with_the_double_batch(tmp_path):
         for key in single:
             assert torch.allclose(single[key], double[key], atol=1e-5, rtol=1e-4), (case, key)
         assert single["loss"].item() != 0 and any(single[key].abs().sum() > 0 for key in single if "grad" in key)
+
+
+def test_sync_bn_converts_the_heads_by_default_the_backbones_only_when_asked():
+    from hssl_cli.engine.distributed import sync_batchnorm
+
+    def kinds(method: nn.Module) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for name, module in method.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                place = "backbone" if "backbone" in name.split(".") else "heads"
+                found.setdefault(place, set()).add(type(module).__name__)
+        return found
+
+    recipe = _recipe("byol")
+    assert recipe.model.sync_bn == "heads"
+    heads = sync_batchnorm(build_method(recipe, in_channels=1), "heads")
+    assert kinds(heads) == {"backbone": {"BatchNorm2d"}, "heads": {"SyncBatchNorm"}}
+    assert isinstance(heads.target["projector"][1], nn.SyncBatchNorm)  # the target's projector too
+    assert kinds(sync_batchnorm(build_method(recipe, in_channels=1), "all")) == {
+        "backbone": {"SyncBatchNorm"}, "heads": {"SyncBatchNorm"}}
+    assert kinds(sync_batchnorm(build_method(recipe, in_channels=1), "none")) == {
+        "backbone": {"BatchNorm2d"}, "heads": {"BatchNorm1d"}}

@@ -176,6 +176,26 @@ class Augmenter:
         self._jitter_low = (max(0.0, 1 - jitter.brightness), max(0.0, 1 - jitter.contrast),
                             max(0.0, 1 - jitter.saturation), -jitter.hue)
         self._jitter_high = (1 + jitter.brightness, 1 + jitter.contrast, 1 + jitter.saturation, jitter.hue)
+        # Ops that can never act are left out of `apply` at build time (issue 15: blur at p 0 cost a grouped
+        # conv per view in every CIFAR recipe); `sample` still draws their columns, so the parameters, and
+        # EquiMod's vectors, are those of the full pipeline. `reference()` keeps every op, for the tests.
+        self.skip_inactive = True
+        self._active = {
+            "jitter": jitter.p > 0 and any(v > 0 for v in (jitter.brightness, jitter.contrast, jitter.saturation,
+                                                           jitter.hue)),
+            "hue": jitter.p > 0 and jitter.hue > 0,
+            "grayscale": config.grayscale > 0,
+            "blur": config.blur.p > 0,
+            "solarize": config.solarize > 0,
+        }
+
+    def reference(self) -> Augmenter:
+        """This augmenter with every op applied, active or not: the path the fast one must equal."""
+        self.skip_inactive = False
+        return self
+
+    def _runs(self, op: str) -> bool:
+        return self._active[op] or not self.skip_inactive
 
     def compile(self) -> Augmenter:
         """torch.compile `apply` (the per-pixel work; `sample` is one small draw): its crop, jitter, blur and
@@ -261,17 +281,21 @@ class Augmenter:
         return float(height), float(width)
 
     def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float32 (B, C, S, S) normalised views; a pure function of its inputs."""
+        """uint8 (B, C, H, W) -> float32 (B, C, S, S) normalised views; a pure function of its inputs. Ops the
+        config never draws are skipped: to apply parameters from elsewhere, use `reference()`."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected uint8 (B, 1|3, H, W) images, got {images.dtype} {list(images.shape)}")
         views = self._crop_and_flip(images.float() / 255.0, params)
-        views = self._color_jitter(views, params)
-        if views.shape[1] == 3:
+        if self._runs("jitter"):
+            views = self._color_jitter(views, params)
+        if views.shape[1] == 3 and self._runs("grayscale"):
             gray = _luma(views).expand_as(views)
             views = torch.where(params.grayscale.view(-1, 1, 1, 1), gray, views)
-        views = self._blur(views, params.blur_sigma)
-        solarized = params.solarize.view(-1, 1, 1, 1) & (views >= SOLARIZE_THRESHOLD)
-        views = torch.where(solarized, 1 - views, views)
+        if self._runs("blur"):
+            views = self._blur(views, params.blur_sigma)
+        if self._runs("solarize"):
+            solarized = params.solarize.view(-1, 1, 1, 1) & (views >= SOLARIZE_THRESHOLD)
+            views = torch.where(solarized, 1 - views, views)
         return _standardize(views, self.mean, self.std)
 
     def _crop_and_flip(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
@@ -315,7 +339,7 @@ class Augmenter:
             mean_luma = luma.mean(dim=(1, 2, 3), keepdim=True) * (op == 1).view(-1, 1, 1, 1)
             target = torch.where((op == 2).view(-1, 1, 1, 1), luma, mean_luma)
             images = _blend(images, target, factor)
-            if rgb:
+            if rgb and self._runs("hue"):  # hue range 0: every shift is 0
                 images = torch.where((op == 3).view(-1, 1, 1, 1), _shift_hue(images, hue), images)
         return images
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from hssl_cli.errors import HsslError
 
@@ -91,13 +92,31 @@ def teardown(context: Distributed) -> None:
         dist.destroy_process_group()
 
 
-def wrap(method: nn.Module, context: Distributed, device: torch.device) -> nn.Module:
-    """DDP with synchronised BatchNorm on CUDA, so projector batch statistics span the global batch.
+def sync_batchnorm(method: nn.Module, mode: str) -> nn.Module:
+    """model.sync_bn: `heads` (default) turns the BatchNorm layers outside every backbone (projector,
+    predictor, EquiMod's heads: where the method's batch statistics must span the global batch) into
+    SyncBatchNorm; `all` every BatchNorm (the backbone's too: 2 collectives per layer per pass); `none` none,
+    each rank normalising its own share."""
+    if mode == "all":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if mode == "heads":
+        for name, child in method.named_children():
+            if name != "backbone":  # the online backbone, and the target's (target.backbone)
+                setattr(method, name, sync_batchnorm(child, mode) if not isinstance(child, _BatchNorm)
+                        else nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return method
+
+
+def wrap(method: nn.Module, context: Distributed, device: torch.device, sync_bn: str = "heads") -> nn.Module:
+    """DDP, with SyncBatchNorm on CUDA where `sync_bn` says (sync_batchnorm). Buffers are not broadcast each
+    forward (rank 0's, which it checkpoints, are the same either way) and gradients are bucket views (no
+    copy into DDP's buckets); the numerics are DDP's defaults'.
 
     (torch's SyncBatchNorm runs only on GPUs; on the CPU each rank normalises its own share.)
     """
     if not context.enabled:
         return method
     if device.type == "cuda":
-        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    return nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+        method = sync_batchnorm(method, sync_bn)
+    return nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
+                                               broadcast_buffers=False, gradient_as_bucket_view=True)

@@ -258,7 +258,9 @@ def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: torch.T
     bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
-    model = distributed.wrap(method, context, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution kernels once
+    model = distributed.wrap(method, context, device, recipe.model.sync_bn)
     optimizer = build_optimizer(method, recipe.optim, fused=device.type == "cuda" and recipe.optim.name != "lars")
     start_step = 0
     if state is not None:

@@ -37,8 +37,10 @@ def update_target(target: nn.ModuleDict, backbone: nn.Module, projector: nn.Modu
     online = [*backbone.parameters(), *projector.parameters()]
     torch._foreach_lerp_(list(target.parameters()), online, 1 - tau)
     online_buffers = [*backbone.buffers(), *projector.buffers()]
-    for target_buffer, online_buffer in zip(target.buffers(), online_buffers, strict=True):
-        target_buffer.copy_(online_buffer)
+    target_buffers = list(target.buffers())
+    if len(target_buffers) != len(online_buffers):
+        raise ValueError(f"target has {len(target_buffers)} buffers, the online networks {len(online_buffers)}")
+    torch._foreach_copy_(target_buffers, online_buffers)  # one fused call, not a Python loop of copies
 
 
 class OnlineAndTarget(SSLMethod):

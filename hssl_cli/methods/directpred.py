@@ -20,16 +20,23 @@ from hssl_cli.recipe import Recipe
 
 
 class CorrelationPredictor(nn.Module):
-    """p = W_P z, W_P = U diag(s^alpha) U^T where C = U diag(s) U^T, s <- clamp(s, 0) / max(s) + eps.
+    """p = W_P z, W_P = U diag(f(s)) U^T where C = U diag(s) U^T, f(s) = (s / max(s) + eps)^alpha (eps
+    `inside`, the paper's) or (s / max(s))^alpha + eps (`outside`, the authors' code), s clamped at 0.
 
-    C is a buffer (checkpointed as `predictor.correlation`, so a resumed run continues bit for bit);
-    W_P is derived from it on every call.
+    C is a buffer (checkpointed as `predictor.correlation`, so a resumed run continues bit for bit). W_P is
+    recomputed every `every` training calls and kept between (`predictor.weight_p`, checkpointed when every >
+    1); the call count lives in a device buffer, mirrored in Python after one read, so deciding costs no host
+    sync.
     """
 
-    def __init__(self, dim: int, alpha: float, eps: float, rho: float):
+    def __init__(self, dim: int, alpha: float, eps: float, rho: float, every: int = 1, eps_inside: bool = True):
         super().__init__()
-        self.alpha, self.eps, self.rho = alpha, eps, rho
+        self.alpha, self.eps, self.rho, self.every, self.eps_inside = alpha, eps, rho, every, eps_inside
         self.register_buffer("correlation", torch.zeros(dim, dim))
+        # kept between refreshes only when there are any (every > 1): then a resume needs them, bit for bit
+        self.register_buffer("weight_p", torch.zeros(dim, dim), persistent=every > 1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=every > 1)
+        self._calls: int | None = None  # the Python mirror of `calls`, read once (after a resume: from the file)
 
     @torch.no_grad()
     def update(self, z: torch.Tensor) -> None:
@@ -42,13 +49,28 @@ class CorrelationPredictor(nn.Module):
 
     @torch.no_grad()
     def weight(self) -> torch.Tensor:
-        """W_P (symmetric, positive definite when eps > 0), fp32."""
+        """W_P from C now (symmetric, positive definite when eps > 0), fp32."""
         with torch.autocast(self.correlation.device.type, enabled=False):
             eigenvalues, eigenvectors = torch.linalg.eigh(self.correlation)
             eigenvalues = eigenvalues.clamp_min(0)
             # an untrained C is zero: W_P is then eps^alpha I instead of a division by zero
-            eigenvalues = eigenvalues / eigenvalues.max().clamp_min(torch.finfo(eigenvalues.dtype).tiny) + self.eps
-            return eigenvectors @ torch.diag(eigenvalues.pow(self.alpha)) @ eigenvectors.T
+            normalised = eigenvalues / eigenvalues.max().clamp_min(torch.finfo(eigenvalues.dtype).tiny)
+            if self.eps_inside:
+                scaled = (normalised + self.eps).pow(self.alpha)
+            else:
+                scaled = normalised.pow(self.alpha) + self.eps
+            return eigenvectors @ torch.diag(scaled) @ eigenvectors.T
+
+    @torch.no_grad()
+    def training_weight(self) -> torch.Tensor:
+        """W_P for a training step: recomputed on calls 0, every, 2 every, ..., else the kept one."""
+        if self._calls is None:
+            self._calls = int(self.calls)
+        if self._calls % self.every == 0:
+            self.weight_p.copy_(self.weight())
+        self._calls += 1
+        self.calls.add_(1)
+        return self.weight_p
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z @ self.weight().to(z.dtype)
@@ -59,7 +81,8 @@ class DirectPred(SSLMethod):
         super().__init__(backbone)
         config = recipe.method
         self.projector = mlp(backbone.feature_dim, recipe.model.projector)
-        self.predictor = CorrelationPredictor(recipe.model.projector[-1], config.alpha, config.eps, config.rho)
+        self.predictor = CorrelationPredictor(recipe.model.projector[-1], config.alpha, config.eps, config.rho,
+                                              config.predictor_every, config.eps_convention == "inside")
         self.target = make_target(backbone, self.projector) if config.ema else None
         self.ema_start = config.ema_start
         self.loss_name = config.loss
@@ -69,7 +92,9 @@ class DirectPred(SSLMethod):
         z = self.projector(self.backbone(both))
         if self.training:
             self.predictor.update(z)
-        weight = self.predictor.weight()
+            weight = self.predictor.training_weight()
+        else:
+            weight = self.predictor.weight()
         with torch.no_grad():
             targets = z.detach() if self.target is None else self.target["projector"](self.target["backbone"](both))
         z1, z2 = z.to(weight.dtype).chunk(2)

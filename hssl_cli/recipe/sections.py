@@ -167,6 +167,9 @@ class ModelConfig(Section):
         None, min_length=1, description="e2_* backbones: regular fields per stage (|G| channels each); default "
         "e2_convnet [16, 32, 64], e2_resnet18 [16, 32, 64, 128]"
     )
+    sync_bn: Literal["heads", "all", "none"] = Field(
+        "heads", description="multi-GPU runs: which BatchNorm layers become SyncBatchNorm; heads: those outside "
+        "the backbone (projector, predictor), whose batch statistics the losses need global; all: every one; none")
     scales: ScalesConfig | None = Field(
         None, description="multi-scale lifting of a plain CNN backbone (scale equivariance, H-SSL's "
         "method.fibres: scales): e.g. {levels: 3}; the probe reads the max over levels")
