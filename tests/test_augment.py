@@ -351,6 +351,26 @@ def test_compiled_augmenter_gives_the_eager_views_without_recompiling_for_new_dr
     assert not counters["graph_break"]
 
 
+def test_compiled_sampling_draws_the_eager_parameters_in_one_graph():
+    """`compile` also compiles the parameters' computation from the step's one uniform draw: the same
+    parameters as eager, one graph, no recompilation for new draws."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = make_augmenter(**EVERYTHING_ON)
+    compiled = make_augmenter(**EVERYTHING_ON).compile()
+    first, second = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            expected = eager.sample(16, first, "cpu", input_size=(40, 40)).as_vector()
+            torch.testing.assert_close(compiled.sample(16, second, "cpu", input_size=(40, 40)).as_vector(), expected,
+                                       atol=1e-6, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+
+
 @pytest.mark.parametrize("config", [
     NOTHING_ON,
     {**EVERYTHING_ON, "blur": {"p": 0.0}},  # every CIFAR recipe: no blur

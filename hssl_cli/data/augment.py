@@ -180,6 +180,7 @@ class Augmenter:
         # conv per view in every CIFAR recipe); `sample` still draws their columns, so the parameters, and
         # EquiMod's vectors, are those of the full pipeline. `reference()` keeps every op, for the tests.
         self.skip_inactive = True
+        self.output_dtype, self.channels_last = torch.float32, False  # set_output: what the model reads on CUDA
         self._active = {
             "jitter": jitter.p > 0 and any(v > 0 for v in (jitter.brightness, jitter.contrast, jitter.saturation,
                                                            jitter.hue)),
@@ -188,6 +189,12 @@ class Augmenter:
             "blur": config.blur.p > 0,
             "solarize": config.solarize > 0,
         }
+
+    def set_output(self, dtype: torch.dtype, channels_last: bool) -> Augmenter:
+        """Views made in `dtype` and memory layout inside `apply` (so a compiled apply fuses the cast): bf16
+        channels_last on CUDA under bf16 autocast, what the convolutions read anyway."""
+        self.output_dtype, self.channels_last = dtype, channels_last
+        return self
 
     def reference(self) -> Augmenter:
         """This augmenter with every op applied, active or not: the path the fast one must equal."""
@@ -198,9 +205,12 @@ class Augmenter:
         return self._active[op] or not self.skip_inactive
 
     def compile(self) -> Augmenter:
-        """torch.compile `apply` (the per-pixel work; `sample` is one small draw): its crop, jitter, blur and
-        normalisation fuse into few kernels. Shapes are static, so one compilation serves a whole run."""
+        """torch.compile both stages: `apply` (the per-pixel work: crop, jitter, blur, normalisation fuse into
+        few kernels) and `params_from_uniform` (the ~170 tiny ops that turn `sample`'s one random draw into
+        parameters). The draw itself stays eager (it reads the step's generator). Shapes are static, so one
+        compilation of each serves a whole run."""
         self.apply = torch.compile(self.apply, dynamic=False)
+        self.params_from_uniform = torch.compile(self.params_from_uniform, dynamic=False)
         return self
 
     def __call__(
@@ -223,9 +233,14 @@ class Augmenter:
         input_size (H, W) of the images to crop, default (image_size, image_size): crop boxes are
         whole pixels of that grid, as in torchvision's RandomResizedCrop.
         """
-        config = self.config
         uniform = torch.rand(batch_size, _NUM_DRAWS, generator=generator, device=device)
-        crop = self._sample_crops(uniform, *(input_size or (self.image_size, self.image_size)))
+        return self.params_from_uniform(uniform, *(input_size or (self.image_size, self.image_size)))
+
+    def params_from_uniform(self, uniform: torch.Tensor, height: int, width: int) -> ViewParams:
+        """The parameters that one (B, 36) uniform draw stands for: a pure function, compiled with `compile`."""
+        config = self.config
+        batch_size, device = uniform.shape[0], uniform.device
+        crop = self._sample_crops(uniform, height, width)
         jitter_applied = uniform[:, _JITTER] < config.color_jitter.p
         # Without jitter, order and factors carry no information: canonical values keep that noise
         # out of EquiMod's parameter encoder. Python scalars, not host tensors: no copy, no GPU sync.
@@ -296,7 +311,8 @@ class Augmenter:
         if self._runs("solarize"):
             solarized = params.solarize.view(-1, 1, 1, 1) & (views >= SOLARIZE_THRESHOLD)
             views = torch.where(solarized, 1 - views, views)
-        return _standardize(views, self.mean, self.std)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return _standardize(views, self.mean, self.std).to(dtype=self.output_dtype, memory_format=layout)
 
     def _crop_and_flip(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """Resample each crop box to image_size with one affine grid; a flip negates the x scale."""

@@ -36,10 +36,16 @@ class ViewPipeline:
         return list(views.chunk(self.count)), params.chunk(self.count)
 
 
-def build_pipelines(recipe: Recipe, mean: torch.Tensor, std: torch.Tensor) -> list[ViewPipeline]:
-    """The recipe's views, in order; mean and std (per channel, [0, 1] units) normalise every view."""
-    return [ViewPipeline(Augmenter(view.augment, view.size, mean, std), view.count, view.role)
-            for view in recipe.resolved_views()]
+def build_pipelines(recipe: Recipe, mean: torch.Tensor, std: torch.Tensor, device_type: str = "cpu",
+                    bf16: bool = False) -> list[ViewPipeline]:
+    """The recipe's views, in order; mean and std (per channel, [0, 1] units) normalise every view. On CUDA
+    the views come out channels_last, in bf16 when the step runs under bf16 autocast."""
+    pipelines = [ViewPipeline(Augmenter(view.augment, view.size, mean, std), view.count, view.role)
+                 for view in recipe.resolved_views()]
+    if device_type == "cuda":
+        for pipeline in pipelines:
+            pipeline.augmenter.set_output(torch.bfloat16 if bf16 else torch.float32, channels_last=True)
+    return pipelines
 
 
 def draw_views(pipelines: list[ViewPipeline], images: torch.Tensor, generator: torch.Generator,
@@ -57,5 +63,9 @@ def draw_views(pipelines: list[ViewPipeline], images: torch.Tensor, generator: t
             views.local_views += drawn
             views.local_params += params
     if with_original:
+        first = pipelines[0].augmenter if pipelines else None
         views.original = normalize(images, mean, std)
+        if first is not None:  # x0 in the views' dtype and layout
+            layout = torch.channels_last if first.channels_last else torch.contiguous_format
+            views.original = views.original.to(dtype=first.output_dtype, memory_format=layout)
     return views

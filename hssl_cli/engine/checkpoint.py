@@ -70,7 +70,21 @@ def _base_metadata(recipe: Recipe, kind: str, epoch: int, step: int) -> dict[str
 
 
 def _cpu_tensors(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    return {f"{prefix}{key}": value.detach().to("cpu").contiguous() for key, value in state.items()}
+    """Host copies, contiguous. Device tensors are copied into pinned host memory without blocking, all of
+    them queued at once, then one synchronisation: not one blocking copy per tensor."""
+    copies, queued = {}, False
+    for key, value in state.items():
+        value = value.detach()
+        if value.device.type == "cuda":
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            queued = True
+        else:
+            host = value.contiguous()
+        copies[f"{prefix}{key}"] = host
+    if queued:
+        torch.cuda.synchronize()
+    return copies
 
 
 def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -100,13 +114,14 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
                         epoch: int, step: int, data_stats: dict[str, torch.Tensor]) -> None:
     optimizer_state = optimizer.state_dict()
     tensors = _cpu_tensors(model.state_dict(), "model.") | _cpu_tensors(data_stats, "data.")
-    scalars = {}
+    scalars, optimizer_tensors = {}, {}
     for index, entries in optimizer_state["state"].items():
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().to("cpu").contiguous()
+                optimizer_tensors[f"{index}.{name}"] = value
             else:
                 scalars[f"{index}.{name}"] = value
+    tensors |= _cpu_tensors(optimizer_tensors, "optimizer.")
     metadata = _base_metadata(recipe, "training_state", epoch, step) | {
         "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
         "optimizer_scalars": json.dumps(scalars),

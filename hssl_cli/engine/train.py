@@ -249,13 +249,13 @@ def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: torch.T
                                                                           mean, std))
     batch_size, rank_batch = recipe.train.batch_size, recipe.train.batch_size // context.world_size
     steps_per_epoch = len(images) // batch_size
-    pipelines = build_pipelines(recipe, mean, std)
+    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
+    pipelines = build_pipelines(recipe, mean, std, device.type, bf16)
     compile_model = recipe.train.compile is True or (recipe.train.compile == "auto" and device.type == "cuda")
     if compile_model:
         for pipeline in pipelines:
             pipeline.augmenter.compile()
     with_original = recipe.method.consumes.original
-    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         method = method.to(memory_format=torch.channels_last)
     if device.type == "cuda":
