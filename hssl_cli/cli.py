@@ -353,6 +353,47 @@ stem, a 3x3 stride-1 conv1 and no max-pool, and no classifier) and holds the pre
 
 @app.command()
 @user_errors
+def shards(
+    folder: Annotated[Path, typer.Argument(
+        help="An image folder: <folder>/<split>/<class>/*.jpg|png (the imagefolder layout), or a folder of "
+        "images (one unlabeled split, train).", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="The folder to write the shards and manifest.json into.",
+                                        show_default=False)],
+    splits: Annotated[list[str] | None, typer.Option(
+        "--split", help="Pack only this split; repeatable (default: every split). Example: --split train")] = None,
+    size: Annotated[int | None, typer.Option(
+        "--size", min=8, max=4096, help="Pre-resize every image to SIZE x SIZE (antialiased bilinear, as "
+        "training resizes) and store it as PNG (lossless); default: the files' own bytes.")] = None,
+    per_shard: Annotated[int, typer.Option(
+        "--per-shard", min=1, help="Images per shard (the last may hold fewer).")] = 10_000,
+) -> None:
+    """Pack an image folder into tar shards (webdataset layout) with a manifest.
+
+    Each shard <split>-NNNNNN.tar holds IIIIIIII.jpg|png and IIIIIIII.cls per image (I: its index in the \
+split, class-then-name order; .cls: its class index); manifest.json, written last, lists every shard \
+with its size and SHA-256. A pack that was killed has no manifest and is refused by readers.
+
+    Example: hssl shards ~/data/imagenet100 /scratch/imagenet100-shards --size 256 --per-shard 5000
+    """
+    from rich.table import Table
+
+    from hssl_cli.data.shards import MANIFEST, pack_folder
+
+    manifest = pack_folder(folder, out, splits, per_shard, size, progress=True)
+    table = Table(title=f"{folder} -> {out}")
+    for column in ("split", "images", "classes", "shards", "MB"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, split in manifest["splits"].items():
+        megabytes = sum(shard["bytes"] for shard in split["shards"]) / 2**20
+        table.add_row(name, str(split["count"]), str(len(split["classes"]) or "unlabeled"),
+                      str(len(split["shards"])), f"{megabytes:.1f}")
+    output.print(table)
+    output.print(f"wrote {out / MANIFEST}" + (f"; images resized to {size} px, stored as PNG" if size else ""),
+                 soft_wrap=True, highlight=False, markup=False)
+
+
+@app.command()
+@user_errors
 def plot(
     runs: Annotated[list[Path], typer.Argument(
         metavar="RUN...", help="Run folders, checkpoints in them, or folders of runs (all runs below). "

@@ -325,12 +325,18 @@ def _decode_files(paths: list[str], size: int, progress: bool, description: str)
 
 
 def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
     encoded = []
     for path in paths:
         with open(path, "rb") as handle:
             encoded.append(handle.read())
+    return decode_encoded(paths, encoded)
+
+
+def decode_encoded(paths: list[str], encoded: list[bytes]) -> list[torch.Tensor]:
+    """Encoded JPEG/PNG bytes -> uint8 RGB (3, H, W) each (JPEGs in one batched call); `paths` name them in
+    errors (a file, or a shard's member)."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
     decoded: list[torch.Tensor | None] = [None] * len(paths)
     jpegs = [index for index, data in enumerate(encoded) if data.startswith(JPEG_MAGIC)]
     with warnings.catch_warnings():
