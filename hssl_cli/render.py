@@ -47,6 +47,9 @@ class TrainingProgress:
         self.bar.__exit__(*exc)
 
     def update(self, row: dict) -> None:
+        if "message" in row:  # a line from the engine before training (e.g. which data storage it chose)
+            self.console.print(f"{self.title}: {row['message']}", highlight=False, soft_wrap=True)
+            return
         epoch = int(row["step"] // row["steps_per_epoch"])
         monitored = {key.removeprefix("monitor/"): value for key, value in row.items() if key.startswith("monitor/")}
         if monitored:

@@ -45,22 +45,37 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return _standardize(images.float() / 255.0, mean, std)
 
 
+class ChannelStats:
+    """Running per-channel sums of uint8 images in [0, 1] units, float64, over chunks of `chunk_size` images:
+    fed the same chunks in the same order (in memory, or streamed), it gives the same sums bit for bit."""
+
+    def __init__(self, channels: int, sample_shape: tuple[int, ...], chunk_elements: int = 1 << 22,
+                 device: torch.device | str = "cpu"):
+        self.total = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.total_squares = torch.zeros_like(self.total)
+        self.chunk_size = max(1, chunk_elements // max(1, math.prod(sample_shape)))
+        self.count = 0
+
+    def add(self, chunk: torch.Tensor) -> None:
+        values = chunk.to(self.total.device, torch.float64) / 255.0
+        self.total += values.sum(dim=(0, 2, 3))
+        self.total_squares += values.square().sum(dim=(0, 2, 3))
+        self.count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / self.count
+        return mean, (self.total_squares / self.count - mean.square()).clamp_min(0).sqrt()
+
+
 def channel_stats(images: torch.Tensor, chunk_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (population) std of uint8 (N, C, H, W) images in [0, 1] units, float64.
 
     Chunked so that a whole dataset never exists as float64 at once.
     """
-    channels = images.shape[1]
-    total = torch.zeros(channels, dtype=torch.float64, device=images.device)
-    total_squares = torch.zeros_like(total)
-    chunk_size = max(1, chunk_elements // max(1, images[0].numel()))
-    for chunk in images.split(chunk_size):
-        values = chunk.to(torch.float64) / 255.0
-        total += values.sum(dim=(0, 2, 3))
-        total_squares += values.square().sum(dim=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / count
-    return mean, (total_squares / count - mean.square()).clamp_min(0).sqrt()
+    stats = ChannelStats(images.shape[1], tuple(images.shape[1:]), chunk_elements, images.device)
+    for chunk in images.split(stats.chunk_size):
+        stats.add(chunk)
+    return stats.result()
 
 
 @dataclass(eq=False)

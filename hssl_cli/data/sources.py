@@ -12,6 +12,7 @@ differs from `data.image_size`), so training never resizes. Sources and their sp
 - cifar10: torchvision's reader of data.root/cifar-10-batches-py (official python version).
 - stl10: torchvision's reader of data.root/stl10_binary. Splits train, test, unlabeled,
   train+unlabeled; unlabeled images have label -1.
+- shards: a folder written by `hssl shards` (data/shards.py): its splits, decoded as imagefolder decodes.
 - imagefolder: data.root/<split>/<class>/*.jpg|jpeg|png (any case); classes are the sorted class
   folder names and a label is its class's index. Decoded once, then cached as safetensors in
   data.root/.hssl-cache/ (or ~/.cache/hssl/ when data.root is not writable), keyed on the file
@@ -91,6 +92,8 @@ def load_split(config: DataConfig, split: str, progress: bool = False) -> ImageS
         root = Path(config.root).expanduser()
         if config.dataset == "imagefolder":
             return _load_imagefolder(root, split, config.image_size, progress)
+        if config.dataset == "shards":
+            return _load_shards(root, split, config.image_size, config.on_corrupt, progress)
         _check_split(config.dataset, split, SPLITS[config.dataset])
         loaders = {"mnist": _load_mnist, "cifar10": _load_cifar10, "stl10": _load_stl10}
         try:
@@ -101,6 +104,20 @@ def load_split(config: DataConfig, split: str, progress: bool = False) -> ImageS
                                 "set data.dataset: imagefolder") from None
             raise
     return ImageSplit(resize_images(data.images, config.image_size), data.labels, data.classes)
+
+
+def _load_shards(root: Path, split: str, size: int, on_corrupt: str, progress: bool) -> ImageSplit:
+    """Every sample of a shard folder's split (hssl shards), decoded at `size`."""
+    from hssl_cli.data.shards import ShardReader
+
+    reader = ShardReader(root, split, on_corrupt)
+    images = torch.empty((len(reader), 3, size, size), dtype=torch.uint8)
+    with progress_bar(progress, f"decoding {root} ({split})", len(reader)) as advance:
+        for start in range(0, len(reader), DECODE_CHUNK):
+            indices = list(range(start, min(start + DECODE_CHUNK, len(reader))))
+            images[start:start + len(indices)] = reader.images(indices, size)
+            advance(len(indices))
+    return ImageSplit(images, reader.labels, reader.classes)
 
 
 def _looks_like_imagefolder(root: Path) -> bool:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hssl_cli.data.augment import Augmenter, channel_stats, normalize
-from hssl_cli.data.sources import load_split
+from hssl_cli.data.augment import Augmenter, normalize
+from hssl_cli.data.stream import InMemoryImages, StreamedImages, training_images
 from hssl_cli.data.views import ViewPipeline, build_pipelines, draw_views
 from hssl_cli.engine import checkpoint as ckpt
 from hssl_cli.engine import distributed
@@ -173,17 +173,18 @@ def _resume_state(recipe: Recipe, output_root: Path, resume: str | None) -> ckpt
     return state
 
 
-def _backbone_runs_on(backbone: nn.Module, images: torch.Tensor, recipe: Recipe) -> None:
+def _backbone_runs_on(backbone: nn.Module, sample_shape: tuple[int, ...], device: torch.device,
+                     recipe: Recipe) -> None:
     """One eval-mode forward of two blank images: a backbone that cannot read this data's size (a timm ViT
     built for 224 px on 32 px images) fails here, in one line, before a run folder exists."""
-    blank = torch.zeros(2, *images.shape[1:], device=images.device)
+    blank = torch.zeros(2, *sample_shape, device=device)
     training = backbone.training
     try:
         with torch.no_grad():
             backbone.eval()(blank)
     except (RuntimeError, AssertionError, ValueError) as error:
-        raise HsslError(f"model.backbone {recipe.model.backbone} cannot read {images.shape[1]}-channel "
-                        f"{images.shape[-1]}x{images.shape[-1]} images ({' '.join(str(error).split())[:200]}); "
+        raise HsslError(f"model.backbone {recipe.model.backbone} cannot read {sample_shape[0]}-channel "
+                        f"{sample_shape[-1]}x{sample_shape[-1]} images ({' '.join(str(error).split())[:200]}); "
                         "set data.image_size to a size it takes, or choose another backbone") from None
     finally:
         backbone.train(training)
@@ -209,15 +210,16 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
                         "give one of them")
     state = _resume_state(recipe, output_root, resume)
 
-    train_images = load_split(recipe.data, recipe.data.train_split, progress=context.is_main).images
-    if recipe.data.subset is not None and recipe.data.subset < len(train_images):
-        keep = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(recipe.seed))
-        train_images = train_images[keep[:recipe.data.subset]]
-    images = train_images.to(device)
-    mean, std = channel_stats(train_images)
+    images, storage = training_images(recipe.data, recipe.seed, device, progress=context.is_main)
+    if recipe.method.name == "kernel" and images.storage == "stream":
+        raise HsslError("method kernel solves in closed form on all training images at once; it needs "
+                        "data.storage: memory")
+    if progress is not None and context.is_main and storage is not None:
+        progress({"step": 0, "message": storage})
+    mean, std = images.channel_stats(progress=context.is_main)
     torch.manual_seed(recipe.seed)  # the initial weights
-    method = build_method(recipe, in_channels=images.shape[1]).to(device)
-    _backbone_runs_on(method.backbone, images, recipe)
+    method = build_method(recipe, in_channels=images.sample_shape[0]).to(device)
+    _backbone_runs_on(method.backbone, images.sample_shape, device, recipe)
     if init_from is not None and state is None:
         _initial_weights(method, init_from)
     if not method.closed_form and len(images) < batch_size:
@@ -230,6 +232,8 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
         run_dir = Path(context.broadcast(str(new_run_dir(output_root, recipe)) if context.is_main else None))
     writer = RunWriter(run_dir, recipe, {"mean": mean.float(), "std": std.float()}, context.is_main,
                        resumed_step=state.step if state is not None else 0)
+    if state is None and storage is not None:
+        writer.log({"step": 0, "data_storage": images.storage, "data_storage_reason": storage})
     if init_from is not None and state is None:
         writer.log({"step": 0, "init_from": str(init_from)})
     try:
@@ -239,14 +243,15 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
         writer.close()
 
 
-def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: torch.Tensor, mean: torch.Tensor,
+def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: InMemoryImages | StreamedImages,
+           mean: torch.Tensor,
            std: torch.Tensor, device: torch.device, context: distributed.Distributed, state: ckpt.Checkpoint | None,
            progress: Callable[[dict], None] | None, stop: StopRequest,
            diagnostics: Callable[[nn.Module, torch.Tensor], dict[str, float]] | None,
            monitor: Callable | None = None) -> RunResult:
     if method.closed_form:
-        return _fit_closed_form(method, recipe, writer, images, Augmenter(recipe.augment, recipe.data.image_size,
-                                                                          mean, std))
+        return _fit_closed_form(method, recipe, writer, images.images, Augmenter(recipe.augment,
+                                                                                 recipe.data.image_size, mean, std))
     batch_size, rank_batch = recipe.train.batch_size, recipe.train.batch_size // context.world_size
     steps_per_epoch = len(images) // batch_size
     bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
@@ -276,7 +281,7 @@ def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: torch.T
                               "the file is corrupt: start a new run")
     warmup_steps = round(recipe.optim.warmup_epochs * steps_per_epoch)
     held_order = torch.randperm(len(images), generator=seeded_generator(device, recipe.seed, 0), device=device)
-    held_images = normalize(images[held_order[:HELD_BATCH]], mean, std)
+    held_images = normalize(images.gather(held_order[:HELD_BATCH]), mean, std)
     saved_step = -1
 
     def save(step: int, with_epoch_file: bool, metrics: dict[str, float]) -> None:
@@ -290,16 +295,17 @@ def _train(recipe: Recipe, writer: RunWriter, method: SSLMethod, images: torch.T
     all_finite = torch.ones((), dtype=torch.bool, device=device)
     row: dict[str, float] = {}
     monitored: dict[str, float] = {}
-    permutation = None
+    batches = None
     step, stopping = start_step, context.any(stop.requested, device)  # stopped while the data loaded
     model.train()
     while step < total_steps and not stopping:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        if permutation is None or index_in_epoch == 0:
+        if batches is None or index_in_epoch == 0:
             permutation = torch.randperm(len(images), generator=seeded_generator(device, recipe.seed, epoch),
                                          device=device)
-        first = index_in_epoch * batch_size + context.rank * rank_batch  # this rank's share of the batch
-        batch = images[permutation[first:first + rank_batch]]
+            # this rank's share of each step's batch, from this step to the epoch's end
+            batches = images.epoch_batches(permutation, index_in_epoch, batch_size, rank_batch, context.rank)
+        batch = next(batches)
         # every random draw of the step (views, group elements) comes from this generator
         generator = seeded_generator(device, recipe.seed, 1 + epoch, step, context.rank)
 

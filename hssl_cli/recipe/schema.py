@@ -124,8 +124,8 @@ class Recipe(Section):
 
 # Keys that may change between a run and its resumption without altering the result.
 RESUME_SAFE_KEYS = frozenset(
-    {"data.root", "train.checkpoint_every", "train.log_every", "train.compile", "train.diagnostics_every",
-     "train.monitor", "train.loggers"}
+    {"data.root", "data.storage", "data.workers", "train.checkpoint_every", "train.log_every", "train.compile",
+     "train.diagnostics_every", "train.monitor", "train.loggers"}
 )
 
 

@@ -38,8 +38,9 @@ def _ordered_pair(pair: tuple[float, float], low: float, high: float, what: str)
 
 
 class DataConfig(Section):
-    dataset: Literal["digits", "mnist", "cifar10", "stl10", "imagefolder"] = Field(
-        "digits", description="dataset source; digits is built in (scikit-learn), the others read data.root"
+    dataset: Literal["digits", "mnist", "cifar10", "stl10", "imagefolder", "shards"] = Field(
+        "digits", description="dataset source; digits is built in (scikit-learn), the others read data.root "
+        "(shards: a folder written by hssl shards)"
     )
     root: str | None = Field(None, description="folder with the dataset files (not needed for digits)")
     image_size: int = Field(32, ge=8, le=512, description="side of the square images fed to the model")
@@ -49,6 +50,14 @@ class DataConfig(Section):
         None, ge=1, le=1_000_000_000,
             description="pretrain on this many train images (a seeded random subset; probes use all)"
     )
+    storage: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: the decoded training split held on the device; stream: kept encoded, read "
+        "and decoded batch by batch by data.workers (image folders and shards); auto: memory when the decoded "
+        "split takes at most 25% of the device's memory")
+    workers: int = Field(2, ge=0, le=256, description="data.storage stream: DataLoader workers reading and "
+                         "decoding ahead (0: in the training process)")
+    on_corrupt: Literal["stop", "skip"] = Field(
+        "stop", description="an image or shard that cannot be read: stop the run naming it, or skip it (a warning)")
     random_rotation: bool = Field(
         False, description="rotate each image by its own fixed random angle (rotated-MNIST protocol; the same "
         "angles in pretrain, probe and checks)"

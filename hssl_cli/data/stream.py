@@ -1,0 +1,216 @@
+"""The training split as the engine reads it: decoded and held on the device (`data.storage: memory`), or kept
+encoded and decoded batch by batch (`stream`) for splits larger than the device's memory.
+
+Both give the same batches: the per-epoch permutation is a function of (seed, epoch), a rank reads its
+share of each step's batch, and a streamed image is decoded and resized by the in-memory loader's code,
+so on the CPU a streamed run's weights equal an in-memory run's, and a killed streamed run resumes at the
+step (the sample) it stopped at. Streaming reads image files of an image folder or samples of `hssl shards`
+shards; DataLoader workers (`data.workers`) read and decode the next batches while the device trains; the
+host memory they hold is a few batches, whatever the split's size.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from hssl_cli.data.augment import ChannelStats
+from hssl_cli.errors import DataError, HsslError
+from hssl_cli.recipe import DataConfig
+
+MEMORY_FRACTION = 0.25  # data.storage auto: the decoded split may take this much of the device's memory
+PREFETCH_BATCHES = 2  # per worker
+
+
+class InMemoryImages:
+    """The decoded split on the device: a batch is one indexing."""
+
+    storage = "memory"
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.images[indices.to(self.images.device)]
+
+    def channel_stats(self, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        from hssl_cli.data.augment import channel_stats
+
+        return channel_stats(self.images.cpu())
+
+    def epoch_batches(self, permutation: torch.Tensor, start_step: int, batch_size: int, rank_batch: int,
+                      rank: int) -> Iterator[torch.Tensor]:
+        for step in range(start_step, len(permutation) // batch_size):
+            first = step * batch_size + rank * rank_batch  # this rank's share of the batch
+            yield self.images[permutation[first:first + rank_batch]]
+
+
+class EncodedImages(torch.utils.data.Dataset):
+    """Sample i of the training split (after data.subset) -> uint8 (3, size, size), read and decoded on call
+    (in a DataLoader worker). A sample that cannot be decoded stops the run, naming it, or with on_corrupt
+    `skip` is replaced by the next decodable sample, with a warning."""
+
+    def __init__(self, source, indices: torch.Tensor, size: int, on_corrupt: str):
+        self.source, self.indices, self.size, self.on_corrupt = source, indices.tolist(), size, on_corrupt
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def decode(self, item: int) -> torch.Tensor:
+        from hssl_cli.data.sources import decode_encoded, resize_images
+
+        index = self.indices[item]
+        image = decode_encoded([self.source.name(index)], [self.source.read(index)])[0]
+        return resize_images(image[None], self.size)[0]
+
+    def __getitem__(self, item: int) -> torch.Tensor:
+        for attempt in range(len(self)):
+            try:
+                return self.decode((item + attempt) % len(self))
+            except DataError as error:
+                if self.on_corrupt == "stop":
+                    raise DataError(f"{error} (data.on_corrupt: skip replaces it with the next image)") from None
+                warnings.warn(f"{error}: replaced by the next image (data.on_corrupt: skip)", stacklevel=2)
+        raise DataError(f"{self.source.name(self.indices[item])}: no image of this split can be decoded")
+
+
+class StreamedImages:
+    """The split kept encoded: `epoch_batches` runs a DataLoader over this rank's share of every remaining
+    step of the epoch, in the permutation's order, its workers reading and decoding ahead."""
+
+    storage = "stream"
+
+    def __init__(self, dataset: EncodedImages, device: torch.device, workers: int):
+        self.dataset, self.device, self.workers = dataset, device, workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (3, self.dataset.size, self.dataset.size)
+
+    def gather(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.dataset[int(i)] for i in indices.tolist()]).to(self.device)
+
+    def channel_stats(self, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One streamed pass in the split's order, summed in the in-memory statistics' chunks: the same
+        float64 sums, so the same mean and std as `data.storage: memory`."""
+        from hssl_cli.render import progress_bar
+
+        stats = ChannelStats(3, self.sample_shape)
+        loader = self._loader([list(range(start, min(start + stats.chunk_size, len(self))))
+                               for start in range(0, len(self), stats.chunk_size)])
+        with progress_bar(progress, "channel statistics (one streamed pass)", len(self)) as advance:
+            for chunk in loader:
+                stats.add(chunk)
+                advance(len(chunk))
+        return stats.result()
+
+    def _loader(self, batches: list[list[int]]):
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.workers,
+            prefetch_factor=PREFETCH_BATCHES if self.workers else None, pin_memory=self.device.type == "cuda",
+            persistent_workers=False)
+
+    def epoch_batches(self, permutation: torch.Tensor, start_step: int, batch_size: int, rank_batch: int,
+                      rank: int) -> Iterator[torch.Tensor]:
+        order = permutation.cpu()  # once per epoch
+        shares = [order[step * batch_size + rank * rank_batch:step * batch_size + (rank + 1) * rank_batch].tolist()
+                  for step in range(start_step, len(order) // batch_size)]
+        for batch in self._loader(shares):
+            yield batch.to(self.device, non_blocking=True)
+
+
+def encoded_source(config: DataConfig, split: str, on_corrupt: str):
+    """(source with read/name/len, labels) of a split kept encoded: image files or shards."""
+    root = Path(config.root).expanduser()
+    if config.dataset == "shards":
+        from hssl_cli.data.shards import ShardReader
+
+        reader = ShardReader(root, split, on_corrupt)
+        return reader, reader.labels
+    from hssl_cli.data.sources import _list_images
+
+    if not (root / split).is_dir():
+        raise DataError(f"{root / split}: no such split folder; imagefolder expects {root}/<split>/<class>/*.jpg")
+    paths, labels, _, _ = _list_images(root, split, config.image_size)
+    return FileSource(paths), labels
+
+
+class FileSource:
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, index: int) -> str:
+        return self.paths[index]
+
+    def read(self, index: int) -> bytes:
+        try:
+            with open(self.paths[index], "rb") as handle:
+                return handle.read()
+        except OSError as error:
+            raise DataError(f"{self.paths[index]}: cannot read ({error.strerror})") from None
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_storage(config: DataConfig, count: int, device: torch.device) -> tuple[str, str]:
+    """(memory | stream, why): data.storage, or for auto the decoded split's size against the device."""
+    decoded = count * 3 * config.image_size ** 2
+    available = device_memory_bytes(device)
+    why = (f"{count} images decoded at {config.image_size} px take {decoded / 2**30:.2f} GiB; "
+           f"{MEMORY_FRACTION:.0%} of the {device.type} memory is {MEMORY_FRACTION * available / 2**30:.1f} GiB")
+    if config.storage != "auto":
+        return config.storage, f"data.storage: {config.storage} ({why})"
+    chosen = "memory" if decoded <= MEMORY_FRACTION * available else "stream"
+    return chosen, f"data.storage auto -> {chosen}: {why}"
+
+
+def training_images(config: DataConfig, seed: int, device: torch.device,
+                    progress: bool) -> tuple[InMemoryImages | StreamedImages, str | None]:
+    """The training split (after data.subset, a seeded choice) in the storage data.storage asks for, and the
+    line that says which storage and why (None where there is no choice: a dataset that is not streamed)."""
+    from hssl_cli.data.sources import load_split
+
+    streamable = config.dataset in ("imagefolder", "shards") and not config.random_rotation
+    if config.storage == "memory" or not streamable:
+        if config.storage == "stream":
+            raise HsslError(f"data.storage: stream reads image folders and shards (data.dataset imagefolder or "
+                            f"shards, without random_rotation), not {config.dataset}; use memory or auto")
+        images = _subset(load_split(config, config.train_split, progress=progress).images, config, seed)
+        return InMemoryImages(images.to(device)), ("data.storage: memory" if streamable else None)
+    source, _ = encoded_source(config, config.train_split, config.on_corrupt)
+    indices = _subset(torch.arange(len(source)), config, seed)
+    storage, why = choose_storage(config, len(indices), device)
+    if storage == "memory":
+        images = _subset(load_split(config, config.train_split, progress=progress).images, config, seed)
+        return InMemoryImages(images.to(device)), why
+    dataset = EncodedImages(source, indices, config.image_size, config.on_corrupt)
+    return StreamedImages(dataset, device, config.workers), why
+
+
+def _subset(items: torch.Tensor, config: DataConfig, seed: int) -> torch.Tensor:
+    """data.subset: a seeded random choice of the split's images, the same for both storages."""
+    if config.subset is None or config.subset >= len(items):
+        return items
+    keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))
+    return items[keep[:config.subset]]

@@ -1,0 +1,133 @@
+"""data.storage: stream: the training split kept encoded and decoded batch by batch gives an in-memory run's
+weights bit for bit (PNG and, with the CPU decoder both use, JPEG; image files and shards), resumes
+mid-epoch bit-exact, reads disjoint per-rank shares, and names (or skips) an image it cannot decode."""
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hssl_cli.data import stream
+from hssl_cli.data.shards import pack_folder
+from hssl_cli.engine.train import pretrain
+from hssl_cli.errors import DataError, HsslError
+from hssl_cli.recipe import parse_recipe
+from tests.conftest import train_stopped_and_resumed
+
+RECIPE = """
+name: streamed
+seed: 1
+data: {{dataset: {dataset}, root: {root}, image_size: 16, storage: {storage}, workers: {workers}}}
+augment: {{crop_scale: [0.5, 1.0], color_jitter: {{p: 0.5}}, blur: {{p: 0.0}}}}
+model: {{backbone: small_convnet, projector: [32, 16]}}
+method: {{name: simclr, temperature: 0.5}}
+optim: {{name: adamw, lr: 1.0e-3, warmup_epochs: 0}}
+train: {{epochs: 2, batch_size: 16, checkpoint_every: 1, log_every: 2}}
+"""
+
+
+def _folder(tmp_path, suffix: str = "png", count: int = 24):
+    from torchvision.io import encode_jpeg, write_png
+
+    generator = torch.Generator().manual_seed(0)
+    root = tmp_path / f"images-{suffix}"
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for index in range(count // 2):
+                side = 20 if index == 3 else 16  # one image of another size: resized on the way
+                image = torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=generator)
+                path = folder / f"{index:03d}.{suffix}"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    if suffix == "png":
+                        write_png(image, str(path))
+                    else:
+                        path.write_bytes(encode_jpeg(image, quality=90).numpy().tobytes())
+    return root
+
+
+def _recipe(root, storage="memory", dataset="imagefolder", workers=2, extra=()):
+    text = RECIPE.format(dataset=dataset, root=root, storage=storage, workers=workers)
+    return parse_recipe(text, "streamed.yaml", list(extra))
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return load_file(run.checkpoint)
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_a_streamed_run_equals_an_in_memory_run_bit_for_bit(tmp_path, suffix):
+    root = _folder(tmp_path, suffix)
+    memory = pretrain(_recipe(root), tmp_path / "memory", device_name="cpu")
+    streamed = pretrain(_recipe(root, "stream"), tmp_path / "stream", device_name="cpu")
+    expected, got = _weights(memory), _weights(streamed)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    first_row = (streamed.run_dir / "metrics.jsonl").read_text().splitlines()[0]
+    assert '"data_storage": "stream"' in first_row
+
+
+def test_shards_stream_like_their_folder_and_a_subset_is_the_same_choice(tmp_path):
+    root = _folder(tmp_path)
+    pack_folder(root, tmp_path / "shards", per_shard=7)
+    subset = ["data.subset=20"]
+    memory = pretrain(_recipe(root, extra=subset), tmp_path / "memory", device_name="cpu")
+    for storage in ("stream", "memory"):
+        run = pretrain(_recipe(tmp_path / "shards", storage, "shards", workers=0, extra=subset),
+                       tmp_path / f"shards-{storage}", device_name="cpu")
+        expected, got = _weights(memory), _weights(run)
+        assert all(torch.equal(expected[key], got[key]) for key in expected), storage
+
+
+def test_a_killed_streamed_run_resumes_mid_epoch_bit_exact(tmp_path):
+    root = _folder(tmp_path)
+    recipe = _recipe(root, "stream", extra=["train.batch_size=8"])  # 3 steps per epoch
+    whole, stopped, resumed = train_stopped_and_resumed(recipe, tmp_path, stop_step=2)
+    assert stopped.interrupted and stopped.steps % 3 != 0 and resumed.steps == whole.steps == 6  # mid-epoch
+    expected, got = _weights(whole), _weights(resumed)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_ranks_read_disjoint_shares_of_each_step(tmp_path, monkeypatch):
+    root = _folder(tmp_path, count=32)
+    images, _ = stream.training_images(_recipe(root, "stream", workers=0).data, 0, torch.device("cpu"), False)
+    monkeypatch.setattr(stream.EncodedImages, "decode",
+                        lambda self, item: torch.full((3, 2, 2), item, dtype=torch.uint8))
+    permutation = torch.randperm(32, generator=torch.Generator().manual_seed(3))
+    shares = [list(images.epoch_batches(permutation, 1, 8, 4, rank)) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 3  # steps 1, 2, 3 of the epoch (a resume at step 1)
+    for step, (first, second) in enumerate(zip(*shares, strict=True), start=1):
+        read = first[:, 0, 0, 0].tolist() + second[:, 0, 0, 0].tolist()
+        assert read == permutation[8 * step:8 * step + 8].tolist()  # rank 0 the first half, rank 1 the second
+        assert not set(first[:, 0, 0, 0].tolist()) & set(second[:, 0, 0, 0].tolist())
+
+
+def test_auto_streams_what_does_not_fit_and_stream_refuses_other_datasets(tmp_path, monkeypatch):
+    root = _folder(tmp_path)
+    config = _recipe(root, "auto").data
+    images, why = stream.training_images(config, 0, torch.device("cpu"), False)
+    assert images.storage == "memory" and "auto -> memory" in why
+    monkeypatch.setattr(stream, "device_memory_bytes", lambda device: 1000)
+    images, why = stream.training_images(config, 0, torch.device("cpu"), False)
+    assert images.storage == "stream" and "auto -> stream" in why and "GiB" in why
+    with pytest.raises(HsslError, match="data.storage: stream reads image folders and shards"):
+        stream.training_images(parse_recipe("data: {dataset: digits, storage: stream}\n", "x.yaml").data, 0,
+                               torch.device("cpu"), False)
+
+
+def test_an_image_that_cannot_be_decoded_stops_the_run_naming_it_or_is_skipped(tmp_path):
+    root = _folder(tmp_path)
+    broken = root / "train" / "b" / "005.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    recipe = _recipe(root, "stream", workers=0, extra=["data.storage=stream"])
+    with pytest.raises(DataError, match="005.png: cannot decode"):
+        pretrain(recipe, tmp_path / "stop", device_name="cpu")
+    skipping = _recipe(root, "stream", workers=0, extra=["data.on_corrupt=skip"])
+    with pytest.warns(UserWarning, match="replaced by the next image"):
+        run = pretrain(skipping, tmp_path / "skip", device_name="cpu")
+    assert run.steps == 2 * (24 // 16)
