@@ -131,3 +131,32 @@ def test_an_image_that_cannot_be_decoded_stops_the_run_naming_it_or_is_skipped(t
     with pytest.warns(UserWarning, match="replaced by the next image"):
         run = pretrain(skipping, tmp_path / "skip", device_name="cpu")
     assert run.steps == 2 * (24 // 16)
+
+
+def test_streamed_statistics_are_cached_per_source_and_choice(tmp_path, monkeypatch):
+    root = _folder(tmp_path)
+    config = _recipe(root, "stream", workers=0).data
+    images, _ = stream.training_images(config, 0, torch.device("cpu"), False)
+    first = images.channel_stats()
+    calls = []
+    monkeypatch.setattr(stream.StreamedImages, "_streamed_stats", lambda self, progress: calls.append(1))
+    again, _ = stream.training_images(config, 0, torch.device("cpu"), False)
+    assert all(torch.equal(a, b) for a, b in zip(again.channel_stats(), first, strict=True)) and not calls
+    subset = config.model_copy(update={"subset": 10})
+    other, _ = stream.training_images(subset, 0, torch.device("cpu"), False)
+    with pytest.raises(TypeError):  # another choice of images: not the cached file, so the pass runs
+        other.channel_stats()
+    assert calls
+
+
+def test_the_training_process_decodes_read_bytes_like_the_workers(tmp_path):
+    """The CUDA path (workers read bytes, the training process decodes in one batched call), run on the CPU:
+    the same images as the workers' decoding; a corrupt image is named."""
+    root = _folder(tmp_path, "jpg")
+    images, _ = stream.training_images(_recipe(root, "stream", workers=0).data, 0, torch.device("cpu"), False)
+    indices = [5, 0, 3, 17]
+    encoded = [(images.dataset.source.name(i), images.dataset.source.read(i)) for i in indices]
+    expected = torch.stack([images.dataset[i] for i in indices])
+    assert torch.equal(stream.decode_on_device(encoded, 16, torch.device("cpu")), expected)
+    with pytest.raises(DataError, match="broken.jpg: cannot decode"):
+        stream.decode_on_device([*encoded, ("broken.jpg", b"\xff\xd8\xff" + b"\x00" * 30)], 16, torch.device("cpu"))

@@ -169,6 +169,8 @@ class ShardReader:
             labels += shard_labels
         self.labels = torch.tensor(labels, dtype=torch.int64)
         self._handles: dict[int, tuple[int, object]] = {}
+        # identifies what this reader reads: the shards' checksums, and which samples were readable
+        self.digest = hashlib.sha256(json.dumps([entry["shards"], self.skipped]).encode()).hexdigest()
 
     def _corrupt(self, message: str, missing: list[str]) -> None:
         if self.on_corrupt == "stop":

@@ -11,6 +11,8 @@ host memory they hold is a few batches, whatever the split's size.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from hssl_cli.recipe import DataConfig
 
 MEMORY_FRACTION = 0.25  # data.storage auto: the decoded split may take this much of the device's memory
 PREFETCH_BATCHES = 2  # per worker
+STATS_FORMAT = "hssl-stream-stats/1"
 
 
 class InMemoryImages:
@@ -61,8 +64,9 @@ class EncodedImages(torch.utils.data.Dataset):
     (in a DataLoader worker). A sample that cannot be decoded stops the run, naming it, or with on_corrupt
     `skip` is replaced by the next decodable sample, with a warning."""
 
-    def __init__(self, source, indices: torch.Tensor, size: int, on_corrupt: str):
+    def __init__(self, source, indices: torch.Tensor, size: int, on_corrupt: str, encoded_only: bool = False):
         self.source, self.indices, self.size, self.on_corrupt = source, indices.tolist(), size, on_corrupt
+        self.encoded_only = encoded_only  # workers only read bytes; the training process decodes (on CUDA)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -74,7 +78,14 @@ class EncodedImages(torch.utils.data.Dataset):
         image = decode_encoded([self.source.name(index)], [self.source.read(index)])[0]
         return resize_images(image[None], self.size)[0]
 
-    def __getitem__(self, item: int) -> torch.Tensor:
+    def __getitem__(self, item: int) -> torch.Tensor | tuple[str, bytes]:
+        if self.encoded_only:
+            index = self.indices[item]
+            return self.source.name(index), self.source.read(index)
+        return self.image(item)
+
+    def image(self, item: int) -> torch.Tensor:
+        """Sample `item` decoded, or by data.on_corrupt skip the next decodable one."""
         for attempt in range(len(self)):
             try:
                 return self.decode((item + attempt) % len(self))
@@ -102,11 +113,47 @@ class StreamedImages:
         return (3, self.dataset.size, self.dataset.size)
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.dataset[int(i)] for i in indices.tolist()]).to(self.device)
+        return torch.stack([self.dataset.image(int(i)) for i in indices.tolist()]).to(self.device)
 
     def channel_stats(self, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One streamed pass in the split's order, summed in the in-memory statistics' chunks: the same
-        float64 sums, so the same mean and std as `data.storage: memory`."""
+        float64 sums, so the same mean and std as `data.storage: memory`. Kept in $HSSL_CACHE_DIR/stats,
+        keyed by the source (its file list with sizes and dates, or its shards' checksums), the image size
+        and the chosen images: a second run of the same data skips the pass."""
+        cached = self._cached_stats()
+        if cached is not None:
+            return cached
+        mean, std = self._streamed_stats(progress)
+        self._cache_stats(mean, std)
+        return mean, std
+
+    def _stats_path(self) -> Path:
+        from hssl_cli.evaluate.feature_cache import default_cache_dir
+
+        key = hashlib.sha256(f"{STATS_FORMAT}|{self.dataset.source.digest}|{self.dataset.size}|".encode())
+        key.update(torch.tensor(self.dataset.indices, dtype=torch.int64).numpy().tobytes())
+        return default_cache_dir("stats") / f"{key.hexdigest()[:32]}.json"
+
+    def _cached_stats(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        try:
+            stored = json.loads(self._stats_path().read_text())
+            return tuple(torch.tensor([float.fromhex(v) for v in stored[name]], dtype=torch.float64)
+                         for name in ("mean", "std"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _cache_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        from hssl_cli.files import write_text_atomically
+
+        path = self._stats_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(path, json.dumps({"format": STATS_FORMAT, "mean": [v.hex() for v in mean.tolist()],
+                                                    "std": [v.hex() for v in std.tolist()]}))
+        except OSError as error:  # an unwritable cache costs the pass next time, nothing else
+            warnings.warn(f"channel statistics not cached in {path.parent} ({error.strerror})", stacklevel=3)
+
+    def _streamed_stats(self, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
         from hssl_cli.render import progress_bar
 
         stats = ChannelStats(3, self.sample_shape)
@@ -118,19 +165,59 @@ class StreamedImages:
                 advance(len(chunk))
         return stats.result()
 
-    def _loader(self, batches: list[list[int]]):
+    def _loader(self, batches: list[list[int]], encoded: bool = False):
+        self.dataset.encoded_only = encoded
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches, num_workers=self.workers,
-            prefetch_factor=PREFETCH_BATCHES if self.workers else None, pin_memory=self.device.type == "cuda",
-            persistent_workers=False)
+            prefetch_factor=PREFETCH_BATCHES if self.workers else None,
+            pin_memory=self.device.type == "cuda" and not encoded, persistent_workers=False,
+            collate_fn=list if encoded else None)
 
     def epoch_batches(self, permutation: torch.Tensor, start_step: int, batch_size: int, rank_batch: int,
                       rank: int) -> Iterator[torch.Tensor]:
         order = permutation.cpu()  # once per epoch
         shares = [order[step * batch_size + rank * rank_batch:step * batch_size + (rank + 1) * rank_batch].tolist()
                   for step in range(start_step, len(order) // batch_size)]
+        if self.device.type == "cuda":  # workers read bytes; JPEGs are decoded on the GPU, in one batched call
+            for encoded in self._loader(shares, encoded=True):
+                yield decode_on_device(encoded, self.dataset.size, self.device)
+            return
         for batch in self._loader(shares):
             yield batch.to(self.device, non_blocking=True)
+
+
+def decode_on_device(encoded: list[tuple[str, bytes]], size: int, device: torch.device) -> torch.Tensor:
+    """(name, bytes) of JPEG/PNG images -> uint8 (B, 3, size, size) on `device`: JPEGs by torchvision's batched
+    decoder on that device (nvJPEG on CUDA), others on the CPU; then the antialiased bilinear resize of the
+    in-memory loader. On CUDA the decoder (and the resize's rounding) differ from the CPU's: a streamed GPU run
+    matches an in-memory one within decoding differences, not bit for bit."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from hssl_cli.data.sources import JPEG_MAGIC, decode_encoded, resize_images
+
+    names = [name for name, _ in encoded]
+    jpegs = [i for i, (_, data) in enumerate(encoded) if data.startswith(JPEG_MAGIC)]
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+        try:
+            decoded = decode_jpeg([torch.frombuffer(bytearray(encoded[i][1]), dtype=torch.uint8) for i in jpegs],
+                                  mode=ImageReadMode.RGB, device=device) if jpegs else []
+            for index, image in zip(jpegs, decoded, strict=True):
+                images[index] = image
+        except RuntimeError:  # a corrupt JPEG fails the batch: decode one by one below, which names it
+            pass
+    rest = [i for i, image in enumerate(images) if image is None]
+    for index, image in zip(rest, decode_encoded([names[i] for i in rest], [encoded[i][1] for i in rest]),
+                            strict=True):
+        images[index] = image.to(device)
+    if device.type == "cpu":
+        return torch.stack([resize_images(image[None], size)[0] for image in images])
+    resized = [image[None] if tuple(image.shape[-2:]) == (size, size) else
+               torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                                               antialias=True, align_corners=False).round().clamp(0, 255).byte()
+               for image in images]
+    return torch.cat(resized)
 
 
 def encoded_source(config: DataConfig, split: str, on_corrupt: str):
@@ -145,13 +232,15 @@ def encoded_source(config: DataConfig, split: str, on_corrupt: str):
 
     if not (root / split).is_dir():
         raise DataError(f"{root / split}: no such split folder; imagefolder expects {root}/<split>/<class>/*.jpg")
-    paths, labels, _, _ = _list_images(root, split, config.image_size)
-    return FileSource(paths), labels
+    paths, labels, _, digest = _list_images(root, split, config.image_size)
+    return FileSource(paths, digest), labels
 
 
 class FileSource:
-    def __init__(self, paths: list[str]):
-        self.paths = paths
+    """Image files, read whole; `digest` identifies the list (names, sizes, dates)."""
+
+    def __init__(self, paths: list[str], digest: str):
+        self.paths, self.digest = paths, digest
 
     def __len__(self) -> int:
         return len(self.paths)

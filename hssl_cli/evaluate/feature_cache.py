@@ -21,11 +21,11 @@ from hssl_cli.files import save_safetensors_atomically
 FORMAT = "hssl-features/1"
 
 
-def default_cache_dir() -> Path:
-    """$HSSL_CACHE_DIR/features, else $XDG_CACHE_HOME/hssl/features, else ~/.cache/hssl/features."""
+def default_cache_dir(kind: str = "features") -> Path:
+    """$HSSL_CACHE_DIR/<kind>, else $XDG_CACHE_HOME/hssl/<kind>, else ~/.cache/hssl/<kind>."""
     if "HSSL_CACHE_DIR" in os.environ:
-        return Path(os.environ["HSSL_CACHE_DIR"]) / "features"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hssl" / "features"
+        return Path(os.environ["HSSL_CACHE_DIR"]) / kind
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hssl" / kind
 
 
 def images_digest(images: torch.Tensor) -> str:
