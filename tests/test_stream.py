@@ -160,3 +160,18 @@ def test_the_training_process_decodes_read_bytes_like_the_workers(tmp_path):
     assert torch.equal(stream.decode_on_device(encoded, 16, torch.device("cpu")), expected)
     with pytest.raises(DataError, match="broken.jpg: cannot decode"):
         stream.decode_on_device([*encoded, ("broken.jpg", b"\xff\xd8\xff" + b"\x00" * 30)], 16, torch.device("cpu"))
+
+
+def test_a_streamed_probe_scores_what_the_in_memory_probe_scores(tmp_path):
+    from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+
+    root = _folder(tmp_path, count=40)
+    memory = pretrain(_recipe(root, extra=["train.epochs=1"]), tmp_path / "memory", device_name="cpu")
+    streamed = pretrain(_recipe(root, "stream", extra=["train.epochs=1"]), tmp_path / "stream", device_name="cpu")
+    expected = probe_checkpoint(memory.checkpoint, device_name="cpu", progress=False, cache=False)
+    got = probe_checkpoint(streamed.checkpoint, device_name="cpu", progress=False, cache_dir=tmp_path / "cache")
+    assert got["results"] == expected["results"] and got["train_size"] == 40
+    again = probe_checkpoint(streamed.checkpoint, device_name="cpu", progress=False, cache_dir=tmp_path / "cache")
+    assert again["feature_cache"]["hits"] == 2 and again["results"] == expected["results"]
+    with pytest.raises(HsslError, match="this split is streamed"):
+        probe_checkpoint(streamed.checkpoint, device_name="cpu", progress=False, protocol="standard")

@@ -303,3 +303,64 @@ def _subset(items: torch.Tensor, config: DataConfig, seed: int) -> torch.Tensor:
         return items
     keep = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))
     return items[keep[:config.subset]]
+
+
+class LazyImages:
+    """A split's images decoded only when a batch of them is used: indexing gives another LazyImages,
+    `batches(n)` decodes them n at a time (DataLoader workers reading and decoding ahead), `to(device)`
+    decodes all of them. What `hssl probe` extracts features from when a split is streamed."""
+
+    ndim = 4
+
+    def __init__(self, dataset: EncodedImages, positions: torch.Tensor, workers: int):
+        self.dataset, self.positions, self.workers = dataset, positions, workers
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), 3, self.dataset.size, self.dataset.size)
+
+    def __getitem__(self, key) -> LazyImages:
+        return LazyImages(self.dataset, self.positions[key], self.workers)
+
+    @property
+    def digest(self) -> str:
+        """Identifies these images without decoding them: the source, the size, which samples."""
+        digest = hashlib.sha256(f"{self.dataset.source.digest}|{self.dataset.size}|".encode())
+        digest.update(torch.tensor([self.dataset.indices[i] for i in self.positions.tolist()]).numpy().tobytes())
+        return digest.hexdigest()
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        self.dataset.encoded_only = False
+        order = self.positions.tolist()
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=[order[start:start + batch_size] for start in range(0, len(order), batch_size)],
+            num_workers=self.workers, prefetch_factor=PREFETCH_BATCHES if self.workers else None)
+        yield from loader
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
+        return torch.cat(list(self.batches(512))).to(device, non_blocking=non_blocking)
+
+
+def probe_split(config: DataConfig, split: str, device: torch.device, progress: bool):
+    """A split for `hssl probe`: decoded in memory (sources.load_split), or, where data.storage says stream
+    (or auto finds the decoded split too large for the device), an ImageSplit whose images are LazyImages."""
+    from hssl_cli.data.sources import ImageSplit, load_split
+
+    if config.storage == "memory" or config.dataset not in ("imagefolder", "shards") or config.random_rotation:
+        return load_split(config, split, progress=progress)
+    source, labels = encoded_source(config, split, config.on_corrupt)
+    storage, _ = choose_storage(config, len(source), device)
+    if storage == "memory":
+        return load_split(config, split, progress=progress)
+    dataset = EncodedImages(source, torch.arange(len(source)), config.image_size, config.on_corrupt)
+    classes = source.classes if hasattr(source, "classes") else _class_names(config, split)
+    return ImageSplit(LazyImages(dataset, torch.arange(len(source)), config.workers), labels, classes)
+
+
+def _class_names(config: DataConfig, split: str) -> list[str]:
+    from hssl_cli.data.sources import _visible_folders
+
+    return _visible_folders(Path(config.root).expanduser() / split)

@@ -29,7 +29,10 @@ def default_cache_dir(kind: str = "features") -> Path:
 
 
 def images_digest(images: torch.Tensor) -> str:
-    """SHA-256 of a uint8 image batch's shape and bytes (about 0.3 s for CIFAR-10's 150 MB)."""
+    """SHA-256 of a uint8 image batch's shape and bytes (about 0.3 s for CIFAR-10's 150 MB); streamed images
+    (LazyImages) give their own digest (source, size, samples), without decoding."""
+    if hasattr(images, "digest"):
+        return images.digest
     digest = hashlib.sha256(f"{tuple(images.shape)}|{images.dtype}".encode())
     digest.update(images.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()

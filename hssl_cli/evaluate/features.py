@@ -45,8 +45,11 @@ def extract_features(
     )
     try:
         chunks = []
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size].to(device, non_blocking=True)
+        # streamed images (data/stream.py LazyImages) decode batch by batch; a tensor is sliced
+        batches = images.batches(batch_size) if hasattr(images, "batches") else (
+            images[start : start + batch_size] for start in range(0, images.shape[0], batch_size))
+        for batch in batches:
+            batch = batch.to(device, non_blocking=True)
             with autocast:
                 output = model(normalize(batch, mean, std))
             chunks.append(output.float().flatten(1))

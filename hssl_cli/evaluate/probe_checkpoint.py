@@ -115,7 +115,7 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     import torch
 
     from hssl_cli.data.groups import rotate_uint8
-    from hssl_cli.data.sources import load_split
+    from hssl_cli.data.stream import probe_split
     from hssl_cli.engine.checkpoint import load_checkpoint, tensor_checksum
     from hssl_cli.engine.train import resolve_device
     from hssl_cli.evaluate.feature_cache import FeatureCache, default_cache_dir
@@ -137,8 +137,12 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     data_config = evaluation_data(checkpoint.recipe.data, dataset, data_root)
     trained = load_trained_method(checkpoint, device)
     model = feature_model(trained.method, features)
-    train = load_split(data_config, data_config.train_split, progress=progress)
-    test = None if validation else load_split(data_config, data_config.test_split, progress=progress)
+    train = probe_split(data_config, data_config.train_split, device, progress)
+    test = None if validation else probe_split(data_config, data_config.test_split, device, progress)
+    streamed = hasattr(train.images, "batches")
+    if streamed and (protocol == "standard" or test_rotations):
+        raise HsslError("--protocol standard and --test-rotation read the decoded images; this split is streamed "
+                        "(data.storage): probe with --train-subset/--test-subset and data.storage memory")
     if train.images.shape[1] != trained.in_channels:
         raise HsslError(f"{data_config.dataset} has {train.images.shape[1]} channel(s) but the checkpoint's model "
                         f"reads {trained.in_channels}; probe on a dataset with {trained.in_channels}")
