@@ -175,3 +175,22 @@ def test_a_streamed_probe_scores_what_the_in_memory_probe_scores(tmp_path):
     assert again["feature_cache"]["hits"] == 2 and again["results"] == expected["results"]
     with pytest.raises(HsslError, match="this split is streamed"):
         probe_checkpoint(streamed.checkpoint, device_name="cpu", progress=False, protocol="standard")
+
+
+def test_the_imagenet_recipes_stream_their_shards_with_views_smaller_than_the_working_size(tmp_path):
+    """byol_equimod_imagenet.yaml as written (shards, stream, 224-px global views cut from 256-px images),
+    shrunk to a tiny folder: working size 24, views 16, the small ConvNet."""
+    from hssl_cli.recipe import load_recipe
+    from tests.test_directpred import RECIPES
+
+    root = _folder(tmp_path)
+    pack_folder(root, tmp_path / "shards", size=24)
+    recipe = load_recipe(RECIPES / "byol_equimod_imagenet.yaml", [
+        f"data.root={tmp_path / 'shards'}", "data.image_size=24", "data.test_split=test", "data.workers=0",
+        "views=[{size: 16, role: global, blur: {p: 1.0}}, {size: 16, role: global, solarize: 0.2}]",
+        "model.backbone=small_convnet", "model.projector=[32, 16]",
+        "method.predictor=[32, 16]", "method.equimod.projector=[16, 8]", "method.equimod.param_embedding=8",
+        "train.batch_size=8", "train.epochs=1", "optim.warmup_epochs=0", "train.compile=false"])
+    assert recipe.data.storage == "stream" and recipe.resolved_views()[0].size == 16
+    run = pretrain(recipe, tmp_path / "runs", device_name="cpu")
+    assert run.steps == 3 and '"data_storage": "stream"' in (run.run_dir / "metrics.jsonl").read_text()

@@ -63,8 +63,13 @@ def draw_views(pipelines: list[ViewPipeline], images: torch.Tensor, generator: t
             views.local_views += drawn
             views.local_params += params
     if with_original:
-        first = pipelines[0].augmenter if pipelines else None
-        views.original = normalize(images, mean, std)
+        first = next((pipeline.augmenter for pipeline in pipelines if pipeline.role == "global"), None)
+        if first is not None and first.image_size != images.shape[-1]:
+            # views smaller than the stored images (224 of 256 px): x0 is the whole image at the views' size,
+            # the view with identity parameters (crop = the image, nothing else), as EquiMod's vectors say
+            views.original = first.apply(images, ViewParams.identity(len(images), images.device))
+        else:
+            views.original = normalize(images, mean, std)
         if first is not None:  # x0 in the views' dtype and layout
             layout = torch.channels_last if first.channels_last else torch.contiguous_format
             views.original = views.original.to(dtype=first.output_dtype, memory_format=layout)
