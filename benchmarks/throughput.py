@@ -4,7 +4,9 @@
       and channels_last on CUDA (hssl_cli.engine.train.training_step, the engine's own step);
   (b) a reference pipeline of the usual kind: torchvision per-image transforms on PIL images in a
       DataLoader with workers, the same model and loss, fp32 eager;
-  (c) the ceiling: forward + backward + update alone on pre-made views (same precision as (a)).
+  (c) the ceiling: forward + backward + update alone on pre-made views (same precision as (a));
+  (a') (a) fed by the streamed reader (data.storage: stream, --workers DataLoader workers decoding ahead);
+  (d) the streamed reader alone: images/s it reads and decodes (the decode rate).
 
     .venv/bin/python benchmarks/throughput.py --data /tmp/cifar10-jpeg --batch-size 512 --steps 20
     .venv/bin/python benchmarks/throughput.py --tarball ../shared/datasets/cifar10-jpeg.tar.gz
@@ -90,6 +92,42 @@ def hssl_step(args, recipe, device) -> float:
     return timed(step, args.steps, args.warmup, device)
 
 
+def streamed_images(args, recipe, device):
+    """The training split with data.storage stream (DataLoader workers read and decode the batches)."""
+    from hssl_cli.data.stream import training_images
+
+    config = recipe.data.model_copy(update={"storage": "stream", "workers": args.workers})
+    images, _ = training_images(config, 0, device, progress=False)
+    permutation = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return images, permutation
+
+
+def stream_reader(args, recipe, device) -> float:
+    """d: the streamed reader alone: read + decode + resize of one batch, no training."""
+    images, permutation = streamed_images(args, recipe, device)
+    batches = images.epoch_batches(permutation, 0, args.batch_size, args.batch_size, 0)
+    return timed(lambda: next(batches), args.steps, args.warmup, device)
+
+
+def streamed_step(args, recipe, device) -> float:
+    """a': hssl's step fed by the streamed reader instead of the decoded split on the device."""
+    images, permutation = streamed_images(args, recipe, device)
+    batches = images.epoch_batches(permutation, 0, args.batch_size, args.batch_size, 0)
+    mean, std = torch.full((3,), 0.5, device=device), torch.full((3,), 0.25, device=device)
+    bf16 = device.type == "cuda"
+    pipelines = build_pipelines(recipe, mean, std, device.type, bf16)
+    torch.manual_seed(0)
+    method = build_method(recipe, in_channels=3).to(device)
+    optimizer = build_optimizer(method, recipe.optim)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def step() -> None:
+        training_step(method, optimizer, pipelines, recipe.method.consumes.original, mean, std, next(batches),
+                      generator, recipe.optim.lr, bf16)
+
+    return timed(step, args.steps, args.warmup, device)
+
+
 def reference_step(args, recipe, device) -> float:
     from torchvision import datasets
     from torchvision.transforms import v2
@@ -168,7 +206,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the reference pipeline")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the reference pipeline and "
+                        "of the streamed reader")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model in (a) and (c), the augmentation in (a)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: by name)")
@@ -186,7 +225,8 @@ def main() -> None:
     console = Console()
     results = {}
     for name, run in (("a: hssl step", hssl_step), ("b: reference DataLoader pipeline", reference_step),
-                      ("c: forward+backward ceiling", ceiling_step)):
+                      ("c: forward+backward ceiling", ceiling_step), ("a': hssl step, streamed", streamed_step),
+                      ("d: streamed reader alone (read + decode)", stream_reader)):
         console.print(f"measuring {name} ...")
         seconds = run(args, recipe, device)
         results[name] = (args.batch_size / seconds, peak_memory(device))
@@ -205,8 +245,8 @@ def main() -> None:
         fraction = "" if peak is None else f"{images_per_second * 2 * GFLOPS_PER_VIEW / (peak * 1e3):.1%}"
         table.add_row(name, f"{images_per_second:,.0f}", memory, fraction)
     console.print(table)
-    a, b, c = (value[0] for value in results.values())
-    console.print(f"a/b = {a / b:.2f}   a/c = {a / c:.2f}")
+    a, b, c, streamed = (value[0] for value in list(results.values())[:4])
+    console.print(f"a/b = {a / b:.2f}   a/c = {a / c:.2f}   a'/a = {streamed / a:.2f} (streamed over in-memory)")
 
 
 if __name__ == "__main__":

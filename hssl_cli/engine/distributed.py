@@ -110,7 +110,7 @@ def sync_batchnorm(method: nn.Module, mode: str) -> nn.Module:
 def wrap(method: nn.Module, context: Distributed, device: torch.device, sync_bn: str = "heads") -> nn.Module:
     """DDP, with SyncBatchNorm on CUDA where `sync_bn` says (sync_batchnorm). Buffers are not broadcast each
     forward (rank 0's, which it checkpoints, are the same either way) and gradients are bucket views (no
-    copy into DDP's buckets); the numerics are DDP's defaults'.
+    copy into DDP's buckets).
 
     (torch's SyncBatchNorm runs only on GPUs; on the CPU each rank normalises its own share.)
     """
@@ -118,5 +118,6 @@ def wrap(method: nn.Module, context: Distributed, device: torch.device, sync_bn:
         return method
     if device.type == "cuda":
         method = sync_batchnorm(method, sync_bn)
+    # buffers synced once at the start (the ranks' BatchNorm statistics then their own), not every forward
     return nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False, gradient_as_bucket_view=True)
+                                               forward_sync_buffers=False, gradient_as_bucket_view=True)
