@@ -319,7 +319,8 @@ def make_empty_classes(root: Path) -> None:
 
 
 def make_no_class_folders(root: Path) -> None:
-    write_image(root / "train" / "a.png", random_image(3, 8, 8, seed=0))
+    (root / "train").mkdir(parents=True)  # images without class folders are an unlabeled split; nothing is not
+    (root / "train" / "notes.txt").write_text("no images here")
 
 
 def make_corrupt_jpeg(root: Path) -> None:
@@ -333,7 +334,7 @@ def make_corrupt_jpeg(root: Path) -> None:
         (make_missing_root, "train", "no such folder; imagefolder expects"),
         (make_empty_classes, "train", "no .jpg/.jpeg/.png images in its class folders"),
         (make_empty_classes, "val", "valid splits here: train"),
-        (make_no_class_folders, "train", "no class folders"),
+        (make_no_class_folders, "train", "no class folders and no images"),
         (make_corrupt_jpeg, "train", "broken.jpg: cannot decode"),
     ],
     ids=["missing-root", "no-images", "unknown-split", "no-class-folders", "corrupt-image"],

@@ -194,3 +194,20 @@ def test_the_imagenet_recipes_stream_their_shards_with_views_smaller_than_the_wo
     assert recipe.data.storage == "stream" and recipe.resolved_views()[0].size == 16
     run = pretrain(recipe, tmp_path / "runs", device_name="cpu")
     assert run.steps == 3 and '"data_storage": "stream"' in (run.run_dir / "metrics.jsonl").read_text()
+
+
+def test_a_split_of_images_without_class_folders_is_an_unlabeled_pretraining_source(tmp_path):
+    from hssl_cli.data.sources import load_split
+    from hssl_cli.recipe import DataConfig
+
+    root = _folder(tmp_path)
+    flat = tmp_path / "flat" / "train"
+    flat.mkdir(parents=True)
+    for image in sorted((root / "train").glob("*/*.png")):
+        (flat / f"{image.parent.name}-{image.name}").write_bytes(image.read_bytes())
+    split = load_split(DataConfig(dataset="imagefolder", root=str(tmp_path / "flat"), image_size=16), "train")
+    assert len(split.labels) == 24 and (split.labels == -1).all() and split.classes == []
+    memory = pretrain(_recipe(tmp_path / "flat", extra=["train.epochs=1"]), tmp_path / "m", device_name="cpu")
+    streamed = pretrain(_recipe(tmp_path / "flat", "stream", extra=["train.epochs=1"]), tmp_path / "s",
+                        device_name="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(_weights(memory).values(), _weights(streamed).values(), strict=True))

@@ -13,7 +13,8 @@ differs from `data.image_size`), so training never resizes. Sources and their sp
 - stl10: torchvision's reader of data.root/stl10_binary. Splits train, test, unlabeled,
   train+unlabeled; unlabeled images have label -1.
 - shards: a folder written by `hssl shards` (data/shards.py): its splits, decoded as imagefolder decodes.
-- imagefolder: data.root/<split>/<class>/*.jpg|jpeg|png (any case); classes are the sorted class
+- imagefolder: data.root/<split>/<class>/*.jpg|jpeg|png (any case; a split of images without class
+  folders is unlabeled, label -1: a pretraining source); classes are the sorted class
   folder names and a label is its class's index. Decoded once, then cached as safetensors in
   data.root/.hssl-cache/ (or ~/.cache/hssl/ when data.root is not writable), keyed on the file
   list (relative paths, sizes, mtimes) and the image size, so a changed folder is decoded again
@@ -289,8 +290,12 @@ def _list_images(root: Path, split: str, size: int) -> tuple[list[str], torch.Te
     split_dir = root / split
     classes = _visible_folders(split_dir)
     if not classes:
+        loose = sorted((entry for entry in os.scandir(split_dir) if _is_image(entry)), key=lambda entry: entry.name)
+        if loose:  # images without class folders: an unlabeled split (label -1), for pretraining
+            return _unlabeled_list(split, loose, size)
         raise DataError(
-            f"{split_dir}: no class folders; imagefolder expects {split_dir}/<class>/{IMAGE_GLOB}"
+            f"{split_dir}: no class folders and no images; imagefolder expects {split_dir}/<class>/{IMAGE_GLOB} "
+            f"(or, unlabeled, {split_dir}/{IMAGE_GLOB})"
         )
     key = hashlib.sha256(f"{CACHE_FORMAT}\n{size}\n{json.dumps(classes)}\n".encode())
     paths: list[str] = []
@@ -310,6 +315,16 @@ def _list_images(root: Path, split: str, size: int) -> tuple[list[str], torch.Te
             f"imagefolder expects {split_dir}/<class>/{IMAGE_GLOB}"
         )
     return paths, torch.tensor(labels, dtype=torch.int64), classes, key.hexdigest()
+
+
+def _unlabeled_list(split: str, entries: list[os.DirEntry], size: int
+                    ) -> tuple[list[str], torch.Tensor, list[str], str]:
+    key = hashlib.sha256(f"{CACHE_FORMAT}\n{size}\nunlabeled\n".encode())
+    for entry in entries:
+        stat = entry.stat()
+        key.update(os.fsencode(f"{split}/{entry.name}") + f"\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    paths = [entry.path for entry in entries]
+    return paths, torch.full((len(paths),), -1, dtype=torch.int64), [], key.hexdigest()
 
 
 def _is_image(entry: os.DirEntry) -> bool:
