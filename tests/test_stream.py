@@ -211,3 +211,33 @@ def test_a_split_of_images_without_class_folders_is_an_unlabeled_pretraining_sou
     streamed = pretrain(_recipe(tmp_path / "flat", "stream", extra=["train.epochs=1"]), tmp_path / "s",
                         device_name="cpu")
     assert all(torch.equal(a, b) for a, b in zip(_weights(memory).values(), _weights(streamed).values(), strict=True))
+
+
+def test_a_sigterm_to_the_whole_job_stops_a_streamed_run_cleanly(tmp_path):
+    """SLURM and `timeout` signal every process of the job, the DataLoader workers too: the run stops at a
+    step with its checkpoint written and exits with 143 (pre-empted: resume it), not with a worker's crash."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = _folder(tmp_path, count=64)
+    recipe = tmp_path / "streamed.yaml"
+    recipe.write_text(RECIPE.format(dataset="imagefolder", root=root, storage="stream", workers=2)
+                      .replace("epochs: 2, batch_size: 16", "epochs: 400, batch_size: 16"))
+    process = subprocess.Popen([sys.executable, "-m", "hssl_cli", "pretrain", str(recipe), "--output",
+                                str(tmp_path / "runs"), "--device", "cpu"], start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "runs").glob("*/*/last.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first epoch's checkpoint: the workers are running
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    assert "interrupted" in output and "DataLoader worker" not in output and "error" not in output
+    from hssl_cli.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(next((tmp_path / "runs").glob("*/*/last.state.safetensors")), kind="training_state")
+    assert state.step >= 4  # at least the first epoch (4 steps), which had ended before the signal

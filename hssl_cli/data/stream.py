@@ -171,7 +171,7 @@ class StreamedImages:
             self.dataset, batch_sampler=batches, num_workers=self.workers,
             prefetch_factor=PREFETCH_BATCHES if self.workers else None,
             pin_memory=self.device.type == "cuda" and not encoded, persistent_workers=False,
-            collate_fn=list if encoded else None)
+            collate_fn=list if encoded else None, worker_init_fn=leave_stop_signals_to_the_trainer)
 
     def epoch_batches(self, permutation: torch.Tensor, start_step: int, batch_size: int, rank_batch: int,
                       rank: int) -> Iterator[torch.Tensor]:
@@ -184,6 +184,16 @@ class StreamedImages:
             return
         for batch in self._loader(shares):
             yield batch.to(self.device, non_blocking=True)
+
+
+def leave_stop_signals_to_the_trainer(worker: int) -> None:
+    """A DataLoader worker ignores SIGTERM and SIGUSR1: a scheduler (SLURM, `timeout`) signals every process of
+    the job, and a worker that died of it would crash the run before the trainer, which handles the same
+    signal, writes its checkpoint; the trainer shuts its workers down itself."""
+    import signal
+
+    for stop in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def decode_on_device(encoded: list[tuple[str, bytes]], size: int, device: torch.device) -> torch.Tensor:
@@ -337,7 +347,8 @@ class LazyImages:
         order = self.positions.tolist()
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=[order[start:start + batch_size] for start in range(0, len(order), batch_size)],
-            num_workers=self.workers, prefetch_factor=PREFETCH_BATCHES if self.workers else None)
+            num_workers=self.workers, prefetch_factor=PREFETCH_BATCHES if self.workers else None,
+            worker_init_fn=leave_stop_signals_to_the_trainer)
         yield from loader
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
