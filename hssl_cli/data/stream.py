@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,7 +161,7 @@ class StreamedImages:
         loader = self._loader([list(range(start, min(start + stats.chunk_size, len(self))))
                                for start in range(0, len(self), stats.chunk_size)])
         with progress_bar(progress, "channel statistics (one streamed pass)", len(self)) as advance:
-            for chunk in loader:
+            for chunk in started_workers(loader):
                 stats.add(chunk)
                 advance(len(chunk))
         return stats.result()
@@ -179,21 +180,34 @@ class StreamedImages:
         shares = [order[step * batch_size + rank * rank_batch:step * batch_size + (rank + 1) * rank_batch].tolist()
                   for step in range(start_step, len(order) // batch_size)]
         if self.device.type == "cuda":  # workers read bytes; JPEGs are decoded on the GPU, in one batched call
-            for encoded in self._loader(shares, encoded=True):
+            for encoded in started_workers(self._loader(shares, encoded=True)):
                 yield decode_on_device(encoded, self.dataset.size, self.device)
             return
-        for batch in self._loader(shares):
+        for batch in started_workers(self._loader(shares)):
             yield batch.to(self.device, non_blocking=True)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def leave_stop_signals_to_the_trainer(worker: int) -> None:
     """A DataLoader worker ignores SIGTERM and SIGUSR1: a scheduler (SLURM, `timeout`) signals every process of
     the job, and a worker that died of it would crash the run before the trainer, which handles the same
-    signal, writes its checkpoint; the trainer shuts its workers down itself."""
-    import signal
-
-    for stop in (signal.SIGTERM, signal.SIGUSR1):
+    signal, writes its checkpoint; the trainer shuts its workers down itself. The workers start with these
+    signals blocked (`started_workers`), so one sent while they start waits, and is then ignored here."""
+    for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def started_workers(loader) -> Iterator:
+    """iter(loader), its workers forked with the stop signals blocked (they inherit the mask); the trainer's
+    own stop signals are held only for that moment, then delivered."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def decode_on_device(encoded: list[tuple[str, bytes]], size: int, device: torch.device) -> torch.Tensor:
@@ -349,7 +363,7 @@ class LazyImages:
             self.dataset, batch_sampler=[order[start:start + batch_size] for start in range(0, len(order), batch_size)],
             num_workers=self.workers, prefetch_factor=PREFETCH_BATCHES if self.workers else None,
             worker_init_fn=leave_stop_signals_to_the_trainer)
-        yield from loader
+        yield from started_workers(loader)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
         return torch.cat(list(self.batches(512))).to(device, non_blocking=non_blocking)
