@@ -162,7 +162,7 @@ class StreamedImages:
                                for start in range(0, len(self), stats.chunk_size)])
         with progress_bar(progress, "channel statistics (one streamed pass)", len(self)) as advance:
             for chunk in started_workers(loader):
-                stats.add(chunk)
+                stats.add(torch.from_numpy(chunk))
                 advance(len(chunk))
         return stats.result()
 
@@ -172,7 +172,7 @@ class StreamedImages:
             self.dataset, batch_sampler=batches, num_workers=self.workers,
             prefetch_factor=PREFETCH_BATCHES if self.workers else None,
             pin_memory=self.device.type == "cuda" and not encoded, persistent_workers=False,
-            collate_fn=list if encoded else None, worker_init_fn=leave_stop_signals_to_the_trainer)
+            collate_fn=list if encoded else stacked_array, worker_init_fn=leave_stop_signals_to_the_trainer)
 
     def epoch_batches(self, permutation: torch.Tensor, start_step: int, batch_size: int, rank_batch: int,
                       rank: int) -> Iterator[torch.Tensor]:
@@ -184,10 +184,17 @@ class StreamedImages:
                 yield decode_on_device(encoded, self.dataset.size, self.device)
             return
         for batch in started_workers(self._loader(shares)):
-            yield batch.to(self.device, non_blocking=True)
+            yield torch.from_numpy(batch).to(self.device, non_blocking=True)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def stacked_array(images: list[torch.Tensor]):
+    """A worker's batch as a numpy array, sent pickled through the DataLoader's queue: measured, batches sent
+    as torch's shared-memory tensors stayed mapped in the training process (its memory grew by the size of
+    every batch read: 4 GB over 400,000 images), while this stays flat."""
+    return torch.stack(images).numpy()
 
 
 def leave_stop_signals_to_the_trainer(worker: int) -> None:
@@ -362,8 +369,9 @@ class LazyImages:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=[order[start:start + batch_size] for start in range(0, len(order), batch_size)],
             num_workers=self.workers, prefetch_factor=PREFETCH_BATCHES if self.workers else None,
-            worker_init_fn=leave_stop_signals_to_the_trainer)
-        yield from started_workers(loader)
+            collate_fn=stacked_array, worker_init_fn=leave_stop_signals_to_the_trainer)
+        for batch in started_workers(loader):
+            yield torch.from_numpy(batch)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
         return torch.cat(list(self.batches(512))).to(device, non_blocking=non_blocking)
