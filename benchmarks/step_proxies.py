@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from throughput import synchronize, timed  # benchmarks/: the same timing as the throughput report
 from torch import nn
 
 from hssl_cli.data.views import build_pipelines
@@ -51,11 +51,6 @@ class TinyBackbone(nn.Module):
         return self.linear(images.mean(dim=(2, 3)))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def count_ops(function: Callable[[], object], device: torch.device) -> tuple[int, int]:
     """(top-level aten ops, device kernels) of one call, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -74,16 +69,6 @@ def count_ops(function: Callable[[], object], device: torch.device) -> tuple[int
                 parent = parent.cpu_parent
             ops += parent is None
     return ops, kernels
-
-
-def seconds_per_call(function: Callable[[], object], device: torch.device, steps: int) -> float:
-    function()  # warm-up (and compilation)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        function()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
 
 
 def loop_copy_update(target: nn.ModuleDict, backbone: nn.Module, projector: nn.Module, tau: float) -> None:
@@ -160,7 +145,7 @@ def main() -> None:
     rows = []
 
     def measure(name: str, variant: str, function: Callable[[], object], per_image: bool = False) -> None:
-        seconds = seconds_per_call(function, device, args.steps)
+        seconds = timed(function, args.steps, 1, device)  # one warm-up call (and compilation)
         ops, kernels = count_ops(function, device)
         rows.append({"case": name, "variant": variant, "ops_per_call": ops, "kernels_per_call": kernels,
                      "host_ms": 1e3 * seconds, "us_per_image": 1e6 * seconds / batch if per_image else None})

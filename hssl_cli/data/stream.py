@@ -167,12 +167,8 @@ class StreamedImages:
         return stats.result()
 
     def _loader(self, batches: list[list[int]], encoded: bool = False):
-        self.dataset.encoded_only = encoded
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=batches, num_workers=self.workers,
-            prefetch_factor=PREFETCH_BATCHES if self.workers else None,
-            pin_memory=self.device.type == "cuda" and not encoded, persistent_workers=False,
-            collate_fn=list if encoded else stacked_array, worker_init_fn=leave_stop_signals_to_the_trainer)
+        return decoding_loader(self.dataset, batches, self.workers, encoded,
+                               pin_memory=self.device.type == "cuda" and not encoded)
 
     def epoch_batches(self, permutation: torch.Tensor, start_step: int, batch_size: int, rank_batch: int,
                       rank: int) -> Iterator[torch.Tensor]:
@@ -195,6 +191,17 @@ def stacked_array(images: list[torch.Tensor]):
     as torch's shared-memory tensors stayed mapped in the training process (its memory grew by the size of
     every batch read: 4 GB over 400,000 images), while this stays flat."""
     return torch.stack(images).numpy()
+
+
+def decoding_loader(dataset: EncodedImages, batches: list[list[int]], workers: int, encoded: bool = False,
+                    pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The one DataLoader of streamed images: `batches` in order, decoded batches as numpy arrays (or, with
+    `encoded`, lists of (name, bytes)), workers that leave the stop signals to the trainer."""
+    dataset.encoded_only = encoded
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, prefetch_factor=PREFETCH_BATCHES if workers else None,
+        pin_memory=pin_memory, persistent_workers=False, collate_fn=list if encoded else stacked_array,
+        worker_init_fn=leave_stop_signals_to_the_trainer)
 
 
 def leave_stop_signals_to_the_trainer(worker: int) -> None:
@@ -364,12 +371,9 @@ class LazyImages:
         return digest.hexdigest()
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        self.dataset.encoded_only = False
         order = self.positions.tolist()
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[order[start:start + batch_size] for start in range(0, len(order), batch_size)],
-            num_workers=self.workers, prefetch_factor=PREFETCH_BATCHES if self.workers else None,
-            collate_fn=stacked_array, worker_init_fn=leave_stop_signals_to_the_trainer)
+        loader = decoding_loader(self.dataset, [order[start:start + batch_size]
+                                                for start in range(0, len(order), batch_size)], self.workers)
         for batch in started_workers(loader):
             yield torch.from_numpy(batch)
 
