@@ -65,7 +65,7 @@ if [[ "$device" == cuda ]]; then batch=512; probe_args=(); run_sets=(); else
 fi
 
 section "1. engine proxies (ops per step, host time with a tiny model, augmentation)"
-"$python" benchmarks/step_proxies.py --device "$device" --batch-size 512 --steps "$steps"
+"$python" benchmarks/step_proxies.py --device "$device" --batch-size 512 --steps "$steps" --compiled
 
 section "2a. throughput, eager: (a) hssl step, (b) DataLoader reference, (c) ceiling"
 "$python" benchmarks/throughput.py --data "$data" --device "$device" --batch-size "$batch" --steps "$steps" --warmup 2

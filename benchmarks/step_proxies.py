@@ -7,7 +7,8 @@
   aug us/image  the augmentation of one view per image, alone.
 
 "before" and "after" are the reference and the fast path of the same code: the augmenter with every op
-(`Augmenter.reference()`) against the one that leaves out the ops its config never draws; BYOL's target
+(`Augmenter.reference()`: colour jitter in four rounds that each compute the hue shift for every sample)
+against the one that leaves out the ops its config never draws and computes each sample's hue once; BYOL's target
 buffers copied in a Python loop against one `torch._foreach_copy_`; DirectPred's predictor recomputed
 every step against every 10 (`method.predictor_every`).
 
@@ -121,12 +122,15 @@ def step_case(method_yaml: str, device: torch.device, batch_size: int, reference
     return step
 
 
-def augmentation_case(device: torch.device, batch_size: int, reference: bool) -> Callable[[], object]:
+def augmentation_case(device: torch.device, batch_size: int, reference: bool,
+                      compiled: bool = False) -> Callable[[], object]:
     recipe = parse_recipe(f"data: {{dataset: digits, image_size: 32}}\n{CIFAR_AUGMENT}", "proxies.yaml")
     mean, std = torch.full((3,), 0.5, device=device), torch.full((3,), 0.25, device=device)
     augmenter = build_pipelines(recipe, mean, std)[0].augmenter
     if reference:
         augmenter.reference()
+    if compiled:
+        augmenter.compile()
     images = torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
     return lambda: augmenter(images, generator)
@@ -137,8 +141,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--compiled", action="store_true", help="also the compiled SimCLR step (slow to build on "
-                        "a CPU)")
+    parser.add_argument("--compiled", action="store_true", help="also the compiled augmentation and SimCLR "
+                        "step (slow to build on a CPU)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     device, batch = torch.device(args.device), args.batch_size
@@ -173,6 +177,9 @@ def main() -> None:
         measure("DirectPred step, tiny model", f"predictor_every {every}",
                 step_case(f"{{name: directpred, predictor_every: {every}}}", device, batch, False))
     if args.compiled:
+        for variant, reference in (("before: every op, compiled", True), ("after: active ops only, compiled", False)):
+            measure("augmentation (1 view)", variant, augmentation_case(device, batch, reference, True),
+                    per_image=True)
         measure("SimCLR step, tiny model", "after, compiled", step_case("{name: simclr}", device, batch, False, True))
 
     if args.json:

@@ -388,3 +388,32 @@ def test_ops_that_cannot_act_are_skipped_without_changing_a_view(config, channel
     expected, expected_params = reference(images, torch.Generator().manual_seed(3), with_params=True)
     assert torch.equal(params.as_vector(), expected_params.as_vector())
     assert (views - expected).abs().max() <= 1e-6
+
+
+def test_every_jitter_order_gets_the_reference_rounds_views_with_one_hue_pass():
+    """The fast jitter ("LLLHLLL": each sample's hue computed once) equals the reference's four rounds of every op
+    ("LHLHLHLH": hue computed 4 times) for each of the 24 orders, to 1e-6; a pass string that cannot hold
+    every order is refused."""
+    import itertools
+
+    from hssl_cli.data.augment import JITTER_PASSES, REFERENCE_JITTER_PASSES, _pass_plan
+
+    assert JITTER_PASSES.count("H") == 1 and REFERENCE_JITTER_PASSES.count("H") == 4
+    orders = torch.tensor(list(itertools.permutations(range(4)))).repeat(2, 1)  # 48 samples
+    images = photo_patches()[:48]
+    params = ViewParams.identity(48, "cpu")
+    params.jitter_applied = torch.arange(48) != 47  # one sample without jitter
+    params.jitter_order = orders
+    generator = torch.Generator().manual_seed(0)
+    params.jitter_factors = torch.stack([0.3 + 1.4 * torch.rand(48, generator=generator) for _ in range(3)]
+                                        + [torch.rand(48, generator=generator) - 0.5], dim=1)
+    fast = make_augmenter(**EVERYTHING_ON).apply(images, params)
+    reference = make_augmenter(**EVERYTHING_ON).reference().apply(images, params)
+    assert (fast - reference).abs().max() <= 1e-6
+    assert torch.equal(fast[47], as_floats(images[47]))
+    plan = _pass_plan(JITTER_PASSES)  # each row applies positions 0..3 in order, hue in an H pass
+    for hue_at, row in enumerate(plan.tolist()):
+        assert [position for position in row if position >= 0] == [0, 1, 2, 3]
+        assert JITTER_PASSES[row.index(hue_at)] == "H"
+    with pytest.raises(ValueError, match="cannot hold"):
+        _pass_plan("LLLHL")

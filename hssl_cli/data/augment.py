@@ -27,6 +27,12 @@ CROP_TRIES = 10
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma
 IDENTITY_JITTER = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors; hue shift
 SOLARIZE_THRESHOLD = 0.5
+# Colour-jitter passes: "L" one blend (brightness, contrast or saturation), "H" one hue shift. Every order of
+# the four ops fits "LLLHLLL" with hue in its one H pass, so each sample's hue is computed once; the reference
+# ("LHLHLHLH", four rounds of every op) computes it four times. Measured (eager, CPU, batch 512): 124 against
+# 259 us/image; "LHLLHL" (two H passes) 166; the blend passes cost ~6 us/image each, a hue pass ~50.
+JITTER_PASSES = "LLLHLLL"
+REFERENCE_JITTER_PASSES = "LHLHLHLH"
 
 # Columns of the single uniform draw per sample in `Augmenter.sample`.
 _AREA, _LOG_RATIO = slice(0, CROP_TRIES), slice(CROP_TRIES, 2 * CROP_TRIES)
@@ -173,6 +179,22 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
+def _pass_plan(passes: str) -> torch.Tensor:
+    """(4, len(passes)) long: row h, for a sample whose hue is its h-th op, the position in its order that
+    each pass applies (-1: none), matching the ops to the passes in order, each at the earliest fitting pass."""
+    rows = []
+    for hue_at in range(4):
+        row, position = [], 0
+        for kind in passes:
+            fits = position < 4 and (kind == "H") == (position == hue_at)
+            row.append(position if fits else -1)
+            position += fits
+        if position < 4:
+            raise ValueError(f"jitter passes {passes!r} cannot hold an order with hue at position {hue_at}")
+        rows.append(row)
+    return torch.tensor(rows)
+
+
 def _odd_kernel_size(image_size: int) -> int:
     """The odd integer nearest 10% of the image side, at least 3."""
     return max(3, 2 * round((0.1 * image_size - 1) / 2) + 1)
@@ -195,6 +217,9 @@ class Augmenter:
         # conv per view in every CIFAR recipe); `sample` still draws their columns, so the parameters, and
         # EquiMod's vectors, are those of the full pipeline. `reference()` keeps every op, for the tests.
         self.skip_inactive = True
+        # Made beside the statistics, which live where the images are augmented: no copy per step.
+        self._pass_plans = {passes: _pass_plan(passes).to(mean.device)
+                            for passes in (JITTER_PASSES, REFERENCE_JITTER_PASSES)}
         self.output_dtype, self.channels_last = torch.float32, False  # set_output: what the model reads on CUDA
         self._active = {
             "jitter": jitter.p > 0 and any(v > 0 for v in (jitter.brightness, jitter.contrast, jitter.saturation,
@@ -351,28 +376,43 @@ class Augmenter:
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def _color_jitter(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        """Four rounds; in round r each sample gets its r-th op, the other ops act as the identity.
+        """Each sample's four ops in its own order, as a fixed sequence of passes that each compute one op.
 
         torchvision's ColorJitter: brightness, contrast and saturation are x -> f x + (1 - f) t with the
         target t black, the image's mean luma, the pixel's luma; hue shifts in HSV; each clamps to
-        [0, 1]. One blend per round serves all three; factor 1 leaves values exact.
+        [0, 1]. One blend pass ("L") serves all three; a hue pass ("H") shifts the samples whose hue falls
+        there. `_jitter_passes` maps each sample's order onto the passes; skipped passes act as the identity
+        (factor 1 leaves values exact).
         """
         brightness, contrast, saturation, hue = params.jitter_factors.to(images).unbind(dim=1)
         one = torch.ones_like(brightness)
         rgb = images.shape[1] == 3
         if not rgb:  # saturation and hue do nothing to a 1-channel image (as in torchvision)
             saturation = one
-        for step in range(4):
-            op = torch.where(params.jitter_applied, params.jitter_order[:, step], -1)
-            factor = torch.where(op == 0, brightness, torch.where(op == 1, contrast,
-                                                                  torch.where(op == 2, saturation, one)))
-            luma = _luma(images)
-            mean_luma = luma.mean(dim=(1, 2, 3), keepdim=True) * (op == 1).view(-1, 1, 1, 1)
-            target = torch.where((op == 2).view(-1, 1, 1, 1), luma, mean_luma)
-            images = _blend(images, target, factor)
-            if rgb and self._runs("hue"):  # hue range 0: every shift is 0
+        if rgb and self._runs("hue"):
+            passes = JITTER_PASSES if self.skip_inactive else REFERENCE_JITTER_PASSES
+            ops = self._jitter_passes(params, passes)
+        else:  # hue range 0 (every shift is 0) or one channel: four blend rounds, hue's round the identity
+            passes, ops = "LLLL", torch.where(params.jitter_applied[:, None], params.jitter_order, -1)
+        for index, kind in enumerate(passes):
+            op = ops[:, index]
+            if kind == "H":
                 images = torch.where((op == 3).view(-1, 1, 1, 1), _shift_hue(images, hue), images)
+            else:
+                factor = torch.where(op == 0, brightness, torch.where(op == 1, contrast,
+                                                                      torch.where(op == 2, saturation, one)))
+                luma = _luma(images)
+                mean_luma = luma.mean(dim=(1, 2, 3), keepdim=True) * (op == 1).view(-1, 1, 1, 1)
+                target = torch.where((op == 2).view(-1, 1, 1, 1), luma, mean_luma)
+                images = _blend(images, target, factor)
         return images
+
+    def _jitter_passes(self, params: ViewParams, passes: str) -> torch.Tensor:
+        """(B, len(passes)) long: the op each sample applies in each pass, -1 for none (or no jitter)."""
+        hue_at = (params.jitter_order == 3).int().argmax(dim=1)
+        positions = self._pass_plans[passes].to(hue_at.device)[hue_at]
+        ops = params.jitter_order.gather(1, positions.clamp_min(0))
+        return torch.where((positions >= 0) & params.jitter_applied[:, None], ops, -1)
 
     def _blur(self, images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Per-sample separable Gaussian blur (grouped conv2d, reflect padding); sigma 0 leaves a sample."""
