@@ -26,12 +26,12 @@ def seconds_per_step(recipe, device: torch.device, steps: int, warmup: int) -> f
     size = recipe.data.image_size
     images = torch.randint(0, 256, (recipe.train.batch_size, 1, size, size), dtype=torch.uint8, device=device)
     unit = torch.full((1,), 0.5, device=device)
-    pipelines = build_pipelines(recipe, unit, unit)
+    bf16 = device.type == "cuda"
+    pipelines = build_pipelines(recipe, unit, unit, device.type, bf16)  # as the engine: bf16 channels_last on CUDA
     torch.manual_seed(0)
     method = build_method(recipe, in_channels=1).to(device)
     optimizer = build_optimizer(method, recipe.optim)
     generator = torch.Generator(device=device).manual_seed(0)
-    bf16 = device.type == "cuda"
     for step in range(warmup + steps):
         if step == warmup:
             if device.type == "cuda":

@@ -18,6 +18,7 @@ peak (ResNet-18-CIFAR: ~3.3 GFLOPs forward+backward per 32x32 view, two views pe
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import tarfile
 import tempfile
@@ -28,9 +29,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hssl_cli.data.augment import channel_stats
+from hssl_cli.data.augment import ViewParams, channel_stats
 from hssl_cli.data.sources import load_split
-from hssl_cli.data.views import build_pipelines
+from hssl_cli.data.views import Views, build_pipelines
 from hssl_cli.engine.optim import build_optimizer
 from hssl_cli.engine.train import training_step
 from hssl_cli.losses import info_nce
@@ -71,7 +72,8 @@ def hssl_step(args, recipe, device) -> float:
     images = train.images.to(device)
     mean, std = channel_stats(train.images)
     mean, std = mean.float().to(device), std.float().to(device)
-    pipelines = build_pipelines(recipe, mean, std)
+    bf16 = device.type == "cuda"
+    pipelines = build_pipelines(recipe, mean, std, device.type, bf16)  # bf16 channels_last views on CUDA
     if args.compile:
         for pipeline in pipelines:
             pipeline.augmenter.compile()
@@ -82,7 +84,6 @@ def hssl_step(args, recipe, device) -> float:
     optimizer = build_optimizer(method, recipe.optim)
     forward = torch.compile(method) if args.compile else method
     generator = torch.Generator(device=device).manual_seed(0)
-    bf16 = device.type == "cuda"
 
     def step() -> None:
         batch = images[torch.randint(len(images), (args.batch_size,), device=device, generator=generator)]
@@ -176,12 +177,15 @@ def ceiling_step(args, recipe, device) -> float:
         method = method.to(memory_format=memory_format)
     optimizer = build_optimizer(method, recipe.optim)
     forward = torch.compile(method) if args.compile else method
-    views = [torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-             for _ in range(2)]
+    views = Views(
+        global_views=[torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+                      for _ in range(2)],
+        global_params=[ViewParams.identity(args.batch_size, device) for _ in range(2)])
+    generator = torch.Generator(device=device).manual_seed(0)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = forward(views)["loss"]
+            loss = forward(views, generator)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -206,8 +210,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the reference pipeline and "
-                        "of the streamed reader")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader workers of the reference pipeline and of the streamed reader (default: 8, "
+                        "or the CPU count if fewer)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model in (a) and (c), the augmentation in (a)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: by name)")
@@ -220,9 +225,10 @@ def main() -> None:
             archive.extractall(unpacked, filter="data")
         args.data = str(Path(unpacked) / "cifar10-jpeg")
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as `hssl pretrain` sets it, for every pipeline
     recipe = recipe_for(args)
 
-    console = Console()
+    console = Console(width=160)  # whole rows in a log file too
     results = {}
     for name, run in (("a: hssl step", hssl_step), ("b: reference DataLoader pipeline", reference_step),
                       ("c: forward+backward ceiling", ceiling_step), ("a': hssl step, streamed", streamed_step),
