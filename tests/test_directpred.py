@@ -101,6 +101,32 @@ def test_the_predictor_is_refreshed_every_n_steps_and_kept_between():
     assert set(every_step.state_dict()) == {"correlation"}  # checkpoints of every-step runs are unchanged
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_a_compiled_step_reads_the_predictor_without_recompiling_at_every_call(every):
+    """`train.compile` (the GPU recipes' `auto`): the Python call count that decides a refresh must not become a
+    guard of the compiled step, which then recompiled at every call (found with TORCH_LOGS=recompiles)."""
+    import torch._dynamo
+
+    class Step(torch.nn.Module):  # what DirectPred.forward does with the predictor, in small
+        def __init__(self):
+            super().__init__()
+            self.predictor = CorrelationPredictor(4, alpha=0.5, eps=0.1, rho=0.5, every=every)
+
+        def forward(self, z):
+            self.predictor.update(z)
+            return z @ self.predictor.training_weight()
+
+    torch._dynamo.reset()
+    eager, compiled = Step(), torch.compile(Step())
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(16, 4, generator=generator) for _ in range(6)]
+    compiled(batches[0]), eager(batches[0])  # the first call compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for z in batches[1:]:
+            torch.testing.assert_close(compiled(z), eager(z), rtol=1e-5, atol=1e-6)
+    assert int(compiled.predictor.calls) == 6
+
+
 def test_correlation_is_an_ema_of_the_uncentred_batch_correlation():
     predictor = CorrelationPredictor(2, alpha=0.5, eps=0.1, rho=0.9)
     first, second = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, 0.0]])

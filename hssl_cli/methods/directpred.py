@@ -61,6 +61,8 @@ class CorrelationPredictor(nn.Module):
                 scaled = normalised.pow(self.alpha) + self.eps
             return eigenvectors @ torch.diag(scaled) @ eigenvectors.T
 
+    # Left out of torch.compile: the Python call count would be a guard, recompiling the step at every call.
+    @torch.compiler.disable
     @torch.no_grad()
     def training_weight(self) -> torch.Tensor:
         """W_P for a training step: recomputed on calls 0, every, 2 every, ..., else the kept one."""
