@@ -57,3 +57,10 @@ def test_hssl_throughput_times_both_pairings(benchmarks):
         recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "hssl_rotmnist_c8.yaml",
                              ["train.batch_size=4", f"method.pairing={pairing}"])
         assert hssl_throughput.seconds_per_step(recipe, torch.device("cpu"), steps=1, warmup=0) > 0
+
+
+def test_compile_report_finds_no_recompile_in_a_warmed_up_step(benchmarks):
+    import compile_report
+
+    row = compile_report.report("simclr")
+    assert row["recompiles"] == "none" and row["breaks"] == 0 and row["first_loss_difference"] < 1e-5, row
