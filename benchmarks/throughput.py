@@ -12,7 +12,9 @@
     .venv/bin/python benchmarks/throughput.py --tarball ../shared/datasets/cifar10-jpeg.tar.gz
 
 Prints images/s of each, a/b and a/c, peak memory and, on a GPU, the fraction of the device's bf16
-peak (ResNet-18-CIFAR: ~3.3 GFLOPs forward+backward per 32x32 view, two views per image).
+peak (ResNet-18-CIFAR: ~3.3 GFLOPs forward+backward per 32x32 view, two views per image). The pipelines fed by
+DataLoader workers (b, a', d) run at least ten times the batches their workers decode ahead (on CUDA; d
+always), so a full prefetch queue cannot pass for throughput.
 """
 
 from __future__ import annotations
@@ -103,15 +105,21 @@ def streamed_images(args, recipe, device):
     return images, permutation
 
 
-def stream_reader(args, recipe, device) -> float:
-    """d: the streamed reader alone: read + decode + resize of one batch, no training. Timed over at least ten
-    times the batches the workers hold decoded ahead, so the rate is the decoders', not the queue's."""
-    from hssl_cli.data.stream import PREFETCH_BATCHES
+def steady_steps(args, device: torch.device, batches_in_epoch: int, always: bool = False) -> int:
+    """Timed steps of a pipeline fed by DataLoader workers: at least ten times the batches they hold decoded
+    ahead (2 per worker, hssl's and torch's default), so the rate is the steady state's, not the prefetch
+    queue's. Only on CUDA unless `always`: on a CPU the model is far slower than the workers, the queue never
+    drains, and `--steps` already measures the steady state."""
+    if not (always or device.type == "cuda"):
+        return args.steps
+    return min(max(args.steps, 10 * 2 * max(1, args.workers)), batches_in_epoch - args.warmup)
 
+
+def stream_reader(args, recipe, device) -> float:
+    """d: the streamed reader alone: read + decode + resize of one batch, no training."""
     images, permutation = streamed_images(args, recipe, device)
     batches = images.epoch_batches(permutation, 0, args.batch_size, args.batch_size, 0)
-    steps = min(max(args.steps, 10 * PREFETCH_BATCHES * max(1, args.workers)), len(permutation) // args.batch_size
-                - args.warmup)
+    steps = steady_steps(args, device, len(permutation) // args.batch_size, always=True)
     return timed(lambda: next(batches), steps, args.warmup, device)
 
 
@@ -122,16 +130,22 @@ def streamed_step(args, recipe, device) -> float:
     mean, std = torch.full((3,), 0.5, device=device), torch.full((3,), 0.25, device=device)
     bf16 = device.type == "cuda"
     pipelines = build_pipelines(recipe, mean, std, device.type, bf16)
+    if args.compile:
+        for pipeline in pipelines:
+            pipeline.augmenter.compile()
     torch.manual_seed(0)
     method = build_method(recipe, in_channels=3).to(device)
+    if device.type == "cuda":
+        method = method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(method, recipe.optim)
+    forward = torch.compile(method) if args.compile else method  # (a) exactly, but for where the batches come from
     generator = torch.Generator(device=device).manual_seed(0)
 
     def step() -> None:
-        training_step(method, optimizer, pipelines, recipe.method.consumes.original, mean, std, next(batches),
+        training_step(forward, optimizer, pipelines, recipe.method.consumes.original, mean, std, next(batches),
                       generator, recipe.optim.lr, bf16)
 
-    return timed(step, args.steps, args.warmup, device)
+    return timed(step, steady_steps(args, device, len(permutation) // args.batch_size), args.warmup, device)
 
 
 def reference_step(args, recipe, device) -> float:
@@ -171,7 +185,7 @@ def reference_step(args, recipe, device) -> float:
         loss.backward()
         optimizer.step()
 
-    return timed(step, args.steps, args.warmup, device)
+    return timed(step, steady_steps(args, device, 10**9), args.warmup, device)  # the loader restarts at an epoch's end
 
 
 def ceiling_step(args, recipe, device) -> float:
