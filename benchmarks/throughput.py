@@ -33,6 +33,7 @@ from rich.table import Table
 
 from hssl_cli.data.augment import ViewParams, channel_stats
 from hssl_cli.data.sources import load_split
+from hssl_cli.data.stream import PREFETCH_BATCHES
 from hssl_cli.data.views import Views, build_pipelines
 from hssl_cli.engine.optim import build_optimizer
 from hssl_cli.engine.train import training_step
@@ -107,12 +108,12 @@ def streamed_images(args, recipe, device):
 
 def steady_steps(args, device: torch.device, batches_in_epoch: int, always: bool = False) -> int:
     """Timed steps of a pipeline fed by DataLoader workers: at least ten times the batches they hold decoded
-    ahead (2 per worker, hssl's and torch's default), so the rate is the steady state's, not the prefetch
-    queue's. Only on CUDA unless `always`: on a CPU the model is far slower than the workers, the queue never
-    drains, and `--steps` already measures the steady state."""
+    ahead (PREFETCH_BATCHES per worker, hssl's and torch's default), so the rate is the steady state's, not
+    the prefetch queue's. Only on CUDA unless `always`: on a CPU the model is far slower than the workers, the
+    queue never drains, and `--steps` already measures the steady state."""
     if not (always or device.type == "cuda"):
         return args.steps
-    return min(max(args.steps, 10 * 2 * max(1, args.workers)), batches_in_epoch - args.warmup)
+    return min(max(args.steps, 10 * PREFETCH_BATCHES * max(1, args.workers)), batches_in_epoch - args.warmup)
 
 
 def stream_reader(args, recipe, device) -> float:
