@@ -167,8 +167,7 @@ class StreamedImages:
         return stats.result()
 
     def _loader(self, batches: list[list[int]], encoded: bool = False):
-        return decoding_loader(self.dataset, batches, self.workers, encoded,
-                               pin_memory=self.device.type == "cuda" and not encoded)
+        return decoding_loader(self.dataset, batches, self.workers, encoded)
 
     def epoch_batches(self, permutation: torch.Tensor, start_step: int, batch_size: int, rank_batch: int,
                       rank: int) -> Iterator[torch.Tensor]:
@@ -193,14 +192,14 @@ def stacked_array(images: list[torch.Tensor]):
     return torch.stack(images).numpy()
 
 
-def decoding_loader(dataset: EncodedImages, batches: list[list[int]], workers: int, encoded: bool = False,
-                    pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def decoding_loader(dataset: EncodedImages, batches: list[list[int]], workers: int, encoded: bool = False
+                    ) -> torch.utils.data.DataLoader:
     """The one DataLoader of streamed images: `batches` in order, decoded batches as numpy arrays (or, with
     `encoded`, lists of (name, bytes)), workers that leave the stop signals to the trainer."""
     dataset.encoded_only = encoded
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, prefetch_factor=PREFETCH_BATCHES if workers else None,
-        pin_memory=pin_memory, persistent_workers=False, collate_fn=list if encoded else stacked_array,
+        persistent_workers=False, collate_fn=list if encoded else stacked_array,
         worker_init_fn=leave_stop_signals_to_the_trainer)
 
 
