@@ -502,13 +502,20 @@ def sweep(
     A cell is one pretrain, then a probe (and, if the suite asks, collapse-report and equivariance-check), \
 in its own folder; its result.json marks it finished. Finished cells are skipped, a killed cell resumes its \
 pretraining, and a cell another `hssl sweep` process is running is left to it: start two processes on \
-one suite to use two GPUs or two cores. A suite edited after cells finished is refused rather than mixed.
+one suite to use two GPUs or two cores. A suite edited after cells finished is refused rather than mixed; \
+seeds may be added (the finished cells are reused), and so may variants and claims.
+
+    Claims (`claims:` in the suite, e.g. {a: hssl, b: assl, metric: linear, test: equivalent, margin: 1.0}) \
+are decided from the cells of a and b with the same seed: d = a - b per seed, its mean and 95% t interval \
+(n - 1 degrees of freedom). greater: "greater" when the interval lies above 0, "reversed" below 0; \
+equivalent: "equivalent" when it lies inside ±margin (two one-sided tests), "not equivalent" when it lies \
+outside; otherwise "not resolved at n seeds", with the seeds that would resolve the observed effect.
 
     Examples: hssl sweep suites/hssl_rotmnist.yaml (run every cell, then print the report); \
 hssl sweep S.yaml --list; hssl sweep S.yaml --cell 3; hssl sweep S.yaml --report --json
     """
     from hssl_cli.sweep.report import as_json as report_json
-    from hssl_cli.sweep.report import collect, markdown, plot, protocol_line, rich_table, write_csv
+    from hssl_cli.sweep.report import collect, markdown, plot, protocol_line, rich_claims_table, rich_table, write_csv
     from hssl_cli.sweep.suite import load_suite
 
     loaded = load_suite(suite_path, overrides or [])
@@ -536,6 +543,9 @@ hssl sweep S.yaml --list; hssl sweep S.yaml --cell 3; hssl sweep S.yaml --report
         return
     output.print(rich_table(report))
     output.print(protocol_line(report), soft_wrap=True, highlight=False, markup=False)
+    claims = rich_claims_table(report)
+    if claims is not None:
+        output.print(claims)
     output.print(f"{len(report.results)} of {len(loaded.cells)} cells done, {report.cell_seconds / 60:.1f} min of "
                  f"cell time; written: {folder}/report.md, report.csv" + (", report.png" if report.results else ""),
                  soft_wrap=True, highlight=False, markup=False)

@@ -68,6 +68,29 @@ def test_structure_removed_pairs_pseudo_fibres_of_a_plain_backbone():
     assert not torch.allclose(fibres[0], augmented[0], atol=1e-3)
 
 
+@pytest.mark.parametrize(("method", "model"), [
+    ("{name: hssl, pairing: fibres}", C4_MODEL),
+    ("{name: hssl, fibres: scales}", "data: {dataset: digits, image_size: 32}\n"
+     "model: {backbone: small_convnet, scales: {levels: 3}, projector: [16, 8]}\n"),
+])
+def test_structure_shuffled_changes_only_the_order_of_the_fibre_entries(method, model):
+    """The ablation that changes only the structure: the same backbone and heads (the seed initialises them
+    as in the kept arm), the F x C fibre entries permuted by one fixed permutation of all of them."""
+    kept = _method(method, model).eval()
+    shuffled = _method(method.replace("}", ", structure: shuffled}"), model).eval()
+    kept_state, shuffled_state = kept.state_dict(), shuffled.state_dict()
+    assert set(shuffled_state) - set(kept_state) == {"mixer.permutation"}
+    assert all(torch.equal(kept_state[name], shuffled_state[name]) for name in kept_state)
+    permutation = shuffled_state["mixer.permutation"]
+    images = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        fibres, pseudo = kept.fibres(kept.backbone, images), shuffled.fibres(shuffled.backbone, images)
+        assert torch.equal(shuffled.backbone(images), kept.backbone(images))  # the probe reads the same features
+    assert sorted(permutation.tolist()) == list(range(fibres[0].numel()))
+    assert (permutation != torch.arange(len(permutation))).float().mean() > 0.5
+    assert torch.equal(pseudo.flatten(1), fibres.flatten(1)[:, permutation]) and pseudo.shape == fibres.shape
+
+
 def test_structure_removed_on_an_ordinary_backbone_splits_its_channels():
     model = "model: {backbone: small_convnet, group: {name: C, order: 8}, projector: [16, 8]}\n"
     ablation = _method("{name: hssl, structure: removed}", model)

@@ -181,3 +181,57 @@ def test_the_report_table_prints_suite_text_literally_not_as_markup(suite_file, 
     console = Console(record=True, width=200)
     console.print(rich_table(collect(load_suite(suite_file), tmp_path)))
     assert "SimCLR [/x] [bold]" in console.export_text()
+
+
+def test_claims_are_decided_from_seed_paired_cells_and_written_to_the_report(suite_file, tmp_path):
+    suite_file.write_text(SUITE + "claims:\n  - {a: simclr, b: untrained, metric: linear, test: greater}\n"
+                          "  - {a: simclr, b: untrained, metric: knn_k20, test: equivalent, margin: 50,"
+                          " label: within fifty points}\n")
+    output = tmp_path / "out"
+    assert _sweep(suite_file, "--output", output).exit_code == 0
+    loaded = load_suite(suite_file)
+    results = [json.loads((cell_folder(output, loaded, cell) / "result.json").read_text()) for cell in loaded.cells]
+    report = json.loads(_sweep(suite_file, "--output", output, "--report", "--json").stdout)
+    greater, equivalent = report["claims"]
+    by = {(r["variant"], r["seed"]): r["metrics"] for r in results}
+    assert greater["differences"] == [by["simclr", s]["linear"] - by["untrained", s]["linear"] for s in (0, 1)]
+    assert greater["seeds"] == [0, 1] and greater["interval"][0] <= greater["mean"] <= greater["interval"][1]
+    assert equivalent["label"] == "within fifty points" and equivalent["statement"].startswith("|simclr - untrained|")
+    assert {greater["verdict"], equivalent["verdict"]} <= {"greater", "reversed", "equivalent", "not equivalent",
+                                                           "not resolved"}
+    markdown = (output / "tiny_suite" / "report.md").read_text()
+    assert "| within fifty points | |simclr - untrained| < 50 (knn_k20) |" in markdown
+    assert "Cells made by hssl 0.1.0 at" in markdown
+    assert all(set(r["provenance"]) == {"hssl_version", "commit"} for r in results)
+    printed = _sweep(suite_file, "--output", output, "--report").output
+    assert "claims: seed-paired a - b" in printed and "within fifty points" in printed
+
+
+def test_adding_seeds_to_a_finished_suite_reuses_its_cells(suite_file, tmp_path):
+    output = tmp_path / "out"
+    assert _sweep(suite_file, "--output", output, "--cell", "2").exit_code == 0  # simclr, seed 0
+    loaded = load_suite(suite_file)
+    done = cell_folder(output, loaded, loaded.cells[2]) / "result.json"
+    before = done.read_text()
+    suite_file.write_text(SUITE.replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
+    grown = load_suite(suite_file)
+    assert [cell.id for cell in grown.cells][3] == "simclr-seed0"
+    again = _sweep(suite_file, "--output", output, "--cell", "3")
+    assert again.exit_code == 0 and "finished earlier; skipped" in again.output and done.read_text() == before
+    report = json.loads(_sweep(suite_file, "--output", output, "--report", "--json").stdout)
+    assert report["groups"][1]["finished"] == 1 and report["groups"][1]["cells"] == 3
+
+
+@pytest.mark.parametrize(("claim", "message"), [
+    ("{a: simclr, b: nobody, test: greater}", "claims.0: no variant 'nobody'"),
+    ("{a: simclr, b: simclr, test: greater}", "a and b are both 'simclr'"),
+    ("{a: simclr, b: untrained, test: equivalent}", "test equivalent needs a margin"),
+    ("{a: simclr, b: untrained, test: greater, margin: 1}", "test greater takes none"),
+    ("{a: simclr, b: untrained, test: greater, value: 3}", "value 3 is not a value of the swept key"),
+    ("{a: simclr, b: untrained, test: better}", "claims.0.test"),
+])
+def test_bad_claims_are_one_line_errors(suite_file, claim, message):
+    suite_file.write_text(SUITE + f"claims:\n  - {claim}\n")
+    with pytest.raises(RecipeError) as error:
+        load_suite(suite_file)
+    assert message in str(error.value) and "\n" not in str(error.value)

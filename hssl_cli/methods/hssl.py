@@ -5,7 +5,8 @@ f(T_g x) = L_g f(x) with (L_g z)_h = z_{g^-1 h}, so a head reading the identity 
 h(z_e(T_g x)) = h(z_{g^-1}(x)): the augmented pair (T_g1 x, T_g2 x) is two fibres of ONE forward pass.
 Positives (h(z_g1(x)), h(z_g2(x))), g1 != g2 ~ p(G); negatives the other images' fibres; the pairwise
 loss is NT-Xent, VICReg or BYOL's. `pairing: inputs` is the augmentation-SSL twin (identity fibres of
-T_g1 x and T_g2 x, two passes); `structure: removed` the ablation on a non-equivariant backbone.
+T_g1 x and T_g2 x, two passes); `structure: removed` the ablation on a non-equivariant backbone,
+`structure: shuffled` the ablation on the SAME backbone: the fibres' entries permuted by a fixed permutation.
 
 Translations (`fibres: positions`): any CNN is equivariant to shifts by its stride, so the positions of a
 feature map are the fibres, and a pair of positions of one pass stands for a pair of crops of the image;
@@ -65,7 +66,7 @@ class HSSL(SSLMethod):
             fibres = height * width * (self.group.size if self.group is not None else 1)
             if config.structure == "mixed":
                 self.mixer = PositionMixer(fibres)
-            elif config.structure == "removed":
+            elif config.structure in ("removed", "shuffled"):  # removed: on the plain twin (e2_*)
                 self.mixer = EntryShuffle(fibres, fibre_dim)
         self.projector = mlp(fibre_dim, model.projector)  # the shared head h
         self.temperature = config.temperature
@@ -76,6 +77,10 @@ class HSSL(SSLMethod):
             self.predictor = mlp(model.projector[-1], config.predictor)
             self.target = make_target(backbone, self.projector)
             self.ema_start = config.ema_start
+        if config.structure == "shuffled" and config.fibres in ("group", "scales"):
+            # drawn after the heads, so that a seed initialises backbone and heads as in the kept arm
+            count = self.group.size if config.fibres == "group" else model.scales.levels
+            self.mixer = EntryShuffle(count, fibre_dim)
 
     def _pair_table(self, table: torch.Tensor, counts: torch.Tensor) -> None:
         self.register_buffer("neighbour_table", table, persistent=False)  # follows the architecture
@@ -101,10 +106,11 @@ class HSSL(SSLMethod):
     def fibres(self, backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """z(x): (B, F, C), the fibres this method pairs (mixed or shuffled, in the ablations)."""
         if self.fibres_kind == "group":
-            return group_fibres(backbone, images, self.group)
-        if self.fibres_kind == "scales":
-            return backbone.lifted(images)
-        lifted = position_fibres(backbone, images, self.layer, self.group)
+            lifted = group_fibres(backbone, images, self.group)
+        elif self.fibres_kind == "scales":
+            lifted = backbone.lifted(images)
+        else:
+            lifted = position_fibres(backbone, images, self.layer, self.group)
         return lifted if self.mixer is None else self.mixer(lifted)
 
     def draw(self, batch: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -217,13 +217,15 @@ class HSSLConfig(MethodSection):
         "augmentation a fair comparison shares); fibres: z_g1(x), z_g2(x) of one pass, no other augmentation "
         "(instance discrimination between near-identical fibres); inputs: the augmentation-SSL twin, identity "
         "fibres of T_g1 t1 x and T_g2 t2 x")
-    structure: Literal["kept", "removed", "mixed"] = Field(
-        "kept", description="removed: the ablation that takes the fibres' group structure away; group fibres: the "
-        "backbone's layout without equivariance, its channels split into |G| pseudo-fibres; position fibres: the "
-        "map's C x h w entries shuffled by a fixed random permutation, so a pseudo-position holds C entries of "
-        "random channels at random positions, no feature of a shifted image; scale fibres: K unshared copies of the "
-        "CNN on the un-scaled image. mixed (position fibres): positions mixed by a learned dense layer over the map "
-        "(MLP-Mixer-like token mixing); measured to act as a soft crop, not as a removal")
+    structure: Literal["kept", "shuffled", "removed", "mixed"] = Field(
+        "kept", description="shuffled: the ablation that changes only the structure: the same backbone, its F x C "
+        "fibre entries permuted by a fixed random permutation and cut back into F pseudo-fibres, so no pseudo-fibre "
+        "is the feature of a transformed input (every fibre kind). removed: the ablation on another architecture; "
+        "group fibres: the backbone's layout without equivariance (a plain CNN twin), its channels split into |G| "
+        "pseudo-fibres; scale fibres: K unshared copies of the CNN on the un-scaled image; position fibres: the map's "
+        "entries shuffled as by shuffled, on the plain twin for an e2_* backbone. mixed (position fibres): positions "
+        "mixed by a learned dense layer over the map (MLP-Mixer-like token mixing); measured to act as a soft crop, "
+        "not as a removal")
     fibres: Literal["group", "positions", "group_and_positions", "scales"] = Field(
         "group", description="group: the |G| fibres of model.group (rotations, flips), pooled over space; positions: "
         "the h x w positions of a convolutional map (translation H-SSL, any CNN backbone: the homomorphic "

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hssl_cli.sweep.claims import ClaimResult, evaluate_claim
+from hssl_cli.sweep.provenance import describe_commits
 from hssl_cli.sweep.run import cell_folder, read_result
 from hssl_cli.sweep.suite import LoadedSuite
 
@@ -42,6 +44,7 @@ class Report:
     loaded: LoadedSuite
     groups: list[Group]
     results: list[dict]  # every finished (or diverged) cell's result
+    claims: list[ClaimResult] = field(default_factory=list)
 
     @property
     def metrics(self) -> list[str]:
@@ -76,7 +79,35 @@ def collect(loaded: LoadedSuite, output: Path) -> Report:
         group.finished += 1
         for metric in loaded.suite.report.metrics:
             group.values.setdefault(metric, []).append(result["metrics"].get(metric))
-    return Report(loaded, list(groups.values()), results)
+    return Report(loaded, list(groups.values()), results, decide_claims(loaded, results))
+
+
+def decide_claims(loaded: LoadedSuite, results: list[dict]) -> list[ClaimResult]:
+    """Every claim of the suite at every value it names (each swept value when it names none)."""
+    suite, decided = loaded.suite, []
+    labels = {variant.name: variant.label or variant.name for variant in suite.variants}
+    for claim in suite.claims:
+        values = [claim.value] if claim.value is not None or suite.sweep is None else suite.sweep.values
+        for value in values:
+            label = claim.label or (f"{labels[claim.a]} > {labels[claim.b]}" if claim.test == "greater"
+                                    else f"{labels[claim.a]} ≈ {labels[claim.b]}")
+            decided.append(evaluate_claim(claim.a, claim.b, claim.metric, claim.test, claim.margin, value, label,
+                                          results))
+    return decided
+
+
+def claim_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    """One row per decided claim: the claim, the seed-paired differences, their mean and 95% interval, the
+    verdict. The rule is hssl_cli/sweep/claims.py's."""
+    header = ["claim", "tested as", "a - b per seed", "mean [95% interval]", "verdict"]
+    rows = []
+    for claim in report.claims:
+        per_seed = ", ".join(f"{difference:+.2f}" for difference in claim.differences) or "-"
+        interval = claim.interval
+        summary = (f"{interval.mean:+.2f} [{interval.low:+.2f}, {interval.high:+.2f}]" if interval is not None
+                   else "-")
+        rows.append([claim.label, claim.statement, per_seed, summary, claim.outcome])
+    return header, rows
 
 
 def format_value(mean: float, std: float, count: int) -> str:
@@ -112,8 +143,17 @@ def markdown(report: Report, command: str | None = None) -> str:
     lines.append("")
     lines.append(f"mean ± sample std over seeds {suite.seeds}; n = finished seeds / cells; "
                  f"{report.cell_seconds / 60:.1f} min of cell time in all.")
+    if report.results:
+        lines.append(f"Cells made by {describe_commits(report.results)}.")
     if command:
         lines.append(f"Made by: `{command}`")
+    if report.claims:
+        header, rows = claim_rows(report)
+        lines += ["", "Claims (seed-paired differences a - b; verdict by the rule of `hssl sweep --help`: greater when "
+                  "the 95% t interval excludes 0, equivalent when it lies inside ±margin, else not resolved):", ""]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join(" --- " for _ in header) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -208,7 +248,8 @@ def as_json(report: Report) -> dict:
         groups.append(entry)
     return {"suite": report.loaded.name, "description": report.loaded.suite.description,
             "key": report.swept_key, "seeds": report.loaded.suite.seeds, "protocol": protocol_line(report),
-            "cell_seconds": round(report.cell_seconds, 1), "groups": groups}
+            "cell_seconds": round(report.cell_seconds, 1), "made_by": describe_commits(report.results),
+            "groups": groups, "claims": [claim.as_dict() for claim in report.claims]}
 
 
 def _plain(value: Any) -> str:
@@ -226,5 +267,21 @@ def rich_table(report: Report):
     for number, column in enumerate(header):
         table.add_column(escape(column), justify="left" if number == 0 else "right")
     for row in rows:  # labels and metric names are the suite's text, not markup
+        table.add_row(*(escape(cell) for cell in row))
+    return table
+
+
+def rich_claims_table(report: Report):
+    """The decided claims as a rich Table (None when the suite declares none)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not report.claims:
+        return None
+    header, rows = claim_rows(report)
+    table = Table(title="claims: seed-paired a - b, 95% t interval, verdict by a fixed rule")
+    for number, column in enumerate(header):
+        table.add_column(escape(column), justify="right" if number in (2, 3) else "left")
+    for row in rows:
         table.add_row(*(escape(cell) for cell in row))
     return table

@@ -15,6 +15,7 @@ from pathlib import Path
 from hssl_cli.errors import HsslError, TrainingDiverged
 from hssl_cli.files import write_text_atomically
 from hssl_cli.recipe import recipe_to_yaml
+from hssl_cli.sweep.provenance import provenance
 from hssl_cli.sweep.suite import Cell, LoadedSuite
 
 RESULT_FILE = "result.json"
@@ -121,7 +122,7 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
         result = {"suite": loaded.name, "cell": cell.id, "index": cell.index, "variant": cell.variant.name,
                   "key": cell.key, "value": cell.value, "seed": cell.seed, "overrides": cell.overrides,
                   "recipe": recipe_to_yaml(cell.recipe), "evaluation": evaluation_settings(loaded),
-                  "started": began}
+                  "started": began, "provenance": provenance()}
         status("pretrain")
         try:
             run = pretrain(cell.recipe, folder, device_name=device, resume="auto", progress=progress,

@@ -67,6 +67,20 @@ class ReportSettings(Section):
     plot: str | None = Field(None, description="the metric drawn in report.png (default: the first)")
 
 
+class ClaimSpec(Section):
+    """A claim the suite tests: variant a against variant b on one metric, decided from seed-paired cells by
+    the fixed rule of hssl_cli/sweep/claims.py (greater: the 95% interval of a - b excludes 0; equivalent: it
+    lies inside ±margin). Fix the margin before any cell runs."""
+
+    a: str = Field(description="variant name: the left side of the claim")
+    b: str = Field(description="variant name: the right side")
+    metric: str = Field("linear", description="a report metric (linear, knn_k20, train/loss, ...)")
+    test: Literal["greater", "equivalent"] = Field(description="greater: a > b; equivalent: |a - b| < margin")
+    margin: float | None = Field(None, gt=0, description="equivalent: the margin m, in the metric's units")
+    value: Any = Field(None, description="with a swept key: the value the claim is tested at (default: each value)")
+    label: str | None = Field(None, description="the claim in words, printed beside its verdict")
+
+
 class Suite(Section):
     name: str = Field(pattern=NAME_PATTERN, description="output folder: <output>/<name>/")
     description: str = Field("", description="the claim the suite tests, printed above its table")
@@ -78,6 +92,7 @@ class Suite(Section):
     collapse_report: CollapseSettings | None = Field(None, description="also run collapse-report per cell")
     equivariance_check: bool = Field(False, description="also run equivariance-check per cell")
     report: ReportSettings = Field(default_factory=ReportSettings)
+    claims: list[ClaimSpec] = Field([], description="claims decided from seed-paired cells (hssl sweep --report)")
 
     @model_validator(mode="after")
     def _names_unique(self) -> Suite:
@@ -89,6 +104,19 @@ class Suite(Section):
             raise ValueError(f"seeds: each seed once, got {self.seeds}")
         if self.report.plot is not None and self.report.plot not in self.report.metrics:
             raise ValueError(f"report.plot '{self.report.plot}' must be one of report.metrics {self.report.metrics}")
+        for number, claim in enumerate(self.claims):
+            where = f"claims.{number}"
+            for side in (claim.a, claim.b):
+                if side not in names:
+                    raise ValueError(f"{where}: no variant '{side}' (variants: {', '.join(names)})")
+            if claim.a == claim.b:
+                raise ValueError(f"{where}: a and b are both '{claim.a}'; a claim compares two variants")
+            if (claim.test == "equivalent") != (claim.margin is not None):
+                raise ValueError(f"{where}: test equivalent needs a margin, test greater takes none "
+                                 f"(got test {claim.test}, margin {claim.margin})")
+            if claim.value is not None and (self.sweep is None or claim.value not in self.sweep.values):
+                raise ValueError(f"{where}: value {claim.value!r} is not a value of the swept key "
+                                 f"({self.sweep.values if self.sweep else 'the suite sweeps no key'})")
         return self
 
 
