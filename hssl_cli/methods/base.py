@@ -79,6 +79,11 @@ def random_integers(low: int, high: int, count: int, generator: torch.Generator,
     return torch.randint(low, high, (count,), generator=generator, device=device)
 
 
+def random_permutation(count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A uniformly random permutation of range(count), from the step's generator."""
+    return torch.randperm(count, generator=generator, device=device)
+
+
 class ViewFeatures:
     """f of every view of a step: one backbone pass over the global views and x0 (one size), one over the
     local views (another size), split back per view."""

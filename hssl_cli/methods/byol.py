@@ -75,4 +75,5 @@ class BYOL(OnlineAndTarget):
         loss = byol_cosine(p1, t2) + byol_cosine(p2, t1)
         if self.equimod is None:
             return {"loss": loss}
-        return self.equimod.add_to(loss, features.global_features, features.original, views.global_params)
+        return self.equimod.add_to(loss, features.global_features, features.original, views.global_params,
+                                   generator)

@@ -3,6 +3,8 @@
 y = g_eq(f(.)) on the un-augmented x0 and on each view t(x); y_hat_t = u([y0 ; enc(a_t)]) predicts the
 view's embedding from x0's and the view's standardised augmentation parameters a_t;
 L_equi = NT-Xent over {y_hat_t1, y_hat_t2, y_t1, y_t2} with positives (y_hat_t, y_t), temperature tau_y.
+`params: permuted` feeds u a_pi(t), the parameters of another image's view (pi drawn each step): the ablation
+that keeps every pass, head, loss term and negative and removes only what ties a_t to the view.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 
 from hssl_cli.data.augment import PARAM_NAMES, ViewParams, param_vector_stats
 from hssl_cli.losses import info_nce
+from hssl_cli.methods.base import random_permutation
 from hssl_cli.models.heads import EquiModPredictor, mlp
 from hssl_cli.recipe import AugmentConfig, EquiModConfig, Recipe
 
@@ -29,6 +32,7 @@ class EquiModBranch(nn.Module):
         self.register_buffer("param_std", std)
         self.temperature = config.temperature
         self.weight = config.weight
+        self.permuted = config.params == "permuted"
 
     @classmethod
     def from_recipe(cls, feature_dim: int, recipe: Recipe) -> EquiModBranch:
@@ -36,11 +40,13 @@ class EquiModBranch(nn.Module):
         return cls(feature_dim, recipe.method.equimod, augments, recipe.data.image_size)
 
     def forward(self, view_features: list[torch.Tensor], original_features: torch.Tensor,
-                params: list[ViewParams]) -> dict[str, torch.Tensor]:
+                params: list[ViewParams], generator: torch.Generator) -> dict[str, torch.Tensor]:
         count = len(view_features)
         embeddings = self.projector(torch.cat([*view_features, original_features])).float()
         *views, original = embeddings.chunk(count + 1)
         standardized = [(p.as_vector() - self.param_mean) / self.param_std for p in params]
+        if self.permuted:  # a_pi(t): each view's rows reordered by its own permutation of the batch
+            standardized = [a[random_permutation(len(a), generator, a.device)] for a in standardized]
         predicted = self.predictor(original.repeat(count, 1), torch.cat(standardized)).float().chunk(count)
         loss = info_nce(torch.cat(predicted), torch.cat(views), self.temperature, gather_distributed=True)
         with torch.no_grad():
@@ -50,8 +56,8 @@ class EquiModBranch(nn.Module):
         return {"loss/equivariance": loss, "equimod/gain": gain}
 
     def add_to(self, invariance: torch.Tensor, view_features: list[torch.Tensor], original_features: torch.Tensor,
-               params: list[ViewParams]) -> dict[str, torch.Tensor]:
+               params: list[ViewParams], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """L = L_inv + lambda L_equi, with both terms and the gain reported."""
-        terms = self(view_features, original_features, params)
+        terms = self(view_features, original_features, params, generator)
         return {"loss": invariance + self.weight * terms["loss/equivariance"], "loss/invariance": invariance, **terms}
 

@@ -37,4 +37,5 @@ class SimCLR(SSLMethod):
             "loss": info_nce(z1, z2, self.temperature, gather_distributed=True)})
         if self.equimod is None:
             return losses
-        return self.equimod.add_to(losses["loss"], features.global_features, features.original, views.global_params)
+        return self.equimod.add_to(losses["loss"], features.global_features, features.original, views.global_params,
+                                   generator)

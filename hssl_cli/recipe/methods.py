@@ -55,6 +55,10 @@ class EquiModConfig(Section):
     )
     param_embedding: int = Field(128, ge=1, le=65_536,
         description="width of the parameter encoder enc(a_t) (Linear+BN)")
+    params: Literal["matched", "permuted"] = Field(
+        "matched", description="matched: each view's own parameters a_t (EquiMod); permuted: each view's parameter "
+        "vectors permuted across the batch by a permutation drawn every step, so the predictor reads another "
+        "image's a_t: the ablation that removes only the equivariance (same passes, heads, loss and negatives)")
 
 
 class SimCLRConfig(MethodSection):
