@@ -21,6 +21,7 @@ from hssl_cli.evaluate.verdict import DEFAULT_THRESHOLD, VERDICT_RULE
 from hssl_cli.files import write_text_atomically
 from hssl_cli.render import (
     TrainingProgress,
+    print_augmentation_probe,
     print_cells,
     print_collapse,
     print_equivariance,
@@ -218,6 +219,11 @@ def probe(
         "--cache/--no-cache", help="Keep the extracted features (safetensors in $HSSL_CACHE_DIR/features, default "
         "~/.cache/hssl/features, keyed by a hash of the weights and the images), so the next probe of the same "
         "checkpoint and data skips the extraction.")] = True,
+    augmentation: Annotated[bool, typer.Option(
+        "--augmentation", help="Instead of the class labels, predict each view's augmentation parameters a_t "
+        "(crop box, flip, jitter factors, ...) from [f(x), f(t(x))]: ridge regression on --train-samples train "
+        "images (default 4096), R² per parameter on the held-out half. Near 0: the features are invariant to "
+        "the augmentation; EquiMod's claim is that its features keep it.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
     device: DeviceOption = "auto",
     verify: VerifyOption = True,
@@ -231,10 +237,21 @@ held-out 10% of train. --protocol standard: the papers' SGD linear evaluation wi
 temperature 0.07) votes. Top-1/top-5 on the test split; --json says which protocol made each number.
 
     Examples: hssl probe checkpoints/quickstart/20261123-120000/last.safetensors --json; \
-hssl probe CKPT --labels 1% --train-subset 20000; hssl probe CKPT --protocol standard --epochs 100
+hssl probe CKPT --labels 1% --train-subset 20000; hssl probe CKPT --protocol standard --epochs 100; \
+hssl probe CKPT --augmentation
     """
     from hssl_cli.evaluate.linear_sgd import SgdProtocol
     from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+
+    if augmentation:
+        from hssl_cli.evaluate.augmentation_probe import augmentation_probe
+
+        report = augmentation_probe(checkpoint, samples=train_samples or 4096, device_name=device, verify=verify)
+        if as_json:
+            output.print_json(json.dumps(report))
+        else:
+            print_augmentation_probe(output, report)
+        return
 
     for name, value, low in (("--epochs", epochs, 1), ("--batch-size", batch_size, 2)):
         if value < low:

@@ -102,6 +102,20 @@ def print_probe(output: Console, report: dict) -> None:
                  markup=False)
 
 
+def print_augmentation_probe(output: Console, report: dict) -> None:
+    table = Table(title=f"augmentation parameters from {report['features']}: R² on {report['scored_images']} "
+                  f"held-out train images (ridge {report['ridge']:g}, fitted on {report['fit_images']})")
+    table.add_column("parameters")
+    table.add_column("R²", justify="right")
+    table.add_row("all varying (mean)", f"{report['r2']:.3f}")
+    for group, value in report["r2_by_group"].items():
+        table.add_row(group, f"{value:.3f}")
+    output.print(table)
+    output.print(f"checkpoint: {report['checkpoint']} ({report['method']}, {report['view']}); "
+                 f"{report['seconds']:.1f} s; 0: the features ignore the augmentation (invariant), 1: they determine "
+                 "it", soft_wrap=True, highlight=False, markup=False)
+
+
 def cached(report: dict) -> str:
     """' (features 1.2 s from the cache, linear 40.1 s, kNN 9.8 s)': where the time went."""
     stages = report.get("seconds_by_stage")

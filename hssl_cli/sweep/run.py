@@ -28,9 +28,12 @@ def cell_folder(output: Path, loaded: LoadedSuite, cell: Cell) -> Path:
 def evaluation_settings(loaded: LoadedSuite) -> dict:
     """What a finished cell's numbers depend on besides its recipe."""
     suite = loaded.suite
-    return {"probe": suite.probe.model_dump(mode="json"),
-            "collapse_report": suite.collapse_report.model_dump(mode="json") if suite.collapse_report else None,
-            "equivariance_check": suite.equivariance_check}
+    settings = {"probe": suite.probe.model_dump(mode="json"),
+                "collapse_report": suite.collapse_report.model_dump(mode="json") if suite.collapse_report else None,
+                "equivariance_check": suite.equivariance_check}
+    if suite.augmentation_probe is not None:  # only when asked: results made before the key existed still match
+        settings["augmentation_probe"] = suite.augmentation_probe.model_dump(mode="json")
+    return settings
 
 
 def read_result(folder: Path, loaded: LoadedSuite, cell: Cell) -> dict | None:
@@ -85,9 +88,13 @@ def last_training_row(run_dir: Path) -> dict[str, float]:
     return losses[-1] if losses else {}
 
 
-def flat_metrics(probe: dict, training: dict, collapse: dict | None, equivariance: dict | None) -> dict[str, float]:
+def flat_metrics(probe: dict, training: dict, collapse: dict | None, equivariance: dict | None,
+                 augmentation: dict | None = None) -> dict[str, float]:
     """Every number a report can show, under the names report.metrics uses."""
     metrics = {name: result["top1"] for name, result in probe["results"].items()}
+    if augmentation is not None:
+        metrics["augmentation/r2"] = augmentation["r2"]
+        metrics |= {f"augmentation/r2/{group}": value for group, value in augmentation["r2_by_group"].items()}
     metrics |= {f"train/{name}": value for name, value in training.items()
                 if name not in ("step", "epoch", "lr", "images_per_second", "elapsed_seconds")}
     for layer, values in (collapse or {}).get("layers", {}).items():
@@ -154,10 +161,18 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
 
             status("equivariance-check")
             equivariance = check_equivariance(run.checkpoint, device_name=device)
+        augmentation = None
+        if loaded.suite.augmentation_probe is not None:
+            from hssl_cli.evaluate.augmentation_probe import augmentation_probe
+
+            status("augmentation probe")
+            augmentation = augmentation_probe(run.checkpoint, samples=loaded.suite.augmentation_probe.samples,
+                                              device_name=device)
         training = last_training_row(run.run_dir)
         result |= {"status": "finished", "checkpoint": str(run.checkpoint), "steps": run.steps,
                    "probe": probe, "collapse_report": collapse, "equivariance_check": equivariance,
-                   "metrics": flat_metrics(probe, training, collapse, equivariance),
+                   "augmentation_probe": augmentation,
+                   "metrics": flat_metrics(probe, training, collapse, equivariance, augmentation),
                    "seconds": round(time.perf_counter() - started, 1)}
         write_text_atomically(folder / RESULT_FILE, json.dumps(result, indent=1))
         shown = ", ".join(f"{name} {result['metrics'][name]:.2f}" for name in loaded.suite.report.metrics

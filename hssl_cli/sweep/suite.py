@@ -81,6 +81,10 @@ class ClaimSpec(Section):
     label: str | None = Field(None, description="the claim in words, printed beside its verdict")
 
 
+class AugmentationProbeSettings(Section):
+    samples: int = Field(4096, ge=20, description="train images: regression fitted on half, R² on the other half")
+
+
 class Suite(Section):
     name: str = Field(pattern=NAME_PATTERN, description="output folder: <output>/<name>/")
     description: str = Field("", description="the claim the suite tests, printed above its table")
@@ -91,6 +95,9 @@ class Suite(Section):
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
     collapse_report: CollapseSettings | None = Field(None, description="also run collapse-report per cell")
     equivariance_check: bool = Field(False, description="also run equivariance-check per cell")
+    augmentation_probe: AugmentationProbeSettings | None = Field(
+        None, description="also predict the augmentation parameters from [f(x), f(t(x))] per cell (hssl probe "
+        "--augmentation): metrics augmentation/r2 and augmentation/r2/<group>")
     report: ReportSettings = Field(default_factory=ReportSettings)
     claims: list[ClaimSpec] = Field([], description="claims decided from seed-paired cells (hssl sweep --report)")
 

@@ -1,0 +1,104 @@
+"""Does a representation keep the augmentation it was trained to ignore? A linear probe of the augmentation
+parameters: for held-out images x and one draw t ~ the recipe's first global view, regress the parameter
+vector a_t (EquiMod's, data/augment.PARAM_NAMES) on [f(x), f(t(x))] and report R² per parameter on other
+images than the regression was fitted on. An invariant f (f(t(x)) = f(x)) gives R² ~ 0 for every parameter;
+EquiMod's claim (Devillers & Lefort 2023) is that its f keeps this information where its base does not.
+
+Ridge regression on standardised features, the ridge chosen by efficient leave-one-out on the fitting
+half (scikit-learn's RidgeCV); parameters that do not vary under the recipe's augmentation are left out.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from hssl_cli.errors import HsslError
+
+CHUNK = 256  # images per forward pass
+RIDGES = tuple(10.0 ** exponent for exponent in range(-2, 6))
+# parameters reported together (the mean R² of the group's varying parameters)
+PARAMETER_GROUPS = {
+    "crop": ("crop_i", "crop_j", "crop_h", "crop_w"),
+    "flip": ("flip",),
+    "colour": ("jitter_applied", "brightness", "contrast", "saturation", "hue", "grayscale"),
+    "jitter_order": ("jitter_order_0", "jitter_order_1", "jitter_order_2", "jitter_order_3"),
+    "blur": ("blur_applied", "blur_sigma"),
+    "solarize": ("solarize",),
+}
+
+
+def r2_scores(predicted, target) -> list[float]:
+    """Per column: 1 - sum (y - y_hat)^2 / sum (y - mean y)^2 (numpy arrays (N, P))."""
+    residual = ((target - predicted) ** 2).sum(axis=0)
+    total = ((target - target.mean(axis=0)) ** 2).sum(axis=0)
+    return [float(1 - r / t) for r, t in zip(residual, total, strict=True)]
+
+
+def augmentation_probe(path: Path, samples: int = 4096, device_name: str = "auto", seed: int = 0,
+                       verify: bool = True) -> dict:
+    """R² of a linear regression from [f(x), f(t(x))] to a_t on `samples` train images (a fixed subset), fitted
+    on the first half and scored on the second."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import RidgeCV
+
+    from hssl_cli.data.augment import PARAM_NAMES, Augmenter, ViewParams, normalize
+    from hssl_cli.data.sources import load_split
+    from hssl_cli.engine.checkpoint import load_checkpoint
+    from hssl_cli.engine.train import resolve_device
+    from hssl_cli.evaluate.frozen import load_trained_method
+
+    if samples < 20:
+        raise HsslError(f"--samples {samples}: too few images to fit and score a regression; use at least 20")
+    started = time.perf_counter()
+    device = resolve_device(device_name)
+    checkpoint = load_checkpoint(path, verify=verify)
+    recipe = checkpoint.recipe
+    trained = load_trained_method(checkpoint, device)
+    view = next((view for view in recipe.resolved_views() if view.role == "global"), None)
+    if view is None:
+        raise HsslError(f"{path}: method {recipe.method.name} draws no augmented views; nothing to predict")
+    images = load_split(recipe.data, recipe.data.train_split).images
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:samples]
+    augmenter = Augmenter(view.augment, view.size, trained.mean, trained.std)
+    generator = torch.Generator(device).manual_seed(seed)
+    features, parameters = [], []
+    with torch.no_grad():
+        for start in range(0, len(chosen), CHUNK):
+            batch = images[chosen[start:start + CHUNK]].to(device)
+            views, params = augmenter(batch, generator, with_params=True)
+            original = (normalize(batch, trained.mean, trained.std) if view.size == batch.shape[-1]
+                        else augmenter.apply(batch, ViewParams.identity(len(batch), device)))
+            pair = trained.method.backbone(torch.cat([original, views])).float().chunk(2)
+            features.append(torch.cat(pair, dim=1).cpu())
+            parameters.append(params.as_vector().cpu())
+    x, y = torch.cat(features).double().numpy(), torch.cat(parameters).double().numpy()
+    half = len(x) // 2
+    varying = [index for index in range(y.shape[1]) if y[:half, index].std() > 0 and y[half:, index].std() > 0]
+    if not varying:
+        raise HsslError(f"{path}: no augmentation parameter varies under the recipe's augment:; nothing to predict")
+    x_mean, x_std = x[:half].mean(axis=0), x[:half].std(axis=0) + 1e-8
+    y_mean, y_std = y[:half, varying].mean(axis=0), y[:half, varying].std(axis=0)
+    regression = RidgeCV(alphas=RIDGES).fit((x[:half] - x_mean) / x_std, (y[:half, varying] - y_mean) / y_std)
+    predicted = regression.predict((x[half:] - x_mean) / x_std)
+    scores = dict(zip([PARAM_NAMES[i] for i in varying],
+                      r2_scores(predicted, (y[half:, varying] - y_mean) / y_std), strict=True))
+    groups = {}
+    for group, names in PARAMETER_GROUPS.items():
+        present = [scores[name] for name in names if name in scores]
+        if present:
+            groups[group] = float(np.mean(present))
+    return {
+        "checkpoint": str(checkpoint.path),
+        "method": recipe.method.name,
+        "features": "backbone: [f(x), f(t(x))]",
+        "view": f"first global view, {view.size} px",
+        "fit_images": half,
+        "scored_images": len(x) - half,
+        "ridge": float(regression.alpha_),
+        "r2": float(np.mean(list(scores.values()))),
+        "r2_by_group": groups,
+        "r2_by_parameter": scores,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
