@@ -532,7 +532,16 @@ outside; otherwise "not resolved at n seeds", with the seeds that would resolve 
 hssl sweep S.yaml --list; hssl sweep S.yaml --cell 3; hssl sweep S.yaml --report --json
     """
     from hssl_cli.sweep.report import as_json as report_json
-    from hssl_cli.sweep.report import collect, markdown, plot, protocol_line, rich_claims_table, rich_table, write_csv
+    from hssl_cli.sweep.report import (
+        collect,
+        markdown,
+        plot,
+        plot_curve,
+        protocol_line,
+        rich_claims_table,
+        rich_table,
+        write_csv,
+    )
     from hssl_cli.sweep.suite import load_suite
 
     loaded = load_suite(suite_path, overrides or [])
@@ -555,6 +564,8 @@ hssl sweep S.yaml --list; hssl sweep S.yaml --cell 3; hssl sweep S.yaml --report
     write_csv(report, folder / "report.csv")
     if report.results:
         plot(report, folder / "report.png")
+        if loaded.suite.report.curve:
+            plot_curve(report, loaded.suite.report.curve, folder / "report-curve.png")
     if as_json:
         output.print_json(json.dumps(report_json(report)))
         return

@@ -56,8 +56,10 @@ C4_BACKBONE = "model={backbone: e2_convnet, group: {name: C, order: 4}, widths: 
 METHOD_OVERRIDES = {
     "simclr": [],
     "simclr+equimod": ["method.equimod={projector: [32, 16], param_embedding: 8}"],
+    "simclr+equimod_permuted": ["method.equimod={projector: [32, 16], param_embedding: 8, params: permuted}"],
     "simclr+multicrop": ["views=[{}, {}, {size: 8, count: 3, crop_scale: [0.1, 0.4]}]"],
     "byol": ["method={name: byol, predictor: [64, 32]}"],
+    "byol+simsiam": ["method={name: byol, predictor: [64, 32], ema: false}"],
     "vicreg": ["method={name: vicreg}"],
     "barlow_twins": ["method={name: barlow_twins}"],
     "mocov3": ["method={name: mocov3, temperature: 0.5, predictor: [64, 32]}"],
@@ -67,6 +69,7 @@ METHOD_OVERRIDES = {
     "directpred+isoloss": ["method={name: directpred, loss: iso}"],
     "hssl": [C4_BACKBONE, "method={name: hssl}"],
     "hssl+fibres": [C4_BACKBONE, "method={name: hssl, pairing: fibres, loss: vicreg}"],
+    "hssl+shuffled": [C4_BACKBONE, "method={name: hssl, structure: shuffled}"],
     "hssl+positions": ["method={name: hssl, fibres: positions, structure: removed}"],
     "hssl+roto_translations": [C4_BACKBONE, "method={name: hssl, fibres: group_and_positions}"],
     "hssl+scales": ["model.scales={levels: 2}", "method={name: hssl, fibres: scales}"],

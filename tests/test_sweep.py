@@ -235,3 +235,23 @@ def test_bad_claims_are_one_line_errors(suite_file, claim, message):
     with pytest.raises(RecipeError) as error:
         load_suite(suite_file)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_online_monitor_of_a_cell_gives_accuracy_against_epoch(suite_file, tmp_path):
+    suite_file.write_text(SUITE.replace("train.diagnostics_every=0]",
+                                        "train.diagnostics_every=0, train.epochs=2, 'train.monitor={every: 1, "
+                                        "samples: 100}']")
+                          + "claims:\n  - {a: simclr, b: untrained, metric: monitor/knn_k20_top1@1, test: greater}\n")
+    suite_file.write_text(suite_file.read_text().replace("report: {metrics: [linear, knn_k20, train/loss]}",
+                                                         "report: {metrics: [linear, monitor/knn_k20_top1@2], "
+                                                         "curve: monitor/knn_k20_top1}"))
+    output = tmp_path / "out"
+    assert _sweep(suite_file, "--output", output, "--cell", "2").exit_code == 0
+    assert _sweep(suite_file, "--output", output, "--cell", "3").exit_code == 0
+    loaded = load_suite(suite_file)
+    result = json.loads((cell_folder(output, loaded, loaded.cells[2]) / "result.json").read_text())
+    assert {"monitor/knn_k20_top1@1", "monitor/knn_k20_top1@2"} <= set(result["metrics"])
+    report = json.loads(_sweep(suite_file, "--output", output, "--report", "--json").stdout)
+    assert report["groups"][1]["metrics"]["monitor/knn_k20_top1@2"]["n"] == 2
+    assert report["claims"][0]["seeds"] == []  # the untrained cells have not run: nothing to pair
+    assert (output / "tiny_suite" / "report-curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,5 @@
-"""BYOL (Grill et al. 2020): online f, g, q; target = EMA of f, g; symmetrised 2 - 2 cos.
+"""BYOL (Grill et al. 2020): online f, g, q; target = EMA of f, g; symmetrised 2 - 2 cos. Without the EMA
+target (`ema: false`) it is SimSiam (Chen & He 2021).
 
 The target network's pieces (make_target, target_momentum, update_target) are shared with DirectPred and
 H-SSL, the whole online/target architecture (OnlineAndTarget) with MoCo v3.
@@ -47,11 +48,11 @@ class OnlineAndTarget(SSLMethod):
     """BYOL's architecture, shared with MoCo v3: online f, g and predictor q; a target f, g (the EMA of the
     online ones, its rate raised from method.ema_start to 1 by a cosine) that receives no gradient."""
 
-    def __init__(self, backbone: nn.Module, recipe: Recipe):
+    def __init__(self, backbone: nn.Module, recipe: Recipe, with_target: bool = True):
         super().__init__(backbone)
         self.projector = mlp(backbone.feature_dim, recipe.model.projector)
         self.predictor = mlp(recipe.model.projector[-1], recipe.method.predictor)
-        self.target = make_target(backbone, self.projector)
+        self.target = make_target(backbone, self.projector) if with_target else None
         self.ema_start = recipe.method.ema_start
 
     @torch.no_grad()
@@ -59,19 +60,27 @@ class OnlineAndTarget(SSLMethod):
         return self.target["projector"](self.target["backbone"](images))
 
     def after_optimizer_step(self, progress: float) -> None:
-        update_target(self.target, self.backbone, self.projector, target_momentum(progress, self.ema_start))
+        if self.target is not None:
+            update_target(self.target, self.backbone, self.projector, target_momentum(progress, self.ema_start))
 
 
 class BYOL(OnlineAndTarget):
+    """`ema: false` is SimSiam: the target of each view's prediction is the online embedding of the other view,
+    under stop-gradient, from the same forward pass."""
+
     def __init__(self, backbone: nn.Module, recipe: Recipe):
-        super().__init__(backbone, recipe)
+        super().__init__(backbone, recipe, with_target=recipe.method.ema)
         equimod = recipe.method.equimod
         self.equimod = EquiModBranch.from_recipe(backbone.feature_dim, recipe) if equimod else None
 
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
         features = ViewFeatures(self.backbone, views)
-        p1, p2 = self.predictor(self.projector(torch.cat(features.global_features))).chunk(2)
-        t1, t2 = self.target_embeddings(torch.cat(views.global_views)).chunk(2)
+        z = self.projector(torch.cat(features.global_features))
+        p1, p2 = self.predictor(z).chunk(2)
+        if self.target is None:  # SimSiam: sg(z) of the other view
+            t1, t2 = z.detach().chunk(2)
+        else:
+            t1, t2 = self.target_embeddings(torch.cat(views.global_views)).chunk(2)
         loss = byol_cosine(p1, t2) + byol_cosine(p2, t1)
         if self.equimod is None:
             return {"loss": loss}

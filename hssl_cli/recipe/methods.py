@@ -77,6 +77,9 @@ class BYOLConfig(MethodSection):
     predictor: list[Width] = Field(
         [4096, 256], min_length=1, description="widths of the predictor q's layers; the last equals z's size"
     )
+    ema: bool = Field(True, description="EMA target network; false: the target is the online embedding of the other "
+                      "view under stop-gradient, i.e. SimSiam (Chen & He 2021) with BYOL's loss 2 - 2 cos, which is 4 "
+                      "+ 4 x SimSiam's -cos / 2 per pair (recipes/simsiam_cifar10.yaml scales lr and weight decay)")
     ema_start: float = Field(0.99, ge=0, lt=1, description="tau_0 of the target EMA, raised to 1 by a cosine")
     equimod: EquiModConfig | None = Field(None, description="add EquiMod's equivariance branch (null: off)")
 

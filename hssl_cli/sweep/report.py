@@ -235,6 +235,46 @@ def plot(report: Report, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def curve_points(report: Report, metric: str) -> dict[str, dict[int, list[float]]]:
+    """{variant label: {epoch: [one value per finished seed]}} of a metric logged per epoch (`metric@E`)."""
+    labels = {variant.name: variant.label or variant.name for variant in report.loaded.suite.variants}
+    points: dict[str, dict[int, list[float]]] = {}
+    for result in report.results:
+        name = labels[result["variant"]] + ("" if result.get("value") is None else f" ({_plain(result['value'])})")
+        for key, value in result.get("metrics", {}).items():
+            stem, _, epoch = key.rpartition("@")
+            if stem == metric and epoch.isdigit() and isinstance(value, int | float) and math.isfinite(value):
+                points.setdefault(name, {}).setdefault(int(epoch), []).append(value)
+    return points
+
+
+def plot_curve(report: Report, metric: str, path: Path) -> bool:
+    """Mean ± std over seeds of `metric` against epoch, a line per variant; False when no cell logged it."""
+    from matplotlib.figure import Figure
+
+    points = curve_points(report, metric)
+    if not points:
+        return False
+    figure = Figure(figsize=(6.5, 4.0), layout="constrained")
+    axis = figure.subplots()
+    for number, (label, by_epoch) in enumerate(points.items()):
+        epochs = sorted(by_epoch)
+        means = [statistics.fmean(by_epoch[e]) for e in epochs]
+        spreads = [statistics.stdev(by_epoch[e]) if len(by_epoch[e]) > 1 else 0.0 for e in epochs]
+        color = f"C{number % 10}"
+        axis.plot(epochs, means, marker="o", markersize=3, label=label, color=color)
+        axis.fill_between(epochs, [m - s for m, s in zip(means, spreads, strict=True)],
+                          [m + s for m, s in zip(means, spreads, strict=True)], color=color, alpha=0.15)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(metric)
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=7)
+    axis.set_title(f"{report.loaded.name}: {metric} against epoch, mean ± std over seeds", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return True
+
+
 def as_json(report: Report) -> dict:
     groups = []
     for group in report.groups:

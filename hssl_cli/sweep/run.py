@@ -80,12 +80,24 @@ def cell_lock(folder: Path) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def logged_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def last_training_row(run_dir: Path) -> dict[str, float]:
     """The last logged row of metrics.jsonl (the losses averaged over its last log_every steps)."""
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    losses = [row for row in rows if "loss" in row]
+    losses = [row for row in logged_rows(run_dir) if "loss" in row]
     return losses[-1] if losses else {}
+
+
+def monitor_curve(run_dir: Path) -> dict[str, float]:
+    """The online monitor's values (train.monitor) by epoch: {"monitor/knn_k20_top1@3": ...}; a row logged
+    again after a resume replaces the earlier one."""
+    curve = {}
+    for row in logged_rows(run_dir):
+        curve |= {f"{name}@{row['epoch']}": value for name, value in row.items() if name.startswith("monitor/")}
+    return curve
 
 
 def flat_metrics(probe: dict, training: dict, collapse: dict | None, equivariance: dict | None,
@@ -131,9 +143,14 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
                   "recipe": recipe_to_yaml(cell.recipe), "evaluation": evaluation_settings(loaded),
                   "started": began, "provenance": provenance()}
         status("pretrain")
+        monitor = None
+        if cell.recipe.train.monitor is not None:  # accuracy against epoch, in metrics.jsonl and the result
+            from hssl_cli.evaluate.monitor import OnlineMonitor
+
+            monitor = OnlineMonitor(cell.recipe)
         try:
             run = pretrain(cell.recipe, folder, device_name=device, resume="auto", progress=progress,
-                           diagnostics=diagnostics)
+                           diagnostics=diagnostics, monitor=monitor)
         except TrainingDiverged as error:  # a result, not a failure of the sweep: the method diverged here
             result |= {"status": "diverged", "error": str(error), "metrics": {},
                        "seconds": round(time.perf_counter() - started, 1)}
@@ -172,7 +189,8 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
         result |= {"status": "finished", "checkpoint": str(run.checkpoint), "steps": run.steps,
                    "probe": probe, "collapse_report": collapse, "equivariance_check": equivariance,
                    "augmentation_probe": augmentation,
-                   "metrics": flat_metrics(probe, training, collapse, equivariance, augmentation),
+                   "metrics": flat_metrics(probe, training, collapse, equivariance, augmentation)
+                   | monitor_curve(run.run_dir),
                    "seconds": round(time.perf_counter() - started, 1)}
         write_text_atomically(folder / RESULT_FILE, json.dumps(result, indent=1))
         shown = ", ".join(f"{name} {result['metrics'][name]:.2f}" for name in loaded.suite.report.metrics

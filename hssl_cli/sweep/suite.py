@@ -65,6 +65,9 @@ class ReportSettings(Section):
         description="columns: probe results (linear, knn_k20, linear@rot17, ...), train/<logged loss> "
         "(train/loss, train/equimod/gain), collapse/<layer>/<metric>, equivariance/<metric>")
     plot: str | None = Field(None, description="the metric drawn in report.png (default: the first)")
+    curve: str | None = Field(None, description="a train.monitor metric drawn against epoch in report-curve.png, "
+                              "mean ± std over seeds per variant (e.g. monitor/knn_k20_top1); its value at epoch E "
+                              "is the metric '<name>@E' for report.metrics and claims")
 
 
 class ClaimSpec(Section):
