@@ -219,6 +219,10 @@ def probe(
         "--cache/--no-cache", help="Keep the extracted features (safetensors in $HSSL_CACHE_DIR/features, default "
         "~/.cache/hssl/features, keyed by a hash of the weights and the images), so the next probe of the same "
         "checkpoint and data skips the extraction.")] = True,
+    exact_kernel_knn: Annotated[bool, typer.Option(
+        "--exact-kernel-knn", help="Kernel-regime checkpoints (method kernel): also a kNN whose similarity is the "
+        "base kernel itself, evaluated exactly on the normalised pixels (random Fourier features: the RBF kernel "
+        "they approximate): knn_k20_exact_kernel, knn_k200_exact_kernel.")] = False,
     augmentation: Annotated[bool, typer.Option(
         "--augmentation", help="Instead of the class labels, predict each view's augmentation parameters a_t "
         "(crop box, flip, jitter factors, ...) from [f(x), f(t(x))]: ridge regression on --train-samples train "
@@ -264,7 +268,7 @@ hssl probe CKPT --augmentation
                               test_samples=test_samples, test_rotations=test_rotations or [],
                               validation=validation, verify=verify, labels=labels, protocol=protocol,
                               sgd=SgdProtocol(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay),
-                              cache=cache)
+                              cache=cache, exact_kernel_knn=exact_kernel_knn)
     if as_json:
         output.print_json(json.dumps(report))
         return

@@ -74,6 +74,8 @@ METHOD_OVERRIDES = {
     "hssl+roto_translations": [C4_BACKBONE, "method={name: hssl, fibres: group_and_positions}"],
     "hssl+scales": ["model.scales={levels: 2}", "method={name: hssl, fibres: scales}"],
     "equivariant_pretext": [C4_BACKBONE, "method={name: equivariant_pretext, contrastive_weight: 1.0}"],
+    "equivariant_pretext+rotnet_plain": [C4_BACKBONE, "method={name: equivariant_pretext, head: flattened, "
+                                         "structure: removed}"],
     "invariant_contrastive": [C4_BACKBONE, "method={name: invariant_contrastive}"],
 }
 

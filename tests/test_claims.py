@@ -73,3 +73,13 @@ def test_a_swept_claim_pairs_only_cells_at_its_value():
     claim = evaluate_claim("a", "b", "linear", "greater", None, 0.1, "", results)
     assert claim.differences == [10.0, 10.0, 10.0] and claim.verdict == "greater"
     assert claim.statement == "a > b (linear at 0.1)"
+
+
+def test_a_claim_may_read_b_on_another_metric():
+    results = [{"variant": "a", "seed": s, "value": None, "status": "finished", "metrics": {"knn": 90.0 + s}}
+               for s in range(3)]
+    results += [{"variant": "b", "seed": s, "value": None, "status": "finished",
+                 "metrics": {"knn": 0.0, "knn_exact": 80.0 + 2 * s}} for s in range(3)]
+    claim = evaluate_claim("a", "b", "knn", "greater", None, None, "", results, metric_b="knn_exact")
+    assert claim.differences == [10.0, 9.0, 8.0] and claim.verdict == "greater"
+    assert claim.statement == "a knn > b knn_exact"

@@ -40,6 +40,36 @@ def test_pretext_loss_is_cross_entropy_against_the_applied_rotation():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_the_flattened_head_reads_every_fibre_and_can_be_non_equivariant():
+    """head: flattened is a linear map of the |G| C lifted features: its logits are W vec z(x) by hand, the
+    equivariant head is the special case W = I (x) w, and a general W breaks logits(T_g x) = P_g logits(x)."""
+    method = _method("{name: equivariant_pretext, head: flattened}")
+    images = torch.randn(3, 1, 17, 17, generator=torch.Generator().manual_seed(1))
+    lifted = method.backbone.lifted(images)
+    assert method.classifier.in_features == 4 * 3 and method.classifier.out_features == 4
+    with torch.no_grad():
+        logits = method.logits(images)
+        assert torch.allclose(logits, lifted.flatten(1) @ method.classifier.weight.T + method.classifier.bias)
+        rotated = method.logits(act_on_images(images, 1, method.group))
+        permutation = method.group.fibre_permutation(torch.full((3,), 1))
+        assert not torch.allclose(rotated, logits.gather(1, permutation), atol=1e-3)
+        w = torch.randn(3, generator=torch.Generator().manual_seed(2))
+        method.classifier.weight.copy_(torch.block_diag(*[w[None]] * 4))  # W = I (x) w
+        method.classifier.bias.zero_()
+        equivariant = method.logits(act_on_images(images, 1, method.group))
+        assert torch.allclose(equivariant, method.logits(images).gather(1, permutation), atol=1e-5)
+
+
+def test_structure_removed_runs_rotation_prediction_on_the_plain_twin():
+    method = _method("{name: equivariant_pretext, head: flattened, structure: removed}")
+    assert not method.backbone.equivariant
+    assert not any(type(module).__module__.startswith("escnn") for module in method.modules())
+    images = torch.randn(8, 1, 17, 17, generator=torch.Generator().manual_seed(2))
+    losses = method.train()(Views([images], []), torch.Generator().manual_seed(5))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and all(p.grad is not None for p in method.backbone.parameters())
+
+
 def test_invariant_contrastive_absorbs_a_group_element_between_the_views():
     method = _method("{name: invariant_contrastive, transform_views: false}")
     images = torch.randn(6, 1, 17, 17, generator=torch.Generator().manual_seed(3))

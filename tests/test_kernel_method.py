@@ -158,3 +158,50 @@ def test_pretrain_then_probe_a_kernel_checkpoint_from_the_cli(tmp_path, digits):
     images = normalize(test.images[:16], mean, std)
     assert torch.allclose(backbone(images), backbone(images.clone()))
     assert backbone(images).shape == (16, 32)
+
+
+def test_objective_none_keeps_the_random_features_unreduced(digits):
+    method, metrics = _fit(_recipe("method.objective=none", "method.approximation=random_features",
+                                   "method.rank=64"), digits)
+    _, test, mean, std = digits
+    images = normalize(test.images[:16], mean, std)
+    assert method.backbone.feature_dim == 64 and metrics["points"] == 60
+    with torch.no_grad():
+        assert torch.allclose(method.backbone(images).double(), method.backbone.kernel.embed(images), atol=1e-6)
+    with pytest.raises(RecipeError, match="objective=none keeps the base kernel's feature map unreduced"):
+        _recipe("method.objective=none")
+
+
+def test_the_exact_kernel_knn_votes_with_the_rbf_kernel_of_the_features_bandwidth(tmp_path, digits):
+    """--exact-kernel-knn against a kNN computed by hand with k(x, y) = exp(-|x - y|^2 / 2 sigma^2)."""
+    from hssl_cli.evaluate.probe import topk_accuracy
+    from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+
+    recipe_path = tmp_path / "tiny_kernel.yaml"
+    recipe_path.write_text(KERNEL_RECIPE)
+    runner = CliRunner()
+    trained = runner.invoke(app, ["pretrain", str(recipe_path), "--output", str(tmp_path), "--device", "cpu",
+                                  "--set", "method.objective=none", "--set", "method.approximation=random_features",
+                                  "--set", "method.rank=128"])
+    assert trained.exit_code == 0, trained.output
+    path = next(tmp_path.glob("tiny_kernel/*/last.safetensors"))
+    report = probe_checkpoint(path, device_name="cpu", progress=False, cache=False, exact_kernel_knn=True,
+                              train_samples=300, test_samples=100)
+    checkpoint = load_checkpoint(path)
+    sigma = float(checkpoint.tensors["backbone.kernel.bandwidth"])
+    train, test, _, _ = digits
+    mean, std = checkpoint.tensors["data.mean"], checkpoint.tensors["data.std"]
+    generator = torch.Generator().manual_seed(0)
+    labeled = torch.arange(len(train.labels))[torch.randperm(len(train.labels), generator=generator)[:300]]
+    tested = torch.randperm(len(test.labels), generator=torch.Generator().manual_seed(0))[:100]
+    left = normalize(test.images[tested], mean, std).flatten(1).double()
+    right = normalize(train.images[labeled], mean, std).flatten(1).double()
+    similarity = torch.exp(-torch.cdist(left, right).square() / (2 * sigma**2))
+    top, index = similarity.topk(20, dim=1)
+    weights = ((top - top[:, :1]) / 0.07).exp().float()
+    votes = torch.zeros(100, 10).scatter_add_(1, train.labels[labeled][index], weights)
+    expected = topk_accuracy(votes, test.labels[tested])
+    assert report["results"]["knn_k20_exact_kernel"]["top1"] == pytest.approx(expected["top1"])
+    assert report["results"]["knn_k20_exact_kernel"]["top1"] > 50
+    printed = runner.invoke(app, ["probe", str(path), "--exact-kernel-knn", "--device", "cpu"])
+    assert printed.exit_code == 0 and "knn_k20_exact_kernel" in printed.output

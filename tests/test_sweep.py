@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from hssl_cli.cli import app
 from hssl_cli.errors import HsslError, RecipeError
 from hssl_cli.sweep.report import collect
-from hssl_cli.sweep.run import cell_folder, cell_lock, run_cell
+from hssl_cli.sweep.run import cell_folder, cell_lock, read_result, run_cell
 from hssl_cli.sweep.suite import load_suite
 from tests.conftest import TINY_RECIPE
 
@@ -255,3 +255,22 @@ def test_the_online_monitor_of_a_cell_gives_accuracy_against_epoch(suite_file, t
     assert report["groups"][1]["metrics"]["monitor/knn_k20_top1@2"]["n"] == 2
     assert report["claims"][0]["seeds"] == []  # the untrained cells have not run: nothing to pair
     assert (output / "tiny_suite" / "report-curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_suite_probes_with_the_papers_protocol_and_old_results_keep_matching(suite_file, tmp_path):
+    suite_file.write_text(SUITE.replace("probe: {train_samples: 400, test_samples: 200}",
+                                        "probe: {train_samples: 400, test_samples: 200, protocol: standard, "
+                                        "epochs: 2}"))
+    output = tmp_path / "out"
+    assert _sweep(suite_file, "--output", output, "--cell", "0").exit_code == 0
+    loaded = load_suite(suite_file)
+    path = cell_folder(output, loaded, loaded.cells[0]) / "result.json"
+    result = json.loads(path.read_text())
+    assert result["probe"]["protocol"] == "standard"
+    assert "SGD (Nesterov 0.9) 2 epochs" in result["probe"]["results"]["linear"]["detail"]
+    assert "the papers' SGD linear evaluation (Nesterov 0.9, 2 epochs" in _sweep(suite_file, "--output", output,
+                                                                                    "--report").output
+    # a result written with every probe key spelled out (as before the defaults were left out) still matches
+    result["evaluation"]["probe"] |= {"features": "backbone", "validation": False, "test_rotations": []}
+    path.write_text(json.dumps(result))
+    assert read_result(path.parent, loaded, loaded.cells[0]) is not None

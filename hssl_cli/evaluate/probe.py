@@ -5,7 +5,7 @@ Everything is batched torch (no per-sample Python loops, no scikit-learn) and de
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -203,22 +203,34 @@ def knn_probe(
     """
     _check_split(train_features, train_labels, num_classes, "train")
     _check_split(test_features, test_labels, num_classes, "test")
-    if k < 1 or temperature <= 0 or chunk_size < 1:
-        raise ValueError(
-            f"k, temperature and chunk_size must be positive, got {k}, {temperature}, {chunk_size}"
-        )
     device = train_features.device
     train_unit = F.normalize(train_features.detach().float(), dim=1)
     test_unit = F.normalize(test_features.detach().float().to(device), dim=1)
-    train_labels = train_labels.to(device).long()
-    k = min(k, train_unit.shape[0])
+    return knn_votes(lambda start, stop: test_unit[start:stop] @ train_unit.T, len(test_unit),
+                     train_labels.to(device), test_labels, num_classes, (k,), temperature, chunk_size)[k]
 
-    scores = []
-    for start in range(0, test_unit.shape[0], chunk_size):
-        similarity = test_unit[start : start + chunk_size] @ train_unit.T  # (B, N_train) cosines
-        top_similarity, top_index = similarity.topk(k, dim=1)
-        # w = exp((s - s_max) / T): the per-row shift leaves the vote unchanged and avoids overflow at small T
-        weights = ((top_similarity - top_similarity[:, :1]) / temperature).exp()
-        votes = torch.zeros(weights.shape[0], num_classes, device=device)
-        scores.append(votes.scatter_add_(1, train_labels[top_index], weights))
-    return topk_accuracy(torch.cat(scores), test_labels)
+
+def knn_votes(similarity: Callable[[int, int], Tensor], test_count: int, train_labels: Tensor, test_labels: Tensor,
+              num_classes: int, ks: Sequence[int], temperature: float = 0.07, chunk_size: int = 1024
+              ) -> dict[int, dict[str, float]]:
+    """The weighted kNN vote for any similarity, for each k of `ks` from one pass: `similarity(start, stop)`
+    gives test rows start:stop against every train sample (B, N_train); the k most similar vote with weight
+    exp(sim / temperature)."""
+    if min(ks) < 1 or temperature <= 0 or chunk_size < 1:
+        raise ValueError(
+            f"k, temperature and chunk_size must be positive, got {list(ks)}, {temperature}, {chunk_size}"
+        )
+    device = train_labels.device
+    train_labels = train_labels.long()
+    largest = min(max(ks), len(train_labels))
+    scores: dict[int, list[Tensor]] = {k: [] for k in ks}
+    for start in range(0, test_count, chunk_size):
+        rows = similarity(start, min(start + chunk_size, test_count)).to(device)
+        top_similarity, top_index = rows.topk(largest, dim=1)  # sorted: the first k are the k nearest
+        for k in ks:
+            k_similarity, k_index = top_similarity[:, :min(k, largest)], top_index[:, :min(k, largest)]
+            # w = exp((s - s_max) / T): the per-row shift leaves the vote unchanged and avoids overflow at small T
+            weights = ((k_similarity - k_similarity[:, :1]) / temperature).exp().float()
+            votes = torch.zeros(weights.shape[0], num_classes, device=device)
+            scores[k].append(votes.scatter_add_(1, train_labels[k_index], weights))
+    return {k: topk_accuracy(torch.cat(parts), test_labels.to(device)) for k, parts in scores.items()}

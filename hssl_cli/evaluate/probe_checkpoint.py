@@ -103,7 +103,7 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
                      train_samples: int | None = None, test_samples: int | None = None,
                      test_rotations: Sequence[float] = (), validation: bool = False, verify: bool = True,
                      labels: str = "100%", protocol: str = "fast", sgd: SgdProtocol | None = None,
-                     cache: bool = True, cache_dir: Path | None = None) -> dict:
+                     cache: bool = True, cache_dir: Path | None = None, exact_kernel_knn: bool = False) -> dict:
     """Linear probe and kNN of a checkpoint's frozen features; `train_samples`/`test_samples` use fixed
     random subsets of the splits; each angle of `test_rotations` (degrees) scores the same probes again
     on the test images rotated by it. `validation`: score on held-out train images instead of the test
@@ -111,7 +111,8 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     choose settings on. `labels`: the percentage of train labels kept (per class, seeded). `protocol`:
     fast (L-BFGS on standardised features of the unaugmented images) or standard (`sgd`: the papers' SGD
     with crop and flip). Features are cached (`cache_dir`, default ~/.cache/hssl/features) unless `cache`
-    is False."""
+    is False. `exact_kernel_knn` (kernel-regime checkpoints): also a kNN whose similarity is the base kernel
+    itself, evaluated exactly on the normalised pixels (knn_kK_exact_kernel)."""
     import torch
 
     from hssl_cli.data.groups import rotate_uint8
@@ -195,6 +196,9 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
         timings["knn"] += time.perf_counter() - began
 
     score("", test_images, KNN_NEIGHBOURS, "test")
+    if exact_kernel_knn:
+        results |= exact_kernel_knn_results(trained, train_images, train_labels, test_images, test_labels,
+                                            num_classes)
     for degrees in test_rotations:
         angles = torch.full((len(test_images),), math.radians(degrees))
         score(f"@rot{degrees:g}", rotate_uint8(test_images, angles), KNN_NEIGHBOURS[:1], f"test @{degrees:g} deg")
@@ -218,3 +222,28 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
         "seconds": round(time.perf_counter() - started, 2),
         "seconds_by_stage": {stage: round(value, 2) for stage, value in timings.items()},
     }
+
+
+def exact_kernel_knn_results(trained, train_images: torch.Tensor, train_labels: torch.Tensor,
+                             test_images: torch.Tensor, test_labels: torch.Tensor, num_classes: int) -> dict:
+    """kNN under the exact base kernel of a kernel-regime checkpoint: similarity k(x, x') on normalised pixels
+    (random Fourier features: the RBF kernel they approximate, same bandwidth), k = 20 and 200, T = 0.07."""
+    from hssl_cli.data.augment import normalize
+    from hssl_cli.evaluate.probe import knn_votes
+    from hssl_cli.models.kernels import exact_kernel, gram
+
+    kernel = getattr(trained.method.backbone, "kernel", None)
+    if kernel is None:
+        raise HsslError(f"the exact-kernel kNN needs a kernel-regime checkpoint (method kernel), not "
+                        f"{type(trained.method).__name__}")
+    try:
+        kernel = exact_kernel(kernel)
+    except ValueError as error:
+        raise HsslError(f"the exact-kernel kNN: {error}") from None
+    device = trained.mean.device
+    train_pixels = normalize(train_images.to(device), trained.mean, trained.std)
+    test_pixels = normalize(test_images.to(device), trained.mean, trained.std)
+    votes = knn_votes(lambda start, stop: gram(kernel, test_pixels[start:stop], train_pixels), len(test_pixels),
+                      train_labels.to(device), test_labels, num_classes, KNN_NEIGHBOURS)
+    return {f"knn_k{k}_exact_kernel": {**knn, "protocol": "knn", "detail": "exact base kernel, T=0.07"}
+            for k, knn in votes.items()}

@@ -33,24 +33,36 @@ class EquivariantPretext(SSLMethod):
     """Predict g from T_g x: logits_h(x) = w . z_h(x), so logits(T_g x) = P_g logits(x) exactly, and the
     cross-entropy target g = g . e is reachable by an exactly equivariant network. `head: invariant` is
     plain rotation prediction from the group-pooled features f(x) = max_h z_h(x): f(T_g x) = f(x), so
-    every g gets the same logits and the loss cannot fall below log |G|."""
+    every g gets the same logits and the loss cannot fall below log |G|. `head: flattened`: logits = W vec z(x),
+    any linear map of the fibres side by side (the equivariant head is the special case W = I (x) w).
+    `structure: removed` trains on the plain twin of the backbone (RotNet on a CNN of the same width)."""
 
     def __init__(self, backbone: nn.Module, recipe: Recipe):
         super().__init__(backbone)
         config = recipe.method
-        self.group: Group = backbone.group  # an e2_* backbone (the config's check)
-        self.invariant_head = config.head == "invariant"
-        # equivariant: one logit per fibre, shared over fibres; invariant: |G| logits from the pooled features
-        self.classifier = nn.Linear(backbone.feature_dim, self.group.size if self.invariant_head else 1)
+        self.group: Group = backbone.group  # an e2_* backbone or its plain twin (the config's check)
+        self.head = config.head
+        # equivariant: one logit per fibre, shared over fibres; invariant: |G| logits from the pooled features;
+        # flattened: |G| logits from the |G| C lifted features
+        inputs = backbone.feature_dim * (self.group.size if self.head == "flattened" else 1)
+        self.classifier = nn.Linear(inputs, 1 if self.head == "equivariant" else self.group.size)
         self.contrastive_weight = config.contrastive_weight
         self.temperature = config.temperature
         if config.contrastive_weight > 0:
             self.projector = mlp(backbone.feature_dim, recipe.model.projector)
 
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, in_channels: int) -> EquivariantPretext:
+        from hssl_cli.models.backbones import build_backbone
+
+        return cls(build_backbone(recipe.model, in_channels, plain=recipe.method.structure == "removed"), recipe)
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, |G|) rotation/flip logits; equivariant head: logits(T_g x) = P_g logits(x)."""
-        if self.invariant_head:
+        if self.head == "invariant":
             return self.classifier(self.backbone(images))
+        if self.head == "flattened":
+            return self.classifier(self.backbone.lifted(images).flatten(1))
         return per_fibre(self.classifier, self.backbone.lifted(images)).squeeze(-1)
 
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:

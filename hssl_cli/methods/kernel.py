@@ -102,7 +102,7 @@ class KernelMethod(SSLMethod):
         num_basis = num_support or config.rank
         kernel = build_kernel(config, recipe.model.backbone, in_channels, size)
         super().__init__(KernelFeatureMap(kernel, (in_channels, size, size), num_support, num_basis,
-                                          config.embedding_dim, config.block_size))
+                                          config.representation_dim, config.block_size))
         self.config = config
         self.solution: Solution | None = None  # the last fit's optimum F on its training points (not saved)
 
@@ -127,6 +127,10 @@ class KernelMethod(SSLMethod):
         points = self.training_points(images, augmenter, generator)
         started = time.perf_counter()
         feature_map.kernel.prepare(points)
+        if config.objective == "none":  # F(x) = phi(x): nothing to solve (the points set the bandwidth only)
+            feature_map.coefficients.copy_(torch.eye(config.rank, dtype=torch.float64))
+            return {"loss": 0.0, "points": float(len(points)), "kernel_seconds": time.perf_counter() - started,
+                    "bandwidth": float(feature_map.kernel.bandwidth)}
         system, support, fold, held_bytes = self._kernel_system(points, generator)
         kernel_done = time.perf_counter()
         adjacency = clique_blocks(config.num_samples, config.views, points.device)

@@ -138,6 +138,17 @@ class RandomFourierFeatures(Kernel):
             self.bandwidth.fill_(median_distance(points))
 
 
+def exact_kernel(kernel: Kernel) -> Kernel:
+    """The kernel a checkpoint's feature map stands for, evaluated exactly: the RBF kernel of the same bandwidth
+    for random Fourier features, the kernel itself for rbf and linear."""
+    if isinstance(kernel, RandomFourierFeatures):
+        exact = RBFKernel(kernel.frequencies.shape[1], float(kernel.bandwidth))
+        return exact.to(kernel.bandwidth.device)
+    if isinstance(kernel, RBFKernel | LinearKernel):
+        return kernel
+    raise ValueError(f"{type(kernel).__name__} has no exact form to evaluate on pixels")
+
+
 class _NetworkKernel(Kernel):
     """A fixed, randomly initialised network; BatchNorm keeps its initial statistics (eval mode) so the
     kernel is a function of single points, whatever mode the surrounding model is in."""

@@ -144,9 +144,11 @@ class KernelConfig(MethodSection):
     kernel: Literal["rbf", "linear", "random_features", "ntk"] = Field(
         "rbf", description="k on normalised pixels: rbf, linear, random_features (features of the randomly "
         "initialised model.backbone) or ntk (its empirical neural tangent kernel, torch.func)")
-    objective: Literal["contrastive", "non_contrastive", "kernel_pca"] = Field(
+    objective: Literal["contrastive", "non_contrastive", "kernel_pca", "none"] = Field(
         "contrastive", description="contrastive: |F^T F - A|^2; non_contrastive: tr(F L F^T) with F F^T/N = I; "
-        "kernel_pca: no augmentation graph, the base kernel's own top-d features (a baseline)")
+        "kernel_pca: no augmentation graph, the base kernel's own top-d features (a baseline); none: the base "
+        "kernel's feature map itself, unreduced (approximation: random_features: the rank features phi(x), "
+        "embedding_dim unused): the full base kernel")
     embedding_dim: int = Field(64, ge=1, le=65_536, description="d: size of the representation F(x)")
     num_samples: int = Field(1000, ge=2, le=1_000_000,
         description="originals drawn from the train split; the points are "
@@ -169,6 +171,11 @@ class KernelConfig(MethodSection):
         return self.augmentations_per_sample + int(self.include_original)
 
     @property
+    def representation_dim(self) -> int:
+        """The size of F(x): embedding_dim, or the rank random features for objective none."""
+        return self.rank if self.objective == "none" else self.embedding_dim
+
+    @property
     def consumes(self) -> Consumes:
         return Consumes(global_views=0)  # a closed-form fit: it draws its own augmentations_per_sample views
 
@@ -179,6 +186,11 @@ class KernelConfig(MethodSection):
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> KernelConfig:
+        if self.objective == "none":
+            if self.approximation != "random_features":
+                raise ValueError("method.objective=none keeps the base kernel's feature map unreduced, which only "
+                                 "approximation: random_features has in finite form; set it (and rank)")
+            return self
         if self.objective == "kernel_pca" and self.embedding_dim > self.num_samples * self.views:
             raise ValueError(f"method.embedding_dim={self.embedding_dim} exceeds the {self.num_samples * self.views} "
                              "points (num_samples x views) that kernel_pca has directions for; lower it")
@@ -325,9 +337,14 @@ class EquivariantPretextConfig(MethodSection):
     element h reads fibre h, so logits(T_g x) = P_g logits(x); the target of T_g x is g (= g . e)."""
 
     name: Literal["equivariant_pretext"] = "equivariant_pretext"
-    head: Literal["equivariant", "invariant"] = Field(
+    head: Literal["equivariant", "invariant", "flattened"] = Field(
         "equivariant", description="equivariant: logit h reads fibre h; invariant: plain rotation prediction, a "
-        "linear classifier on the group-pooled features, which an invariant backbone cannot solve (a baseline)")
+        "linear classifier on the group-pooled features, which an invariant backbone cannot solve (a sanity check); "
+        "flattened: a linear classifier on every fibre side by side (|G| C inputs), which can solve the task "
+        "without being equivariant (the head the equivariant one is compared with)")
+    structure: Literal["kept", "removed"] = Field(
+        "kept", description="removed: the backbone's plain twin (the same layout and width with ordinary "
+        "convolutions; no equivariance); with head: flattened this is rotation prediction on a plain CNN (RotNet)")
     contrastive_weight: float = Field(0.0, ge=0, description="weight of an added NT-Xent on two augmented views")
     temperature: float = Field(0.5, gt=0, description="NT-Xent temperature of the contrastive term")
 

@@ -99,6 +99,7 @@ class ClaimResult:
     margin: float | None
     value: Any
     label: str
+    metric_b: str | None = None  # b's metric when it differs from a's
     seeds: list[int] = field(default_factory=list)
     differences: list[float] = field(default_factory=list)
     interval: Interval | None = None
@@ -109,9 +110,14 @@ class ClaimResult:
     def statement(self) -> str:
         """The claim as tested: 'hssl > assl (linear)' or '|hssl - assl| < 1 (linear)'."""
         at = "" if self.value is None else f" at {self.value}"
+        if self.metric_b is not None and self.metric_b != self.metric:
+            a, b, metric = f"{self.a} {self.metric}", f"{self.b} {self.metric_b}", at.strip()
+        else:
+            a, b, metric = self.a, self.b, f"{self.metric}{at}"
+        shown = f" ({metric})" if metric else ""
         if self.test == "greater":
-            return f"{self.a} > {self.b} ({self.metric}{at})"
-        return f"|{self.a} - {self.b}| < {self.margin:g} ({self.metric}{at})"
+            return f"{a} > {b}{shown}"
+        return f"|{a} - {b}| < {self.margin:g}{shown}"
 
     @property
     def outcome(self) -> str:
@@ -129,7 +135,8 @@ class ClaimResult:
 
     def as_dict(self) -> dict:
         interval = self.interval
-        return {"a": self.a, "b": self.b, "metric": self.metric, "test": self.test, "margin": self.margin,
+        return {"a": self.a, "b": self.b, "metric": self.metric, "metric_b": self.metric_b or self.metric,
+                "test": self.test, "margin": self.margin,
                 "value": self.value, "label": self.label, "statement": self.statement, "seeds": self.seeds,
                 "differences": self.differences,
                 "mean": interval.mean if interval else None, "std": interval.std if interval else None,
@@ -138,9 +145,10 @@ class ClaimResult:
 
 
 def evaluate_claim(a: str, b: str, metric: str, test: str, margin: float | None, value: Any, label: str,
-                   results: list[dict]) -> ClaimResult:
-    """Pair the finished cells of variants a and b (at swept value `value`) by seed and decide."""
-    def by_seed(variant: str) -> dict[int, float]:
+                   results: list[dict], metric_b: str | None = None) -> ClaimResult:
+    """Pair the finished cells of variants a and b (at swept value `value`) by seed and decide; b is read on
+    `metric_b` when given."""
+    def by_seed(variant: str, metric: str) -> dict[int, float]:
         numbers = {}
         for result in results:
             number = result.get("metrics", {}).get(metric)
@@ -149,8 +157,8 @@ def evaluate_claim(a: str, b: str, metric: str, test: str, margin: float | None,
                 numbers[result["seed"]] = float(number)
         return numbers
 
-    first, second = by_seed(a), by_seed(b)
-    claim = ClaimResult(a, b, metric, test, margin, value, label)
+    first, second = by_seed(a, metric), by_seed(b, metric_b or metric)
+    claim = ClaimResult(a, b, metric, test, margin, value, label, metric_b)
     claim.seeds = sorted(set(first) & set(second))
     claim.differences = [first[seed] - second[seed] for seed in claim.seeds]
     if len(claim.differences) >= 2:

@@ -92,7 +92,7 @@ def decide_claims(loaded: LoadedSuite, results: list[dict]) -> list[ClaimResult]
             label = claim.label or (f"{labels[claim.a]} > {labels[claim.b]}" if claim.test == "greater"
                                     else f"{labels[claim.a]} ≈ {labels[claim.b]}")
             decided.append(evaluate_claim(claim.a, claim.b, claim.metric, claim.test, claim.margin, value, label,
-                                          results))
+                                          results, claim.metric_b))
     return decided
 
 
@@ -164,9 +164,17 @@ def protocol_line(report: Report) -> str:
              f"{'held-out' if probe.validation else 'test'} images")
     rotations = (f"; @rotN: the test images rotated by N degrees ({', '.join(f'{a:g}' for a in probe.test_rotations)})"
                  if probe.test_rotations else "")
-    return (f"Probe: {probe.features} features, frozen; linear = softmax regression (L-BFGS) on standardised "
-            f"features, weight decay chosen on 10% of the probe's train images; knn_kK = cosine kNN, "
-            f"T = 0.07; top-1 % on {split}, {sizes}{rotations}.")
+    if probe.protocol == "standard":
+        linear = (f"linear = the papers' SGD linear evaluation (Nesterov 0.9, {probe.epochs} epochs, batch "
+                  f"{probe.batch_size}, lr {probe.lr:g} x batch/256, cosine, weight decay {probe.weight_decay:g}, "
+                  "random resized crop and flip every epoch)")
+    else:
+        linear = ("linear = softmax regression (L-BFGS) on standardised features, weight decay chosen on 10% of the "
+                  "probe's train images")
+    kernel = ("; knn_kK_exact_kernel = the same vote with the exact base kernel as the similarity"
+              if probe.exact_kernel_knn else "")
+    return (f"Probe: {probe.features} features, frozen; {linear}; knn_kK = cosine kNN, "
+            f"T = 0.07{kernel}; top-1 % on {split}, {sizes}{rotations}.")
 
 
 def write_csv(report: Report, path: Path) -> None:

@@ -28,12 +28,29 @@ def cell_folder(output: Path, loaded: LoadedSuite, cell: Cell) -> Path:
 def evaluation_settings(loaded: LoadedSuite) -> dict:
     """What a finished cell's numbers depend on besides its recipe."""
     suite = loaded.suite
-    settings = {"probe": suite.probe.model_dump(mode="json"),
+    settings = {"probe": suite.probe.model_dump(mode="json", exclude_defaults=True),
                 "collapse_report": suite.collapse_report.model_dump(mode="json") if suite.collapse_report else None,
                 "equivariance_check": suite.equivariance_check}
     if suite.augmentation_probe is not None:  # only when asked: results made before the key existed still match
         settings["augmentation_probe"] = suite.augmentation_probe.model_dump(mode="json")
     return settings
+
+
+def stored_evaluation(evaluation: dict | None) -> dict | None:
+    """A result's evaluation settings as evaluation_settings writes them today: probe keys at their default
+    (keys added since, or written out by older versions) are left out, so adding a key does not orphan
+    finished cells."""
+    from pydantic import ValidationError
+
+    from hssl_cli.sweep.suite import ProbeSettings
+
+    if not isinstance(evaluation, dict) or not isinstance(evaluation.get("probe"), dict):
+        return evaluation
+    try:
+        probe = ProbeSettings.model_validate(evaluation["probe"]).model_dump(mode="json", exclude_defaults=True)
+    except ValidationError:
+        return evaluation
+    return evaluation | {"probe": probe}
 
 
 def read_result(folder: Path, loaded: LoadedSuite, cell: Cell) -> dict | None:
@@ -53,7 +70,7 @@ def read_result(folder: Path, loaded: LoadedSuite, cell: Cell) -> dict | None:
     except (KeyError, TypeError):
         raise HsslError(f"{path}: not a result written by hssl sweep; delete it and run the cell again") from None
     changed = [key for key in changed_keys(stored, cell.recipe) if not resume_safe(key)]
-    if result.get("evaluation") != evaluation_settings(loaded):
+    if stored_evaluation(result.get("evaluation")) != evaluation_settings(loaded):
         changed.append("the suite's probe/collapse_report/equivariance_check settings")
     if changed:
         raise HsslError(f"{folder}: finished with other settings than {loaded.path} now gives "
@@ -126,6 +143,7 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
     SIGUSR1) interrupted the pretraining (the cell resumes on the next run), or None when another process
     holds the cell."""
     from hssl_cli.engine.train import pretrain
+    from hssl_cli.evaluate.linear_sgd import SgdProtocol
     from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
 
     folder = cell_folder(output, loaded, cell)
@@ -165,6 +183,11 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
                                  features=probe_settings.features, device_name=device, progress=False,
                                  train_samples=probe_settings.train_samples, test_samples=probe_settings.test_samples,
                                  test_rotations=probe_settings.test_rotations, validation=probe_settings.validation,
+                                 protocol=probe_settings.protocol,
+                                 sgd=SgdProtocol(epochs=probe_settings.epochs, lr=probe_settings.lr,
+                                                 batch_size=probe_settings.batch_size,
+                                                 weight_decay=probe_settings.weight_decay),
+                                 exact_kernel_knn=probe_settings.exact_kernel_knn,
                                  cache=False)  # each cell's checkpoint is probed once: a cache would only fill disks
         collapse = equivariance = None
         if loaded.suite.collapse_report is not None:

@@ -45,12 +45,22 @@ class SweptKey(Section):
 class ProbeSettings(Section):
     """The probe of each cell (hssl probe): linear + kNN on frozen features."""
 
+    protocol: Literal["fast", "standard"] = Field(
+        "fast", description="fast: L-BFGS on standardised features; standard: the papers' SGD linear evaluation "
+        "with crop and flip (see epochs, lr, batch_size, weight_decay; slow on a CPU)")
+    epochs: int = Field(100, ge=1, le=10_000, description="protocol standard: epochs of SGD")
+    lr: float = Field(0.1, gt=0, le=100, description="protocol standard: learning rate for batch 256")
+    batch_size: int = Field(256, ge=2, le=65_536, description="protocol standard: images per SGD step")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="protocol standard: weight decay")
+
     features: Literal["backbone", "projector"] = Field("backbone", description="what is probed")
     train_samples: int | None = Field(None, ge=10, description="a fixed random subset of train (default: all)")
     test_samples: int | None = Field(None, ge=10, description="a fixed random subset of test (default: all)")
     test_rotations: list[float] = Field([], description="also score on test images rotated by these degrees")
     validation: bool = Field(
         False, description="score on held-out train images instead of test: for choosing settings")
+    exact_kernel_knn: bool = Field(
+        False, description="kernel-regime cells: also a kNN under the exact base kernel (knn_k20_exact_kernel)")
     dataset: str | None = Field(None, description="probe on another dataset than the recipe's")
     data_root: str | None = Field(None, description="its folder")
 
@@ -78,6 +88,8 @@ class ClaimSpec(Section):
     a: str = Field(description="variant name: the left side of the claim")
     b: str = Field(description="variant name: the right side")
     metric: str = Field("linear", description="a report metric (linear, knn_k20, train/loss, ...)")
+    metric_b: str | None = Field(None, description="b's metric when it is another one than a's (e.g. a kNN under "
+                                 "the exact base kernel, knn_k20_exact_kernel); default: metric")
     test: Literal["greater", "equivalent"] = Field(description="greater: a > b; equivalent: |a - b| < margin")
     margin: float | None = Field(None, gt=0, description="equivalent: the margin m, in the metric's units")
     value: Any = Field(None, description="with a swept key: the value the claim is tested at (default: each value)")
@@ -119,7 +131,7 @@ class Suite(Section):
             for side in (claim.a, claim.b):
                 if side not in names:
                     raise ValueError(f"{where}: no variant '{side}' (variants: {', '.join(names)})")
-            if claim.a == claim.b:
+            if claim.a == claim.b and (claim.metric_b or claim.metric) == claim.metric:
                 raise ValueError(f"{where}: a and b are both '{claim.a}'; a claim compares two variants")
             if (claim.test == "equivalent") != (claim.margin is not None):
                 raise ValueError(f"{where}: test equivalent needs a margin, test greater takes none "
