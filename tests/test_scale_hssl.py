@@ -5,7 +5,7 @@ structure-removed twin), the level pairs, training, the recipe checks, and `hssl
 import pytest
 import torch
 
-from hssl_cli.data.scales import downscale, downscale_bilinear, shift_levels
+from hssl_cli.data.scales import coarsen, downscale, downscale_bilinear, shift_levels
 from hssl_cli.data.views import Views
 from hssl_cli.errors import RecipeError
 from hssl_cli.evaluate.scales import scale_equivariance
@@ -87,11 +87,35 @@ def test_scale_fibres_train_and_embed_the_full_size_level(loss):
         assert torch.equal(method.backbone(images), method.backbone.lifted(images).amax(dim=1))
 
 
+def test_coarsening_shows_each_image_at_its_level_at_the_input_size():
+    images = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    coarse = coarsen(images, torch.tensor([0, 1, 2]))
+    assert coarse.shape == images.shape and torch.equal(coarse[0], images[0])
+    assert torch.allclose(coarse[1, :, :2, :2], images[1, :, :2, :2].mean(dim=(1, 2))[:, None, None].expand(2, 2, 2))
+    assert torch.allclose(coarse[2, 0, :4, :4], images[2, 0, :4, :4].mean().expand(4, 4))
+
+
+def test_the_scale_assl_twin_runs_the_cnn_on_coarsened_full_size_views():
+    """pairing: inputs with scale fibres is A-SSL with a scale augmentation at a fixed input size: the pair is
+    f(U S^k1 t1 x), f(U S^k2 t2 x) with the lifting's shared CNN f, which is not the lifting's z_k1, z_k2."""
+    assl = _method("{name: hssl, fibres: scales, pairing: inputs}").train()
+    images, other = torch.randn(6, 1, 32, 32), torch.randn(6, 1, 32, 32)
+    k1, k2 = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([1, 2, 0, 2, 0, 1])
+    first, second = assl.fibre_pair(assl.backbone, images, other, k1, k2)
+    base = assl.backbone.network(0)
+    expected = base(torch.cat([coarsen(images, k1), coarsen(other, k2)])).chunk(2)
+    assert torch.allclose(first, expected[0], atol=1e-6) and torch.allclose(second, expected[1], atol=1e-6)
+    hssl = assl.fibre_pair(assl.backbone, images, other, k1, k2, pairing="augmented_fibres")
+    assert not torch.allclose(first, hssl[0], atol=1e-3)
+    losses = assl(Views([images, other], []), torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+
+
 def test_recipe_checks_for_scale_fibres_name_the_keys():
     plain = SCALES.replace(", scales: {levels: 3}", "")
     for header, method, message in (
         (plain, "{name: hssl, fibres: scales}", "set model.scales"),
-        (SCALES, "{name: hssl, fibres: scales, pairing: inputs}", "pairing: inputs with fibres: scales"),
         (SCALES, "{name: hssl, fibres: scales, pairs: {distribution: subset, elements: [0, 3]}}", "below"),
         (SCALES, "{name: hssl, fibres: scales, pairs: {distribution: neighbourhood, max_steps: 3}}", "at most 2"),
         (SCALES, "{name: hssl, fibres: scales, structure: mixed}", "structure: mixed"),

@@ -27,6 +27,17 @@ def downscale(images: torch.Tensor, level: int) -> torch.Tensor:
     return F.avg_pool2d(images, size)
 
 
+def coarsen(images: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """S^k x shown at the input's size, k = levels[i] per image: every 2^k x 2^k block replaced by its mean
+    (nearest upsampling of S^k x). What an input-space method with a fixed input size (A-SSL) can do with the
+    scale action; a network on it does not compute z_k(x)."""
+    coarse = images
+    for level in range(1, int(levels.max()) + 1 if len(levels) else 1):
+        blocks = F.interpolate(downscale(images, level), scale_factor=FACTOR ** level, mode="nearest")
+        coarse = torch.where((levels == level).view(-1, 1, 1, 1), blocks, coarse)
+    return coarse
+
+
 def downscale_bilinear(images: torch.Tensor, level: int) -> torch.Tensor:
     """The same size as S^level x by antialiased bilinear resizing: not S^level (another filter), so the
     lifting's identity holds only approximately for it."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hssl_cli.data.groups import Group, act_on_images
+from hssl_cli.data.scales import coarsen
 from hssl_cli.data.views import Views
 from hssl_cli.errors import HsslError
 from hssl_cli.losses import byol_cosine, info_nce, vicreg
@@ -133,10 +134,15 @@ class HSSL(SSLMethod):
 
         fibres: z_i1(first), z_i2(first), one pass (`second` is `first`);
         augmented_fibres: z_i1(first), z_i2(second), one pass over both views;
-        inputs (group fibres): z_e(T_g1 first), z_e(T_g2 second), the augmentation-SSL construction.
+        inputs (group fibres): z_e(T_g1 first), z_e(T_g2 second), the augmentation-SSL construction; (scale
+        fibres): f(U S^k1 first), f(U S^k2 second), the CNN at full size on views coarsened by 2^k
+        (data/scales.coarsen).
         """
         rows = torch.arange(len(first), device=first.device)
         pairing = pairing or self.pairing
+        if pairing == "inputs" and self.fibres_kind == "scales":  # A-SSL: the CNN on coarsened full-size views
+            both = torch.cat([coarsen(first, i1), coarsen(second, i2)])
+            return backbone.network(IDENTITY)(both).chunk(2)
         if pairing == "inputs":
             both = torch.cat([act_on_images(first, i1, self.group), act_on_images(second, i2, self.group)])
             return self.fibres(backbone, both)[:, IDENTITY].chunk(2)

@@ -235,7 +235,9 @@ class HSSLConfig(MethodSection):
         "augmented_fibres", description="augmented_fibres: z_g1(t1 x), z_g2(t2 x) with t from augment: (the base "
         "augmentation a fair comparison shares); fibres: z_g1(x), z_g2(x) of one pass, no other augmentation "
         "(instance discrimination between near-identical fibres); inputs: the augmentation-SSL twin, identity "
-        "fibres of T_g1 t1 x and T_g2 t2 x")
+        "fibres of T_g1 t1 x and T_g2 t2 x; with fibres: scales, the CNN on t1 x and t2 x coarsened to levels k1 "
+        "and k2 at the input size (every 2^k block replaced by its mean), since the lifting's own S^k x would be "
+        "fibre k itself")
     structure: Literal["kept", "shuffled", "removed", "mixed"] = Field(
         "kept", description="shuffled: the ablation that changes only the structure: the same backbone, its F x C "
         "fibre entries permuted by a fixed random permutation and cut back into F pseudo-fibres, so no pseudo-fibre "
@@ -304,10 +306,6 @@ class HSSLConfig(MethodSection):
             raise ValueError("method.fibres: scales pairs the levels of a multi-scale lifting; set model.scales, e.g. "
                              "scales: {levels: 3}")
         levels, pairs = recipe.model.scales.levels, self.pairs
-        if self.pairing == "inputs":
-            raise ValueError("method.pairing: inputs with fibres: scales; the lifting is exactly equivariant, so the "
-                             "identity fibre of S^k x IS fibre k of x: the twin would compute the same pairs; use "
-                             "augmented_fibres or fibres")
         if pairs.distribution == "subset" and (pairs.elements is None or len(set(pairs.elements)) < 2
                                                or max(pairs.elements) >= levels):
             raise ValueError(f"method.pairs.elements: subset needs at least two distinct levels below "
