@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check hssl_cli tests benchmarks
+.venv/bin/ruff check hssl_cli tests benchmarks scripts
 .venv/bin/python -m pytest -q "$@"

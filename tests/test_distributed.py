@@ -2,8 +2,8 @@
 every method name of the registry (and EquiMod, multi-crop, H-SSL's fibres).
 
 Two gloo processes on the CPU. torch's SyncBatchNorm runs only on GPUs, so BatchNorm layers (escnn's
-inner ones too) are replaced by identities here, and the methods' random draws (group elements, pairs)
-are replaced by a deterministic function of each image's global index: the test isolates what hssl owns
+inner ones too) are replaced by identities here, and the methods' random draws (group elements, pairs,
+EquiMod's permuted parameters) are replaced by a deterministic function of each image's global index: the test isolates what hssl owns
 (losses over the global batch through hssl_cli.collectives, whose backward sums gradients across ranks,
 the per-rank loss scaling under DDP's gradient averaging, DirectPred's all-reduced correlation).
 """
@@ -34,9 +34,13 @@ def _without_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def _draws_by_global_index(first_image: int) -> None:
-    """Make every method draw integers as a function of the image's index in the global batch."""
+    """Make every method draw integers as a function of the image's index in the global batch; EquiMod's
+    permuted parameters swap neighbours (2i <-> 2i + 1), a permutation that stays within each rank's share."""
+    import hssl_cli.methods.equimod as equimod
     import hssl_cli.methods.equivariant_heads as heads
     import hssl_cli.methods.fibres as fibres
+
+    equimod.random_permutation = lambda count, generator, device: torch.arange(count, device=device) ^ 1
 
     calls = [0]
 
