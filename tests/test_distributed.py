@@ -3,9 +3,9 @@ every method name of the registry (and EquiMod, multi-crop, H-SSL's fibres).
 
 Two gloo processes on the CPU. torch's SyncBatchNorm runs only on GPUs, so BatchNorm layers (escnn's
 inner ones too) are replaced by identities here, and the methods' random draws (group elements, pairs,
-EquiMod's permuted parameters) are replaced by a deterministic function of each image's global index: the test isolates what hssl owns
-(losses over the global batch through hssl_cli.collectives, whose backward sums gradients across ranks,
-the per-rank loss scaling under DDP's gradient averaging, DirectPred's all-reduced correlation).
+EquiMod's permuted parameters) are replaced by a deterministic function of each image's global index: the test
+isolates what hssl owns (losses over the global batch through hssl_cli.collectives, whose backward sums gradients
+across ranks, the per-rank loss scaling under DDP's gradient averaging, DirectPred's all-reduced correlation).
 """
 
 import torch

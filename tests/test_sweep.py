@@ -196,11 +196,12 @@ def test_claims_are_decided_from_seed_paired_cells_and_written_to_the_report(sui
     by = {(r["variant"], r["seed"]): r["metrics"] for r in results}
     assert greater["differences"] == [by["simclr", s]["linear"] - by["untrained", s]["linear"] for s in (0, 1)]
     assert greater["seeds"] == [0, 1] and greater["interval"][0] <= greater["mean"] <= greater["interval"][1]
-    assert equivalent["label"] == "within fifty points" and equivalent["statement"].startswith("|simclr - untrained|")
+    assert equivalent["label"] == "within fifty points"
+    assert equivalent["statement"] == "simclr ≈ untrained within ±50 (knn_k20)"
     assert {greater["verdict"], equivalent["verdict"]} <= {"greater", "reversed", "equivalent", "not equivalent",
                                                            "not resolved"}
     markdown = (output / "tiny_suite" / "report.md").read_text()
-    assert "| within fifty points | |simclr - untrained| < 50 (knn_k20) |" in markdown
+    assert "| within fifty points | simclr ≈ untrained within ±50 (knn_k20) |" in markdown
     assert "Cells made by hssl 0.1.0 at" in markdown
     assert all(set(r["provenance"]) == {"hssl_version", "commit"} for r in results)
     printed = _sweep(suite_file, "--output", output, "--report").output

@@ -108,7 +108,7 @@ class ClaimResult:
 
     @property
     def statement(self) -> str:
-        """The claim as tested: 'hssl > assl (linear)' or '|hssl - assl| < 1 (linear)'."""
+        """The claim as tested: 'hssl > assl (linear)' or 'hssl ≈ assl within ±1 (linear)'."""
         at = "" if self.value is None else f" at {self.value}"
         if self.metric_b is not None and self.metric_b != self.metric:
             a, b, metric = f"{self.a} {self.metric}", f"{self.b} {self.metric_b}", at.strip()
@@ -117,7 +117,7 @@ class ClaimResult:
         shown = f" ({metric})" if metric else ""
         if self.test == "greater":
             return f"{a} > {b}{shown}"
-        return f"|{a} - {b}| < {self.margin:g}{shown}"
+        return f"{a} ≈ {b} within ±{self.margin:g}{shown}"
 
     @property
     def outcome(self) -> str:

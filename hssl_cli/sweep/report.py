@@ -149,11 +149,12 @@ def markdown(report: Report, command: str | None = None) -> str:
         lines.append(f"Made by: `{command}`")
     if report.claims:
         header, rows = claim_rows(report)
-        lines += ["", "Claims (seed-paired differences a - b; verdict by the rule of `hssl sweep --help`: greater when "
-                  "the 95% t interval excludes 0, equivalent when it lies inside ±margin, else not resolved):", ""]
+        lines += ["", "Claims (seed-paired differences a - b and their 95% t interval; verdict by the rule of "
+                  "`hssl sweep --help`: greater (reversed) when the interval lies above (below) 0, equivalent "
+                  "(not equivalent) when it lies inside (outside) ±margin, else not resolved):", ""]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(" --- " for _ in header) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
