@@ -250,7 +250,17 @@ hssl probe CKPT --augmentation
     if augmentation:
         from hssl_cli.evaluate.augmentation_probe import augmentation_probe
 
-        report = augmentation_probe(checkpoint, samples=train_samples or 4096, device_name=device, verify=verify)
+        unused = [name for name, given in (
+            ("--dataset", dataset is not None), ("--data-root", data_root is not None),
+            ("--features", features != "backbone"), ("--test-samples", test_samples is not None),
+            ("--labels", labels != "100%"), ("--protocol", protocol != "fast"),
+            ("--test-rotation", bool(test_rotations)), ("--validation", validation),
+            ("--exact-kernel-knn", exact_kernel_knn)) if given]
+        if unused:
+            raise HsslError(f"--augmentation regresses the recipe's own augmentation parameters on its train split "
+                            f"and takes only --train-samples; drop {', '.join(unused)}")
+        report = augmentation_probe(checkpoint, samples=4096 if train_samples is None else train_samples,
+                                    device_name=device, verify=verify)
         if as_json:
             output.print_json(json.dumps(report))
         else:
@@ -566,10 +576,16 @@ hssl sweep S.yaml --list; hssl sweep S.yaml --cell 3; hssl sweep S.yaml --report
     command = " ".join(["hssl sweep", str(suite_path), *(f"--set {o}" for o in overrides or [])])
     write_text_atomically(folder / "report.md", markdown(report, command))
     write_csv(report, folder / "report.csv")
+    written = ["report.md", "report.csv"]
+    curve_missing = None
     if report.results:
         plot(report, folder / "report.png")
+        written.append("report.png")
         if loaded.suite.report.curve:
-            plot_curve(report, loaded.suite.report.curve, folder / "report-curve.png")
+            if plot_curve(report, loaded.suite.report.curve, folder / "report-curve.png"):
+                written.append("report-curve.png")
+            else:
+                curve_missing = loaded.suite.report.curve
     if as_json:
         output.print_json(json.dumps(report_json(report)))
         return
@@ -579,8 +595,11 @@ hssl sweep S.yaml --list; hssl sweep S.yaml --cell 3; hssl sweep S.yaml --report
     if claims is not None:
         output.print(claims)
     output.print(f"{len(report.results)} of {len(loaded.cells)} cells done, {report.cell_seconds / 60:.1f} min of "
-                 f"cell time; written: {folder}/report.md, report.csv" + (", report.png" if report.results else ""),
-                 soft_wrap=True, highlight=False, markup=False)
+                 f"cell time; written: {folder}/{', '.join(written)}", soft_wrap=True, highlight=False, markup=False)
+    if curve_missing:
+        output.print(f"report.curve {curve_missing}: no finished cell logged it against epoch (train.monitor on, "
+                     "and the name as in the cells' metrics?); no curve drawn", soft_wrap=True, highlight=False,
+                     markup=False)
 
 
 def _run_cells(loaded, cells: list, output_dir: Path, device: str) -> None:

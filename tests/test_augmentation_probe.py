@@ -77,3 +77,8 @@ def test_the_cli_prints_the_table_and_json(untrained_checkpoint):
     assert report["r2"] <= 1 and report["fit_images"] == 100
     refused = runner.invoke(app, ["probe", str(untrained_checkpoint), "--augmentation", "--train-samples", "10"])
     assert refused.exit_code == 2 and "at least 20" in refused.output
+    zero = runner.invoke(app, ["probe", str(untrained_checkpoint), "--augmentation", "--train-samples", "0"])
+    assert zero.exit_code == 2 and "0 images (--train-samples" in zero.output  # not silently the default
+    ignored = runner.invoke(app, ["probe", str(untrained_checkpoint), "--augmentation", "--features", "projector",
+                                  "--validation"])
+    assert ignored.exit_code == 2 and "drop --features, --validation" in ignored.output

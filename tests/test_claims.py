@@ -48,6 +48,9 @@ def test_seeds_to_resolve_the_observed_effect():
     assert t_quantile(n - 1) * math.sqrt(0.037) / math.sqrt(n) < 0.23
     assert t_quantile(n - 2) * math.sqrt(0.037) / math.sqrt(n - 1) >= 0.23
     assert seeds_to_resolve(0.0, 1.0, "greater") is None
+    # no spread: any nonzero distance resolves at 2 seeds; a mean exactly on 0 or on the margin never does
+    assert seeds_to_resolve(0.5, 0.0, "greater") == 2
+    assert seeds_to_resolve(0.0, 0.0, "greater") is None and seeds_to_resolve(1.0, 0.0, "equivalent", 1.0) is None
 
 
 def _result(variant, seed, linear, value=None, status="finished"):
@@ -83,3 +86,28 @@ def test_a_claim_may_read_b_on_another_metric():
     claim = evaluate_claim("a", "b", "knn", "greater", None, None, "", results, metric_b="knn_exact")
     assert claim.differences == [10.0, 9.0, 8.0] and claim.verdict == "greater"
     assert claim.statement == "a knn > b knn_exact"
+
+
+def test_a_metric_no_finished_cell_reports_is_named_not_read_as_missing_seeds():
+    results = [_result("a", s, 50.0 + s) for s in range(3)] + [_result("b", s, 40.0) for s in range(3)]
+    claim = evaluate_claim("a", "b", "lienar", "greater", None, None, "", results)
+    assert claim.interval is None and claim.outcome == (
+        "not decided: no finished cell reports lienar for a (a misspelt metric?)")
+    pending = evaluate_claim("a", "c", "linear", "greater", None, None, "", results)  # c has no finished cell yet
+    assert pending.unknown_metric is None and "an interval needs 2" in pending.outcome
+
+
+def test_the_report_prints_a_zero_to_one_metric_with_a_third_decimal():
+    from types import SimpleNamespace
+
+    from hssl_cli.sweep.report import claim_rows
+
+    r2 = [{"variant": v, "seed": s, "value": None, "status": "finished", "metrics": {"r2": r}}
+          for v, s, r in (("a", 0, 0.512), ("a", 1, 0.498), ("a", 2, 0.505), ("b", 0, 0.4), ("b", 1, 0.41),
+                          ("b", 2, 0.395))]
+    accuracy = [_result("a", s, 50.0 + s) for s in range(3)] + [_result("b", s, 40.0) for s in range(3)]
+    claims = [evaluate_claim("a", "b", "r2", "greater", None, None, "", r2),
+              evaluate_claim("a", "b", "linear", "greater", None, None, "", accuracy)]
+    (_, _, r2_seeds, r2_summary, _), (_, _, seeds, _, _) = claim_rows(SimpleNamespace(claims=claims))[1]
+    assert r2_seeds == "+0.112, +0.088, +0.110" and r2_summary.startswith("+0.103 [")
+    assert seeds == "+10.00, +11.00, +12.00"

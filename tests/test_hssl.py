@@ -72,6 +72,8 @@ def test_structure_removed_pairs_pseudo_fibres_of_a_plain_backbone():
     ("{name: hssl, pairing: fibres}", C4_MODEL),
     ("{name: hssl, fibres: scales}", "data: {dataset: digits, image_size: 32}\n"
      "model: {backbone: small_convnet, scales: {levels: 3}, projector: [16, 8]}\n"),
+    ("{name: hssl, fibres: positions}", "data: {dataset: digits, image_size: 32}\n"
+     "model: {backbone: small_convnet, projector: [16, 8]}\n"),
 ])
 def test_structure_shuffled_changes_only_the_order_of_the_fibre_entries(method, model):
     """The ablation that changes only the structure: the same backbone and heads (the seed initialises them

@@ -170,6 +170,8 @@ def test_objective_none_keeps_the_random_features_unreduced(digits):
         assert torch.allclose(method.backbone(images).double(), method.backbone.kernel.embed(images), atol=1e-6)
     with pytest.raises(RecipeError, match="objective=none keeps the base kernel's feature map unreduced"):
         _recipe("method.objective=none")
+    with pytest.raises(RecipeError, match="approximates the rbf kernel, not 'linear'"):
+        _recipe("method.objective=none", "method.approximation=random_features", "method.kernel=linear")
 
 
 def test_the_exact_kernel_knn_votes_with_the_rbf_kernel_of_the_features_bandwidth(tmp_path, digits):

@@ -119,6 +119,7 @@ def test_recipe_checks_for_scale_fibres_name_the_keys():
         (SCALES, "{name: hssl, fibres: scales, pairs: {distribution: subset, elements: [0, 3]}}", "below"),
         (SCALES, "{name: hssl, fibres: scales, pairs: {distribution: neighbourhood, max_steps: 3}}", "at most 2"),
         (SCALES, "{name: hssl, fibres: scales, structure: mixed}", "structure: mixed"),
+        (SCALES, "{name: hssl, fibres: scales, pairing: inputs, structure: shuffled}", "would change nothing"),
         (SCALES.replace("32}", "28}"), "{name: simclr}", "divisible by 4"),
         (SCALES.replace("small_convnet", "e2_convnet"), "{name: simclr}", "lifts a plain CNN"),
     ):

@@ -175,6 +175,8 @@ def test_a_streamed_probe_scores_what_the_in_memory_probe_scores(tmp_path):
     assert again["feature_cache"]["hits"] == 2 and again["results"] == expected["results"]
     with pytest.raises(HsslError, match="this split is streamed"):
         probe_checkpoint(streamed.checkpoint, device_name="cpu", progress=False, protocol="standard")
+    with pytest.raises(HsslError, match="this split is streamed"):
+        probe_checkpoint(streamed.checkpoint, device_name="cpu", progress=False, exact_kernel_knn=True)
 
 
 def test_the_imagenet_recipes_stream_their_shards_with_views_smaller_than_the_working_size(tmp_path):

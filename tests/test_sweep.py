@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from hssl_cli.cli import app
 from hssl_cli.errors import HsslError, RecipeError
+from hssl_cli.sweep.claims import decide, paired_interval
 from hssl_cli.sweep.report import collect
 from hssl_cli.sweep.run import cell_folder, cell_lock, read_result, run_cell
 from hssl_cli.sweep.suite import load_suite
@@ -195,11 +196,13 @@ def test_claims_are_decided_from_seed_paired_cells_and_written_to_the_report(sui
     greater, equivalent = report["claims"]
     by = {(r["variant"], r["seed"]): r["metrics"] for r in results}
     assert greater["differences"] == [by["simclr", s]["linear"] - by["untrained", s]["linear"] for s in (0, 1)]
-    assert greater["seeds"] == [0, 1] and greater["interval"][0] <= greater["mean"] <= greater["interval"][1]
+    assert greater["seeds"] == [0, 1]
+    for claim, margin in ((greater, None), (equivalent, 50.0)):  # the report's numbers are the rule's, recomputed
+        interval = paired_interval(claim["differences"])
+        assert claim["interval"] == pytest.approx([interval.low, interval.high])
+        assert claim["verdict"] == decide(interval, claim["test"], margin)
     assert equivalent["label"] == "within fifty points"
     assert equivalent["statement"] == "simclr ≈ untrained within ±50 (knn_k20)"
-    assert {greater["verdict"], equivalent["verdict"]} <= {"greater", "reversed", "equivalent", "not equivalent",
-                                                           "not resolved"}
     markdown = (output / "tiny_suite" / "report.md").read_text()
     assert "| within fifty points | simclr ≈ untrained within ±50 (knn_k20) |" in markdown
     assert "Cells made by hssl 0.1.0 at" in markdown
@@ -256,6 +259,10 @@ def test_the_online_monitor_of_a_cell_gives_accuracy_against_epoch(suite_file, t
     assert report["groups"][1]["metrics"]["monitor/knn_k20_top1@2"]["n"] == 2
     assert report["claims"][0]["seeds"] == []  # the untrained cells have not run: nothing to pair
     assert (output / "tiny_suite" / "report-curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "report.png, report-curve.png" in _sweep(suite_file, "--output", output, "--report").output
+    suite_file.write_text(suite_file.read_text().replace("curve: monitor/knn_k20_top1", "curve: monitor/knn_top1"))
+    assert "report.curve monitor/knn_top1: no finished cell logged it" in _sweep(
+        suite_file, "--output", output, "--report").output
 
 
 def test_a_suite_probes_with_the_papers_protocol_and_old_results_keep_matching(suite_file, tmp_path):
@@ -275,3 +282,12 @@ def test_a_suite_probes_with_the_papers_protocol_and_old_results_keep_matching(s
     result["evaluation"]["probe"] |= {"features": "backbone", "validation": False, "test_rotations": []}
     path.write_text(json.dumps(result))
     assert read_result(path.parent, loaded, loaded.cells[0]) is not None
+    # and one written when only changed keys were stored, before a key existed, too
+    del result["evaluation"]["probe"]["exact_kernel_knn"], result["evaluation"]["probe"]["weight_decay"]
+    path.write_text(json.dumps(result))
+    assert read_result(path.parent, loaded, loaded.cells[0]) is not None
+    # a result stored with every key spelled out refuses a suite whose default for a key now differs
+    result["evaluation"]["probe"] |= {"lr": 0.05}
+    path.write_text(json.dumps(result))
+    with pytest.raises(HsslError, match="finished with other settings"):
+        read_result(path.parent, loaded, loaded.cells[0])

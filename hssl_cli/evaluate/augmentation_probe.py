@@ -50,7 +50,8 @@ def augmentation_probe(path: Path, samples: int = 4096, device_name: str = "auto
     from hssl_cli.evaluate.frozen import load_trained_method
 
     if samples < 20:
-        raise HsslError(f"--samples {samples}: too few images to fit and score a regression; use at least 20")
+        raise HsslError(f"{samples} images (--train-samples, or augmentation_probe.samples in a suite): too few to "
+                        "fit and score a regression; use at least 20")
     started = time.perf_counter()
     device = resolve_device(device_name)
     checkpoint = load_checkpoint(path, verify=verify)

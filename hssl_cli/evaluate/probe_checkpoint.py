@@ -141,9 +141,10 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     train = probe_split(data_config, data_config.train_split, device, progress)
     test = None if validation else probe_split(data_config, data_config.test_split, device, progress)
     streamed = hasattr(train.images, "batches")
-    if streamed and (protocol == "standard" or test_rotations):
-        raise HsslError("--protocol standard and --test-rotation read the decoded images; this split is streamed "
-                        "(data.storage): probe with --train-subset/--test-subset and data.storage memory")
+    if streamed and (protocol == "standard" or test_rotations or exact_kernel_knn):
+        raise HsslError("--protocol standard, --test-rotation and --exact-kernel-knn read the decoded images; this "
+                        "split is streamed (data.storage): probe with --train-subset/--test-subset and data.storage "
+                        "memory")
     if train.images.shape[1] != trained.in_channels:
         raise HsslError(f"{data_config.dataset} has {train.images.shape[1]} channel(s) but the checkpoint's model "
                         f"reads {trained.in_channels}; probe on a dataset with {trained.in_channels}")

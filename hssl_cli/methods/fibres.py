@@ -106,11 +106,12 @@ class PositionMixer(nn.Module):
 
 
 class EntryShuffle(nn.Module):
-    """The structure-removed ablation of position fibres: the map's C x P entries (channel, position) are
-    permuted by a fixed random permutation drawn at construction (from the global generator that seeds the
-    initial weights, kept in the checkpoint), and cut back into P pseudo-positions of C entries: channel c of
-    pseudo-position q is some channel at some position, so no pseudo-position is the feature of a shifted
-    image. The backbone, the fibre size and the pooled features a probe reads are those of `kept`."""
+    """The ablation that changes only the fibres' structure (`structure: shuffled`, every fibre kind; for
+    position fibres `removed` too, on the plain twin of an e2_* backbone): the F x C entries (fibre, channel)
+    are permuted by a fixed random permutation drawn at construction (from the global generator that seeds the
+    initial weights, after the heads; kept in the checkpoint), and cut back into F pseudo-fibres of C entries:
+    channel c of pseudo-fibre q is some channel of some fibre, so no pseudo-fibre is the feature of a
+    transformed image. The backbone, the fibre size and the pooled features a probe reads are those of `kept`."""
 
     def __init__(self, positions: int, channels: int):
         super().__init__()

@@ -67,8 +67,6 @@ class HSSL(SSLMethod):
             fibres = height * width * (self.group.size if self.group is not None else 1)
             if config.structure == "mixed":
                 self.mixer = PositionMixer(fibres)
-            elif config.structure in ("removed", "shuffled"):  # removed: on the plain twin (e2_*)
-                self.mixer = EntryShuffle(fibres, fibre_dim)
         self.projector = mlp(fibre_dim, model.projector)  # the shared head h
         self.temperature = config.temperature
         self.vicreg_weights = {"invariance_weight": config.invariance_weight,
@@ -78,10 +76,12 @@ class HSSL(SSLMethod):
             self.predictor = mlp(model.projector[-1], config.predictor)
             self.target = make_target(backbone, self.projector)
             self.ema_start = config.ema_start
+        # drawn after the heads, so that a seed initialises backbone and heads as in the kept arm
         if config.structure == "shuffled" and config.fibres in ("group", "scales"):
-            # drawn after the heads, so that a seed initialises backbone and heads as in the kept arm
             count = self.group.size if config.fibres == "group" else model.scales.levels
             self.mixer = EntryShuffle(count, fibre_dim)
+        elif config.structure in ("removed", "shuffled") and config.fibres in ("positions", "group_and_positions"):
+            self.mixer = EntryShuffle(fibres, fibre_dim)  # removed: the same shuffle, on the plain twin (e2_*)
 
     def _pair_table(self, table: torch.Tensor, counts: torch.Tensor) -> None:
         self.register_buffer("neighbour_table", table, persistent=False)  # follows the architecture

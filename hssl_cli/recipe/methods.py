@@ -78,8 +78,9 @@ class BYOLConfig(MethodSection):
         [4096, 256], min_length=1, description="widths of the predictor q's layers; the last equals z's size"
     )
     ema: bool = Field(True, description="EMA target network; false: the target is the online embedding of the other "
-                      "view under stop-gradient, i.e. SimSiam (Chen & He 2021) with BYOL's loss 2 - 2 cos, which is 4 "
-                      "+ 4 x SimSiam's -cos / 2 per pair (recipes/simsiam_cifar10.yaml scales lr and weight decay)")
+                      "view under stop-gradient, i.e. SimSiam (Chen & He 2021) with BYOL's loss 2 - 2 cos per "
+                      "direction: summed over both, 4 + 4 L with SimSiam's L = -(cos_1 + cos_2) / 2 "
+                      "(recipes/simsiam_cifar10.yaml scales lr and weight decay)")
     ema_start: float = Field(0.99, ge=0, lt=1, description="tau_0 of the target EMA, raised to 1 by a cosine")
     equimod: EquiModConfig | None = Field(None, description="add EquiMod's equivariance branch (null: off)")
 
@@ -186,6 +187,9 @@ class KernelConfig(MethodSection):
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> KernelConfig:
+        if self.approximation == "random_features" and self.kernel != "rbf":
+            raise ValueError(f"method.approximation=random_features approximates the rbf kernel, not "
+                             f"'{self.kernel}'; use approximation: nystrom")
         if self.objective == "none":
             if self.approximation != "random_features":
                 raise ValueError("method.objective=none keeps the base kernel's feature map unreduced, which only "
@@ -198,9 +202,6 @@ class KernelConfig(MethodSection):
             raise ValueError(f"method.embedding_dim={self.embedding_dim} exceeds method.num_samples="
                              f"{self.num_samples}: the augmentation graph has one component per original, so at "
                              "most num_samples directions are invariant; lower embedding_dim")
-        if self.approximation == "random_features" and self.kernel != "rbf":
-            raise ValueError(f"method.approximation=random_features approximates the rbf kernel, not "
-                             f"'{self.kernel}'; use approximation: nystrom")
         if self.approximation != "exact" and self.rank < self.embedding_dim:
             raise ValueError(f"method.rank={self.rank} is below method.embedding_dim={self.embedding_dim}; "
                              "a rank-r kernel gives at most r directions")
@@ -305,6 +306,10 @@ class HSSLConfig(MethodSection):
         if recipe.model.scales is None:
             raise ValueError("method.fibres: scales pairs the levels of a multi-scale lifting; set model.scales, e.g. "
                              "scales: {levels: 3}")
+        if self.pairing == "inputs" and self.structure != "kept":
+            raise ValueError(f"method.pairing: inputs with fibres: scales is the A-SSL twin (one CNN on coarsened "
+                             f"views, no fibres), so structure '{self.structure}' would change nothing; set "
+                             "structure: kept, or pairing: augmented_fibres for the ablation")
         levels, pairs = recipe.model.scales.levels, self.pairs
         if pairs.distribution == "subset" and (pairs.elements is None or len(set(pairs.elements)) < 2
                                                or max(pairs.elements) >= levels):

@@ -15,7 +15,9 @@ the 95% interval d ± t(0.975, n - 1) s / sqrt(n) (Student's t with n - 1 degree
 
 "not resolved" says how many seeds would resolve the observed effect: the least n at which the same mean
 and standard deviation would give an interval on one side of 0 (greater), or inside / outside the margin
-(equivalent). Imports no torch; the t quantile is scipy's.
+(equivalent). That is a planning figure, not a promise: at that n a new run resolves about half the time.
+Each claim is decided on its own (no correction for a suite's many claims). Imports no torch; the t quantile
+is scipy's.
 """
 
 from __future__ import annotations
@@ -76,12 +78,12 @@ def seeds_to_resolve(mean: float, std: float, test: str, margin: float | None = 
                      confidence: float = CONFIDENCE) -> int | None:
     """The least n >= 2 at which an interval with this mean and std would give a verdict other than "not
     resolved"; None when no n would (a mean of exactly 0 for greater, a mean exactly at the margin)."""
-    if std == 0:
-        return 2
     # equivalent: from inside the margin reach it, from outside clear it
     distance = abs(mean) if test == "greater" else abs(margin - abs(mean))
     if distance == 0:
         return None
+    if std == 0:
+        return 2
     for n in range(2, MAX_SEEDS_SHOWN + 1):
         if t_quantile(n - 1, confidence) * std / math.sqrt(n) < distance:
             return n
@@ -105,6 +107,8 @@ class ClaimResult:
     interval: Interval | None = None
     verdict: str = "not resolved"
     seeds_needed: int | None = None
+    unknown_metric: str | None = None  # a metric no finished cell of a (or b) reports: a misspelt claim
+    largest: float = 0.0  # the largest |metric| of the paired cells: its scale, for printing (R² vs accuracy %)
 
     @property
     def statement(self) -> str:
@@ -123,6 +127,8 @@ class ClaimResult:
     def outcome(self) -> str:
         """The verdict with what a reader needs to weigh it, in one line."""
         n = len(self.differences)
+        if self.unknown_metric is not None:
+            return f"not decided: no finished cell reports {self.unknown_metric} (a misspelt metric?)"
         if self.interval is None:
             return f"not resolved: {n} paired seed{'s' if n != 1 else ''} (an interval needs 2)"
         if self.verdict != "not resolved":
@@ -141,7 +147,8 @@ class ClaimResult:
                 "differences": self.differences,
                 "mean": interval.mean if interval else None, "std": interval.std if interval else None,
                 "interval": [interval.low, interval.high] if interval else None, "confidence": CONFIDENCE,
-                "verdict": self.verdict, "seeds_needed": self.seeds_needed, "outcome": self.outcome}
+                "verdict": self.verdict, "seeds_needed": self.seeds_needed, "outcome": self.outcome,
+                "unknown_metric": self.unknown_metric}
 
 
 def evaluate_claim(a: str, b: str, metric: str, test: str, margin: float | None, value: Any, label: str,
@@ -157,10 +164,21 @@ def evaluate_claim(a: str, b: str, metric: str, test: str, margin: float | None,
                 numbers[result["seed"]] = float(number)
         return numbers
 
+    def reported(variant: str, metric: str) -> bool | None:
+        """Whether a finished cell of the variant has the metric; None when it has no finished cell yet."""
+        finished = [result for result in results if result.get("variant") == variant
+                    and result.get("value") == value and result.get("status") == "finished"]
+        return any(metric in result.get("metrics", {}) for result in finished) if finished else None
+
     first, second = by_seed(a, metric), by_seed(b, metric_b or metric)
     claim = ClaimResult(a, b, metric, test, margin, value, label, metric_b)
+    for variant, name in ((a, metric), (b, metric_b or metric)):
+        if reported(variant, name) is False:
+            claim.unknown_metric = f"{name} for {variant}"
+            return claim
     claim.seeds = sorted(set(first) & set(second))
     claim.differences = [first[seed] - second[seed] for seed in claim.seeds]
+    claim.largest = max((abs(number) for seed in claim.seeds for number in (first[seed], second[seed])), default=0.0)
     if len(claim.differences) >= 2:
         claim.interval = paired_interval(claim.differences)
         claim.verdict = decide(claim.interval, test, margin)

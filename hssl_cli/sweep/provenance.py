@@ -11,13 +11,17 @@ import hssl_cli
 
 
 def source_commit() -> str | None:
-    """`<40-hex commit>` or `<commit>+dirty` of the checkout holding this hssl_cli; None outside git."""
+    """`<40-hex commit>` or `<commit>+dirty` (tracked files changed, or files under hssl_cli/ git does not know)
+    of the checkout holding this hssl_cli; None outside git."""
     root = Path(hssl_cli.__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                  capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        # a module not yet added to git runs too: new files of the package make the tree dirty as well
+        changed += subprocess.run(["git", "-C", str(root), "ls-files", "--others", "--exclude-standard", "hssl_cli"],
+                                  capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}+dirty" if changed else commit

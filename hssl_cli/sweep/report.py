@@ -102,10 +102,11 @@ def claim_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     header = ["claim", "tested as", "a - b per seed", "mean [95% interval]", "verdict"]
     rows = []
     for claim in report.claims:
-        per_seed = ", ".join(f"{difference:+.2f}" for difference in claim.differences) or "-"
+        digits = 3 if claim.largest < 2 else 2  # a metric on a 0-1 scale (R²) needs a third decimal
+        per_seed = ", ".join(f"{difference:+.{digits}f}" for difference in claim.differences) or "-"
         interval = claim.interval
-        summary = (f"{interval.mean:+.2f} [{interval.low:+.2f}, {interval.high:+.2f}]" if interval is not None
-                   else "-")
+        summary = (f"{interval.mean:+.{digits}f} [{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]"
+                   if interval is not None else "-")
         rows.append([claim.label, claim.statement, per_seed, summary, claim.outcome])
     return header, rows
 

@@ -28,7 +28,7 @@ def cell_folder(output: Path, loaded: LoadedSuite, cell: Cell) -> Path:
 def evaluation_settings(loaded: LoadedSuite) -> dict:
     """What a finished cell's numbers depend on besides its recipe."""
     suite = loaded.suite
-    settings = {"probe": suite.probe.model_dump(mode="json", exclude_defaults=True),
+    settings = {"probe": suite.probe.model_dump(mode="json"),
                 "collapse_report": suite.collapse_report.model_dump(mode="json") if suite.collapse_report else None,
                 "equivariance_check": suite.equivariance_check}
     if suite.augmentation_probe is not None:  # only when asked: results made before the key existed still match
@@ -37,9 +37,9 @@ def evaluation_settings(loaded: LoadedSuite) -> dict:
 
 
 def stored_evaluation(evaluation: dict | None) -> dict | None:
-    """A result's evaluation settings as evaluation_settings writes them today: probe keys at their default
-    (keys added since, or written out by older versions) are left out, so adding a key does not orphan
-    finished cells."""
+    """A result's evaluation settings as evaluation_settings writes them today: every probe key written out,
+    a key the result lacks (added since, or left out by older versions that stored only changed keys) at
+    today's default, so adding a key does not orphan finished cells while a changed default does."""
     from pydantic import ValidationError
 
     from hssl_cli.sweep.suite import ProbeSettings
@@ -47,7 +47,7 @@ def stored_evaluation(evaluation: dict | None) -> dict | None:
     if not isinstance(evaluation, dict) or not isinstance(evaluation.get("probe"), dict):
         return evaluation
     try:
-        probe = ProbeSettings.model_validate(evaluation["probe"]).model_dump(mode="json", exclude_defaults=True)
+        probe = ProbeSettings.model_validate(evaluation["probe"]).model_dump(mode="json")
     except ValidationError:
         return evaluation
     return evaluation | {"probe": probe}
@@ -71,7 +71,7 @@ def read_result(folder: Path, loaded: LoadedSuite, cell: Cell) -> dict | None:
         raise HsslError(f"{path}: not a result written by hssl sweep; delete it and run the cell again") from None
     changed = [key for key in changed_keys(stored, cell.recipe) if not resume_safe(key)]
     if stored_evaluation(result.get("evaluation")) != evaluation_settings(loaded):
-        changed.append("the suite's probe/collapse_report/equivariance_check settings")
+        changed.append("the suite's probe/collapse_report/equivariance_check/augmentation_probe settings")
     if changed:
         raise HsslError(f"{folder}: finished with other settings than {loaded.path} now gives "
                         f"({', '.join(changed)}); delete the folder to run it again, or use another --output")
