@@ -155,20 +155,22 @@ def evaluate_claim(a: str, b: str, metric: str, test: str, margin: float | None,
                    results: list[dict], metric_b: str | None = None) -> ClaimResult:
     """Pair the finished cells of variants a and b (at swept value `value`) by seed and decide; b is read on
     `metric_b` when given."""
+    def finished(variant: str) -> list[dict]:
+        return [result for result in results if result.get("variant") == variant and result.get("value") == value
+                and result.get("status") == "finished"]
+
     def by_seed(variant: str, metric: str) -> dict[int, float]:
         numbers = {}
-        for result in results:
+        for result in finished(variant):
             number = result.get("metrics", {}).get(metric)
-            if (result.get("variant") == variant and result.get("value") == value and result.get("status") == "finished"
-                    and isinstance(number, int | float) and math.isfinite(number)):
+            if isinstance(number, int | float) and math.isfinite(number):
                 numbers[result["seed"]] = float(number)
         return numbers
 
     def reported(variant: str, metric: str) -> bool | None:
         """Whether a finished cell of the variant has the metric; None when it has no finished cell yet."""
-        finished = [result for result in results if result.get("variant") == variant
-                    and result.get("value") == value and result.get("status") == "finished"]
-        return any(metric in result.get("metrics", {}) for result in finished) if finished else None
+        cells = finished(variant)
+        return any(metric in result.get("metrics", {}) for result in cells) if cells else None
 
     first, second = by_seed(a, metric), by_seed(b, metric_b or metric)
     claim = ClaimResult(a, b, metric, test, margin, value, label, metric_b)
