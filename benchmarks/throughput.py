@@ -40,6 +40,7 @@ from hssl_cli.engine.train import training_step
 from hssl_cli.losses import info_nce
 from hssl_cli.methods import build_method
 from hssl_cli.recipe import parse_recipe
+from hssl_cli.render import progress_bars
 
 GFLOPS_PER_VIEW = 3.3  # ResNet-18-CIFAR forward+backward at 32x32
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, SXM figures
@@ -71,7 +72,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def hssl_step(args, recipe, device) -> float:
-    train = load_split(recipe.data, "train", progress=True)
+    train = load_split(recipe.data, "train", progress=progress_bars(True))
     images = train.images.to(device)
     mean, std = channel_stats(train.images)
     mean, std = mean.float().to(device), std.float().to(device)
@@ -101,7 +102,7 @@ def streamed_images(args, recipe, device):
     from hssl_cli.data.stream import training_images
 
     config = recipe.data.model_copy(update={"storage": "stream", "workers": args.workers})
-    images, _ = training_images(config, 0, device, progress=False)
+    images, _ = training_images(config, 0, device)
     permutation = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     return images, permutation
 

@@ -27,6 +27,7 @@ from hssl_cli.render import (
     print_equivariance,
     print_pretrain,
     print_probe,
+    progress_bars,
 )
 
 app = typer.Typer(
@@ -410,7 +411,7 @@ with its size and SHA-256. A pack that was killed has no manifest and is refused
 
     from hssl_cli.data.shards import MANIFEST, pack_folder
 
-    manifest = pack_folder(folder, out, splits, per_shard, size, progress=True)
+    manifest = pack_folder(folder, out, splits, per_shard, size, progress=progress_bars(True))
     table = Table(title=f"{folder} -> {out}")
     for column in ("split", "images", "classes", "shards", "MB"):
         table.add_column(column, justify="left" if column == "split" else "right")

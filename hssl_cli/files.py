@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), and where hssl keeps its
+caches."""
 
 from __future__ import annotations
 
@@ -14,6 +15,21 @@ if TYPE_CHECKING:
 
 
 TEMP_SUFFIX = ".tmp"
+DECODED_CACHE_FOLDER = ".hssl-cache"
+
+
+def default_cache_dir(kind: str = "features") -> Path:
+    """$HSSL_CACHE_DIR/<kind>, else $XDG_CACHE_HOME/hssl/<kind>, else ~/.cache/hssl/<kind>: the probe's
+    features, the streamed channel statistics."""
+    if "HSSL_CACHE_DIR" in os.environ:
+        return Path(os.environ["HSSL_CACHE_DIR"]) / kind
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hssl" / kind
+
+
+def decoded_split_cache_dirs(root: Path) -> list[Path]:
+    """Where an image folder's decoded splits are cached, first choice first: beside the images, else the
+    shared ~/.cache/hssl (when data.root is not writable)."""
+    return [root / DECODED_CACHE_FOLDER, Path.home() / ".cache" / "hssl"]
 
 
 def _umask() -> int:

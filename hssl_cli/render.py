@@ -4,12 +4,17 @@ cli.py compute; these functions only print what they are given."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    import hssl_cli.progress
 
 
 @contextlib.contextmanager
@@ -24,6 +29,11 @@ def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callab
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total)
         yield lambda count: bar.advance(task, count)
+
+
+def progress_bars(enabled: bool) -> hssl_cli.progress.Progress:
+    """The Progress that data's loaders are handed (hssl_cli/progress.py): a progress_bar per piece of work."""
+    return functools.partial(progress_bar, enabled)
 
 
 class TrainingProgress:

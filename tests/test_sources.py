@@ -20,6 +20,7 @@ from hssl_cli.data import sources
 from hssl_cli.data.sources import load_split, resize_images
 from hssl_cli.errors import DataError
 from hssl_cli.recipe import DataConfig
+from hssl_cli.render import progress_bars
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
@@ -228,7 +229,7 @@ def test_imagefolder_finds_classes_labels_and_pixels(tmp_path, tiny_tree):
 
 def test_imagefolder_second_load_reads_the_cache_without_decoding(tmp_path, tiny_tree, decode_calls):
     root = tmp_path / "folder"
-    first = load_split(folder_config(root), "train", progress=True)
+    first = load_split(folder_config(root), "train", progress=progress_bars(True))
     cache_files = list((root / ".hssl-cache").iterdir())
     assert [path.suffix for path in cache_files] == [".safetensors"]  # and no temp file left behind
     second = load_split(folder_config(root), "train")

@@ -95,7 +95,7 @@ def test_a_killed_streamed_run_resumes_mid_epoch_bit_exact(tmp_path):
 
 def test_ranks_read_disjoint_shares_of_each_step(tmp_path, monkeypatch):
     root = _folder(tmp_path, count=32)
-    images, _ = stream.training_images(_recipe(root, "stream", workers=0).data, 0, torch.device("cpu"), False)
+    images, _ = stream.training_images(_recipe(root, "stream", workers=0).data, 0, torch.device("cpu"))
     monkeypatch.setattr(stream.EncodedImages, "decode",
                         lambda self, item: torch.full((3, 2, 2), item, dtype=torch.uint8))
     permutation = torch.randperm(32, generator=torch.Generator().manual_seed(3))
@@ -110,14 +110,14 @@ def test_ranks_read_disjoint_shares_of_each_step(tmp_path, monkeypatch):
 def test_auto_streams_what_does_not_fit_and_stream_refuses_other_datasets(tmp_path, monkeypatch):
     root = _folder(tmp_path)
     config = _recipe(root, "auto").data
-    images, why = stream.training_images(config, 0, torch.device("cpu"), False)
+    images, why = stream.training_images(config, 0, torch.device("cpu"))
     assert images.storage == "memory" and "auto -> memory" in why
     monkeypatch.setattr(stream, "device_memory_bytes", lambda device: 1000)
-    images, why = stream.training_images(config, 0, torch.device("cpu"), False)
+    images, why = stream.training_images(config, 0, torch.device("cpu"))
     assert images.storage == "stream" and "auto -> stream" in why and "GiB" in why
     with pytest.raises(HsslError, match="data.storage: stream reads image folders and shards"):
         stream.training_images(parse_recipe("data: {dataset: digits, storage: stream}\n", "x.yaml").data, 0,
-                               torch.device("cpu"), False)
+                               torch.device("cpu"))
 
 
 def test_an_image_that_cannot_be_decoded_stops_the_run_naming_it_or_is_skipped(tmp_path):
@@ -136,14 +136,14 @@ def test_an_image_that_cannot_be_decoded_stops_the_run_naming_it_or_is_skipped(t
 def test_streamed_statistics_are_cached_per_source_and_choice(tmp_path, monkeypatch):
     root = _folder(tmp_path)
     config = _recipe(root, "stream", workers=0).data
-    images, _ = stream.training_images(config, 0, torch.device("cpu"), False)
+    images, _ = stream.training_images(config, 0, torch.device("cpu"))
     first = images.channel_stats()
     calls = []
     monkeypatch.setattr(stream.StreamedImages, "_streamed_stats", lambda self, progress: calls.append(1))
-    again, _ = stream.training_images(config, 0, torch.device("cpu"), False)
+    again, _ = stream.training_images(config, 0, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(again.channel_stats(), first, strict=True)) and not calls
     subset = config.model_copy(update={"subset": 10})
-    other, _ = stream.training_images(subset, 0, torch.device("cpu"), False)
+    other, _ = stream.training_images(subset, 0, torch.device("cpu"))
     with pytest.raises(TypeError):  # another choice of images: not the cached file, so the pass runs
         other.channel_stats()
     assert calls
@@ -153,7 +153,7 @@ def test_the_training_process_decodes_read_bytes_like_the_workers(tmp_path):
     """The CUDA path (workers read bytes, the training process decodes in one batched call), run on the CPU:
     the same images as the workers' decoding; a corrupt image is named."""
     root = _folder(tmp_path, "jpg")
-    images, _ = stream.training_images(_recipe(root, "stream", workers=0).data, 0, torch.device("cpu"), False)
+    images, _ = stream.training_images(_recipe(root, "stream", workers=0).data, 0, torch.device("cpu"))
     indices = [5, 0, 3, 17]
     encoded = [(images.dataset.source.name(i), images.dataset.source.read(i)) for i in indices]
     expected = torch.stack([images.dataset[i] for i in indices])

@@ -25,6 +25,7 @@ import torch
 
 from hssl_cli.errors import DataError
 from hssl_cli.files import write_text_atomically
+from hssl_cli.progress import Progress, no_progress
 
 MANIFEST = "manifest.json"
 FORMAT = "hssl-shards/1"
@@ -69,12 +70,12 @@ def _sha256(path: Path) -> str:
 
 
 def pack_folder(folder: Path, out: Path, splits: list[str] | None = None, per_shard: int = 10_000,
-                size: int | None = None, progress: bool = False) -> dict:
+                size: int | None = None, progress: Progress = no_progress) -> dict:
     """Write every split of `folder` as shards of at most `per_shard` samples into `out`, then the manifest;
     returns the manifest. `size`: resize every image to size x size (antialiased bilinear, the in-memory
-    loader's) and store it as PNG; else the files' own bytes. Refuses an `out` that already holds a pack."""
+    loader's) and store it as PNG; else the files' own bytes. Refuses an `out` that already holds a pack.
+    `progress` is told of each split's packing."""
     from hssl_cli.data.sources import _list_images
-    from hssl_cli.render import progress_bar
 
     if per_shard < 1:
         raise DataError(f"--per-shard {per_shard}: at least 1 image per shard")
@@ -94,7 +95,7 @@ def pack_folder(folder: Path, out: Path, splits: list[str] | None = None, per_sh
             paths, classes = _unlabeled_images(folder), []
             labels = [-1] * len(paths)
         shards = []
-        with progress_bar(progress, f"packing {split}", len(paths)) as advance:
+        with progress(f"packing {split}", len(paths)) as advance:
             for start in range(0, len(paths), per_shard):
                 name = f"{split}-{len(shards):06d}.tar"
                 shards.append(_write_shard(out / name, paths[start:start + per_shard],

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from hssl_cli.errors import DataError
-from hssl_cli.files import save_safetensors_atomically
+from hssl_cli.files import decoded_split_cache_dirs, save_safetensors_atomically
+from hssl_cli.progress import Progress, no_progress
 from hssl_cli.recipe import DataConfig
-from hssl_cli.render import progress_bar
 
 SPLITS = {
     "digits": ("train", "test"),
@@ -62,7 +62,6 @@ STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monk
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGE_GLOB = "*.jpg|jpeg|png"
 CACHE_FORMAT = "hssl-imagefolder-cache/1"
-CACHE_FOLDER = ".hssl-cache"
 DECODE_CHUNK = 1024  # files read and decoded per batch: bounds the memory held by encoded bytes
 RESIZE_CHUNK = 4096  # images resized per call: bounds the temporary memory of large splits
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -76,8 +75,9 @@ class ImageSplit:
     classes: list[str]
 
 
-def load_split(config: DataConfig, split: str, progress: bool = False) -> ImageSplit:
-    """Load one split of the recipe's dataset at `config.image_size`; a user's mistake is a DataError."""
+def load_split(config: DataConfig, split: str, progress: Progress = no_progress) -> ImageSplit:
+    """Load one split of the recipe's dataset at `config.image_size`; a user's mistake is a DataError.
+    `progress` is told of the decoding of an image folder or shards (not of a cache hit)."""
     if config.random_rotation:  # one fixed angle per image, the same wherever the split is loaded
         from hssl_cli.data.groups import random_rotation_angles, rotate_uint8
 
@@ -107,13 +107,13 @@ def load_split(config: DataConfig, split: str, progress: bool = False) -> ImageS
     return ImageSplit(resize_images(data.images, config.image_size), data.labels, data.classes)
 
 
-def _load_shards(root: Path, split: str, size: int, on_corrupt: str, progress: bool) -> ImageSplit:
+def _load_shards(root: Path, split: str, size: int, on_corrupt: str, progress: Progress) -> ImageSplit:
     """Every sample of a shard folder's split (hssl shards), decoded at `size`."""
     from hssl_cli.data.shards import ShardReader
 
     reader = ShardReader(root, split, on_corrupt)
     images = torch.empty((len(reader), 3, size, size), dtype=torch.uint8)
-    with progress_bar(progress, f"decoding {root} ({split})", len(reader)) as advance:
+    with progress(f"decoding {root} ({split})", len(reader)) as advance:
         for start in range(0, len(reader), DECODE_CHUNK):
             indices = list(range(start, min(start + DECODE_CHUNK, len(reader))))
             images[start:start + len(indices)] = reader.images(indices, size)
@@ -263,7 +263,7 @@ def _reason(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _load_imagefolder(root: Path, split: str, size: int, progress: bool) -> ImageSplit:
+def _load_imagefolder(root: Path, split: str, size: int, progress: Progress) -> ImageSplit:
     layout = f"{root}/<split>/<class>/{IMAGE_GLOB}"
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; imagefolder expects {layout}")
@@ -275,7 +275,7 @@ def _load_imagefolder(root: Path, split: str, size: int, progress: bool) -> Imag
         )
     paths, labels, classes, digest = _list_images(root, split, size)
     name = f"{re.sub(r'[^A-Za-z0-9_.+-]', '_', split)}-{size}px-{digest[:24]}.safetensors"
-    for folder in _cache_folders(root):
+    for folder in decoded_split_cache_dirs(root):
         cached = _read_cache(folder / name, labels, classes, size)
         if cached is not None:
             return cached
@@ -340,10 +340,10 @@ def _visible_folders(folder: Path) -> list[str]:
     )
 
 
-def _decode_files(paths: list[str], size: int, progress: bool, description: str) -> torch.Tensor:
+def _decode_files(paths: list[str], size: int, progress: Progress, description: str) -> torch.Tensor:
     """Read and decode image files to uint8 RGB (N, 3, size, size), resizing those of another size."""
     images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    with progress_bar(progress, description, len(paths)) as advance:
+    with progress(description, len(paths)) as advance:
         for start in range(0, len(paths), DECODE_CHUNK):
             decoded = _decode_chunk(paths[start : start + DECODE_CHUNK])
             by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -404,10 +404,6 @@ def _to_uint8(image: torch.Tensor) -> torch.Tensor:
     return image
 
 
-def _cache_folders(root: Path) -> list[Path]:
-    return [root / CACHE_FOLDER, Path.home() / ".cache" / "hssl"]
-
-
 def _read_cache(path: Path, labels: torch.Tensor, classes: list[str], size: int) -> ImageSplit | None:
     """The cached split, or None when absent, unreadable or not matching (then it is rebuilt)."""
     if not path.is_file():
@@ -434,7 +430,7 @@ def _write_cache(root: Path, name: str, data: ImageSplit) -> None:
     tensors = {"images": data.images, "labels": data.labels}
     metadata = {"format": CACHE_FORMAT, "classes": json.dumps(data.classes), "source": str(root)}
     problems = []
-    for folder in _cache_folders(root):
+    for folder in decoded_split_cache_dirs(root):
         try:
             save_safetensors_atomically(folder / name, tensors, metadata)
         except (OSError, SafetensorError) as error:

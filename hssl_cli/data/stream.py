@@ -23,6 +23,8 @@ import torch
 
 from hssl_cli.data.augment import ChannelStats
 from hssl_cli.errors import DataError, HsslError
+from hssl_cli.files import default_cache_dir, write_text_atomically
+from hssl_cli.progress import Progress, no_progress
 from hssl_cli.recipe import DataConfig
 
 MEMORY_FRACTION = 0.25  # data.storage auto: the decoded split may take this much of the device's memory
@@ -48,7 +50,7 @@ class InMemoryImages:
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         return self.images[indices.to(self.images.device)]
 
-    def channel_stats(self, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def channel_stats(self, progress: Progress = no_progress) -> tuple[torch.Tensor, torch.Tensor]:
         from hssl_cli.data.augment import channel_stats
 
         return channel_stats(self.images.cpu())
@@ -116,7 +118,7 @@ class StreamedImages:
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.dataset.image(int(i)) for i in indices.tolist()]).to(self.device)
 
-    def channel_stats(self, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def channel_stats(self, progress: Progress = no_progress) -> tuple[torch.Tensor, torch.Tensor]:
         """One streamed pass in the split's order, summed in the in-memory statistics' chunks: the same
         float64 sums, so the same mean and std as `data.storage: memory`. Kept in $HSSL_CACHE_DIR/stats,
         keyed by the source (its file list with sizes and dates, or its shards' checksums), the image size
@@ -129,8 +131,6 @@ class StreamedImages:
         return mean, std
 
     def _stats_path(self) -> Path:
-        from hssl_cli.evaluate.feature_cache import default_cache_dir
-
         key = hashlib.sha256(f"{STATS_FORMAT}|{self.dataset.source.digest}|{self.dataset.size}|".encode())
         key.update(torch.tensor(self.dataset.indices, dtype=torch.int64).numpy().tobytes())
         return default_cache_dir("stats") / f"{key.hexdigest()[:32]}.json"
@@ -144,8 +144,6 @@ class StreamedImages:
             return None
 
     def _cache_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        from hssl_cli.files import write_text_atomically
-
         path = self._stats_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,13 +152,11 @@ class StreamedImages:
         except OSError as error:  # an unwritable cache costs the pass next time, nothing else
             warnings.warn(f"channel statistics not cached in {path.parent} ({error.strerror})", stacklevel=3)
 
-    def _streamed_stats(self, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        from hssl_cli.render import progress_bar
-
+    def _streamed_stats(self, progress: Progress) -> tuple[torch.Tensor, torch.Tensor]:
         stats = ChannelStats(3, self.sample_shape)
         loader = self._loader([list(range(start, min(start + stats.chunk_size, len(self))))
                                for start in range(0, len(self), stats.chunk_size)])
-        with progress_bar(progress, "channel statistics (one streamed pass)", len(self)) as advance:
+        with progress("channel statistics (one streamed pass)", len(self)) as advance:
             for chunk in started_workers(loader):
                 stats.add(torch.from_numpy(chunk))
                 advance(len(chunk))
@@ -312,9 +308,10 @@ def choose_storage(config: DataConfig, count: int, device: torch.device) -> tupl
 
 
 def training_images(config: DataConfig, seed: int, device: torch.device,
-                    progress: bool) -> tuple[InMemoryImages | StreamedImages, str | None]:
+                    progress: Progress = no_progress) -> tuple[InMemoryImages | StreamedImages, str | None]:
     """The training split (after data.subset, a seeded choice) in the storage data.storage asks for, and the
-    line that says which storage and why (None where there is no choice: a dataset that is not streamed)."""
+    line that says which storage and why (None where there is no choice: a dataset that is not streamed).
+    `progress` is told of the decoding of a split held in memory."""
     from hssl_cli.data.sources import load_split
 
     streamable = config.dataset in ("imagefolder", "shards") and not config.random_rotation
@@ -380,7 +377,7 @@ class LazyImages:
         return torch.cat(list(self.batches(512))).to(device, non_blocking=non_blocking)
 
 
-def probe_split(config: DataConfig, split: str, device: torch.device, progress: bool):
+def probe_split(config: DataConfig, split: str, device: torch.device, progress: Progress = no_progress):
     """A split for `hssl probe`: decoded in memory (sources.load_split), or, where data.storage says stream
     (or auto finds the decoded split too large for the device), an ImageSplit whose images are LazyImages."""
     from hssl_cli.data.sources import ImageSplit, load_split

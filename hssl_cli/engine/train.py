@@ -25,6 +25,7 @@ from hssl_cli.errors import CheckpointError, CheckpointNote, HsslError, Training
 from hssl_cli.methods import build_method
 from hssl_cli.methods.base import SSLMethod
 from hssl_cli.recipe import Recipe, changed_keys, describe_changes, resume_safe
+from hssl_cli.render import progress_bars
 
 HELD_BATCH = 512  # images of the fixed batch that training-time diagnostics are measured on
 
@@ -210,13 +211,13 @@ def _pretrain(recipe: Recipe, output_root: Path, device: torch.device, context: 
                         "give one of them")
     state = _resume_state(recipe, output_root, resume)
 
-    images, storage = training_images(recipe.data, recipe.seed, device, progress=context.is_main)
+    images, storage = training_images(recipe.data, recipe.seed, device, progress=progress_bars(context.is_main))
     if recipe.method.name == "kernel" and images.storage == "stream":
         raise HsslError("method kernel solves in closed form on all training images at once; it needs "
                         "data.storage: memory")
     if progress is not None and context.is_main and storage is not None:
         progress({"step": 0, "message": storage})
-    mean, std = images.channel_stats(progress=context.is_main)
+    mean, std = images.channel_stats(progress=progress_bars(context.is_main))
     torch.manual_seed(recipe.seed)  # the initial weights
     method = build_method(recipe, in_channels=images.sample_shape[0]).to(device)
     _backbone_runs_on(method.backbone, images.sample_shape, device, recipe)

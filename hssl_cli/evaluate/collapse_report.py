@@ -27,6 +27,7 @@ are in the report; spectrum.plot_spectra draws one or several reports."""
     from hssl_cli.evaluate.frozen import load_trained_method
     from hssl_cli.evaluate.probe_checkpoint import evaluation_data
     from hssl_cli.evaluate.spectrum import layer_outputs, layer_spectrum, predictor_alignment
+    from hssl_cli.render import progress_bars
 
     if samples < 2:
         raise HsslError(f"--samples {samples}: need at least 2 images for a covariance")
@@ -40,7 +41,7 @@ are in the report; spectrum.plot_spectra draws one or several reports."""
     trained = load_trained_method(checkpoint, device)
     method, mean, std = trained.method, trained.mean, trained.std
 
-    images = load_split(data_config, split, progress=progress).images
+    images = load_split(data_config, split, progress=progress_bars(progress)).images
     if images.shape[1] != mean.numel():
         raise HsslError(f"{data_config.dataset} has {images.shape[1]} channel(s) but the checkpoint's model reads "
                         f"{mean.numel()}; use a dataset with {mean.numel()}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +18,6 @@ from hssl_cli.errors import CheckpointNote
 from hssl_cli.files import save_safetensors_atomically
 
 FORMAT = "hssl-features/1"
-
-
-def default_cache_dir(kind: str = "features") -> Path:
-    """$HSSL_CACHE_DIR/<kind>, else $XDG_CACHE_HOME/hssl/<kind>, else ~/.cache/hssl/<kind>."""
-    if "HSSL_CACHE_DIR" in os.environ:
-        return Path(os.environ["HSSL_CACHE_DIR"]) / kind
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hssl" / kind
 
 
 def images_digest(images: torch.Tensor) -> str:
