@@ -24,3 +24,9 @@ class TrainingDiverged(HsslError):
 class CheckpointNote(UserWarning):
     """Something a user should know about a checkpoint that still loads (e.g. no checksum to verify);
     the CLI prints it as one `note:` line."""
+
+
+def first_line(error: Exception) -> str:
+    """The first line of a library's error, so that an HsslError quoting it stays one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from torchvision.io import decode_jpeg, encode_jpeg, encode_png
 
 from hssl_cli.data import sources
-from hssl_cli.data.sources import load_split, resize_images
+from hssl_cli.data.image_files import resize_images
+from hssl_cli.data.sources import load_split
 from hssl_cli.errors import DataError
 from hssl_cli.recipe import DataConfig
 from hssl_cli.render import progress_bars
@@ -46,13 +47,13 @@ def home(tmp_path, monkeypatch):
 def decode_calls(monkeypatch):
     """Number of images each call of the imagefolder decoder received; no call means a cache hit."""
     calls: list[int] = []
-    original = sources._decode_files
+    original = sources.decode_files
 
     def counting(paths, *args, **kwargs):
         calls.append(len(paths))
         return original(paths, *args, **kwargs)
 
-    monkeypatch.setattr(sources, "_decode_files", counting)
+    monkeypatch.setattr(sources, "decode_files", counting)
     return calls
 
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from hssl_cli.data import stream
+from hssl_cli.data.image_files import decode_at_size
 from hssl_cli.data.shards import pack_folder
 from hssl_cli.engine.train import pretrain
 from hssl_cli.errors import DataError, HsslError
@@ -155,11 +156,12 @@ def test_the_training_process_decodes_read_bytes_like_the_workers(tmp_path):
     root = _folder(tmp_path, "jpg")
     images, _ = stream.training_images(_recipe(root, "stream", workers=0).data, 0, torch.device("cpu"))
     indices = [5, 0, 3, 17]
-    encoded = [(images.dataset.source.name(i), images.dataset.source.read(i)) for i in indices]
+    names = [images.dataset.source.name(i) for i in indices]
+    data = [images.dataset.source.read(i) for i in indices]
     expected = torch.stack([images.dataset[i] for i in indices])
-    assert torch.equal(stream.decode_on_device(encoded, 16, torch.device("cpu")), expected)
+    assert torch.equal(decode_at_size(names, data, 16, torch.device("cpu")), expected)
     with pytest.raises(DataError, match="broken.jpg: cannot decode"):
-        stream.decode_on_device([*encoded, ("broken.jpg", b"\xff\xd8\xff" + b"\x00" * 30)], 16, torch.device("cpu"))
+        decode_at_size([*names, "broken.jpg"], [*data, b"\xff\xd8\xff" + b"\x00" * 30], 16, torch.device("cpu"))
 
 
 def test_a_streamed_probe_scores_what_the_in_memory_probe_scores(tmp_path):

@@ -23,6 +23,16 @@ from pathlib import Path
 
 import torch
 
+from hssl_cli.data.image_files import (
+    IMAGE_SUFFIXES,
+    decode_at_size,
+    encode_png,
+    is_image,
+    list_images,
+    read_images,
+    resize_each,
+    visible_folders,
+)
 from hssl_cli.errors import DataError
 from hssl_cli.files import write_text_atomically
 from hssl_cli.progress import Progress, no_progress
@@ -35,12 +45,10 @@ ON_CORRUPT = ("stop", "skip")
 def split_names(folder: Path) -> list[str]:
     """The folder's splits: its visible subfolders that hold class folders, or, for a folder of images
     alone (an unlabeled pretraining source), the one split `train`."""
-    from hssl_cli.data.sources import IMAGE_SUFFIXES, _visible_folders
-
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; hssl shards packs <folder>/<split>/<class>/*.jpg|png, or a "
                         "folder of images")
-    splits = [name for name in _visible_folders(folder) if _visible_folders(folder / name)]
+    splits = [name for name in visible_folders(folder) if visible_folders(folder / name)]
     if splits:
         return splits
     if any(name.lower().endswith(IMAGE_SUFFIXES) for name in os.listdir(folder)):
@@ -50,9 +58,7 @@ def split_names(folder: Path) -> list[str]:
 
 
 def _unlabeled_images(folder: Path) -> list[str]:
-    from hssl_cli.data.sources import _is_image
-
-    return [entry.path for entry in sorted(os.scandir(folder), key=lambda entry: entry.name) if _is_image(entry)]
+    return [entry.path for entry in sorted(os.scandir(folder), key=lambda entry: entry.name) if is_image(entry)]
 
 
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -75,8 +81,6 @@ def pack_folder(folder: Path, out: Path, splits: list[str] | None = None, per_sh
     returns the manifest. `size`: resize every image to size x size (antialiased bilinear, the in-memory
     loader's) and store it as PNG; else the files' own bytes. Refuses an `out` that already holds a pack.
     `progress` is told of each split's packing."""
-    from hssl_cli.data.sources import _list_images
-
     if per_shard < 1:
         raise DataError(f"--per-shard {per_shard}: at least 1 image per shard")
     available = split_names(folder)
@@ -89,7 +93,7 @@ def pack_folder(folder: Path, out: Path, splits: list[str] | None = None, per_sh
     manifest = {"format": FORMAT, "source": str(folder), "size": size, "splits": {}}
     for split in splits or available:
         if (folder / split).is_dir():
-            paths, labels, classes, _ = _list_images(folder, split, size or 0)
+            paths, labels, classes, _ = list_images(folder, split, size or 0)
             labels = labels.tolist()
         else:  # a folder of images: one unlabeled split
             paths, classes = _unlabeled_images(folder), []
@@ -108,15 +112,8 @@ def pack_folder(folder: Path, out: Path, splits: list[str] | None = None, per_sh
 
 def _write_shard(path: Path, paths: list[str], labels: list[int], first: int, size: int | None) -> dict:
     """One shard, written to a temporary name and renamed: a killed pack leaves no half shard behind."""
-    from hssl_cli.data.sources import _decode_chunk, resize_images
-
     if size is not None:
-        from torchvision.io import encode_png
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-            images = [resize_images(image[None], size)[0] for image in _decode_chunk(paths)]
-            encoded = [(encode_png(image).numpy().tobytes(), "png") for image in images]
+        encoded = [(encode_png(image), "png") for image in resize_each(read_images(paths), size)]
     else:
         encoded = []
         for file in paths:
@@ -244,10 +241,7 @@ class ShardReader:
 
     def images(self, indices: list[int], size: int) -> torch.Tensor:
         """Decoded uint8 RGB (B, 3, size, size) of these samples, resized as the in-memory loader resizes."""
-        from hssl_cli.data.sources import decode_encoded, resize_images
-
-        decoded = decode_encoded([self.name(i) for i in indices], [self.read(i) for i in indices])
-        return torch.stack([resize_images(image[None], size)[0] for image in decoded])
+        return decode_at_size([self.name(i) for i in indices], [self.read(i) for i in indices], size)
 
 
 def read_manifest(folder: Path) -> dict:

@@ -15,35 +15,33 @@ differs from `data.image_size`), so training never resizes. Sources and their sp
 - shards: a folder written by `hssl shards` (data/shards.py): its splits, decoded as imagefolder decodes.
 - imagefolder: data.root/<split>/<class>/*.jpg|jpeg|png (any case; a split of images without class
   folders is unlabeled, label -1: a pretraining source); classes are the sorted class
-  folder names and a label is its class's index. Decoded once, then cached as safetensors in
-  data.root/.hssl-cache/ (or ~/.cache/hssl/ when data.root is not writable), keyed on the file
-  list (relative paths, sizes, mtimes) and the image size, so a changed folder is decoded again
-  (and the folder's cache it replaces is deleted).
+  folder names and a label is its class's index (data/image_files.py). Decoded once, then cached
+  (data/decoded_cache.py): in data.root/.hssl-cache/, or ~/.cache/hssl/ when data.root is not writable.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import hashlib
-import json
 import math
-import os
-import re
 import struct
-import warnings
 import zlib
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 
-from hssl_cli.errors import DataError
-from hssl_cli.files import decoded_split_cache_dirs, save_safetensors_atomically
+from hssl_cli.data.decoded_cache import cache_name, read_decoded, write_decoded
+from hssl_cli.data.image_files import (
+    DECODE_CHUNK,
+    IMAGE_GLOB,
+    decode_files,
+    list_images,
+    resize_images,
+    visible_folders,
+)
+from hssl_cli.data.shards import ShardReader
+from hssl_cli.errors import DataError, first_line
 from hssl_cli.progress import Progress, no_progress
 from hssl_cli.recipe import DataConfig
 
@@ -59,12 +57,6 @@ MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-IMAGE_GLOB = "*.jpg|jpeg|png"
-CACHE_FORMAT = "hssl-imagefolder-cache/1"
-DECODE_CHUNK = 1024  # files read and decoded per batch: bounds the memory held by encoded bytes
-RESIZE_CHUNK = 4096  # images resized per call: bounds the temporary memory of large splits
-JPEG_MAGIC = b"\xff\xd8\xff"
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -109,8 +101,6 @@ def load_split(config: DataConfig, split: str, progress: Progress = no_progress)
 
 def _load_shards(root: Path, split: str, size: int, on_corrupt: str, progress: Progress) -> ImageSplit:
     """Every sample of a shard folder's split (hssl shards), decoded at `size`."""
-    from hssl_cli.data.shards import ShardReader
-
     reader = ShardReader(root, split, on_corrupt)
     images = torch.empty((len(reader), 3, size, size), dtype=torch.uint8)
     with progress(f"decoding {root} ({split})", len(reader)) as advance:
@@ -128,19 +118,6 @@ def _looks_like_imagefolder(root: Path) -> bool:
             if class_folder.is_dir() and any(class_folder.glob("*.[jpJP][pnPN]*")):
                 return True
     return False
-
-
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), antialiased bilinear; contiguous either way."""
-    if tuple(images.shape[-2:]) == (size, size):
-        return images.contiguous()
-    resized = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
-    for start in range(0, len(images), RESIZE_CHUNK):
-        batch = images[start : start + RESIZE_CHUNK].contiguous()
-        resized[start : start + RESIZE_CHUNK] = F.interpolate(
-            batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-    return resized
 
 
 def _check_split(dataset: str, split: str, valid: tuple[str, ...]) -> None:
@@ -198,7 +175,7 @@ def _read_idx(path: Path, ndim: int) -> torch.Tensor:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as error:
             raise DataError(
-                f"{path}: corrupt gzip file ({_reason(error)}); restore the original MNIST file"
+                f"{path}: corrupt gzip file ({first_line(error)}); restore the original MNIST file"
             ) from None
     expected = f"an IDX file of unsigned bytes with {ndim} dimension(s), magic 000008{ndim:02x}"
     if raw[:4] != bytes((0, 0, 8, ndim)):
@@ -254,207 +231,23 @@ def _load_stl10(root: Path, split: str) -> ImageSplit:
 
 def _detail(error: Exception) -> str:
     # torchvision's RuntimeError here only says "not found or corrupted, use download=True"
-    return "" if isinstance(error, RuntimeError) else f" ({_reason(error)})"
-
-
-def _reason(error: Exception) -> str:
-    """The first line of a library's error, so that a DataError stays one line."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    return "" if isinstance(error, RuntimeError) else f" ({first_line(error)})"
 
 
 def _load_imagefolder(root: Path, split: str, size: int, progress: Progress) -> ImageSplit:
     layout = f"{root}/<split>/<class>/{IMAGE_GLOB}"
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; imagefolder expects {layout}")
-    splits = _visible_folders(root)
+    splits = visible_folders(root)
     if split not in splits:
         raise DataError(
             f"{root / split}: no such split folder; imagefolder expects {layout}, "
             f"valid splits here: {', '.join(splits) or 'none'}"
         )
-    paths, labels, classes, digest = _list_images(root, split, size)
-    name = f"{re.sub(r'[^A-Za-z0-9_.+-]', '_', split)}-{size}px-{digest[:24]}.safetensors"
-    for folder in decoded_split_cache_dirs(root):
-        cached = _read_cache(folder / name, labels, classes, size)
-        if cached is not None:
-            return cached
-    images = _decode_files(paths, size, progress, f"decoding {root / split}")
-    data = ImageSplit(images, labels, classes)
-    _write_cache(root, name, data)
-    return data
-
-
-def _list_images(root: Path, split: str, size: int) -> tuple[list[str], torch.Tensor, list[str], str]:
-    """Image paths and labels in class-then-name order, the classes, and the cache key of the list."""
-    split_dir = root / split
-    classes = _visible_folders(split_dir)
-    if not classes:
-        loose = sorted((entry for entry in os.scandir(split_dir) if _is_image(entry)), key=lambda entry: entry.name)
-        if loose:  # images without class folders: an unlabeled split (label -1), for pretraining
-            return _unlabeled_list(split, loose, size)
-        raise DataError(
-            f"{split_dir}: no class folders and no images; imagefolder expects {split_dir}/<class>/{IMAGE_GLOB} "
-            f"(or, unlabeled, {split_dir}/{IMAGE_GLOB})"
-        )
-    key = hashlib.sha256(f"{CACHE_FORMAT}\n{size}\n{json.dumps(classes)}\n".encode())
-    paths: list[str] = []
-    labels: list[int] = []
-    for label, class_name in enumerate(classes):
-        for entry in sorted(os.scandir(split_dir / class_name), key=lambda entry: entry.name):
-            if not _is_image(entry):
-                continue
-            stat = entry.stat()
-            key.update(os.fsencode(f"{split}/{class_name}/{entry.name}"))
-            key.update(f"\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-            paths.append(entry.path)
-            labels.append(label)
-    if not paths:
-        raise DataError(
-            f"{split_dir}: no .jpg/.jpeg/.png images in its class folders ({', '.join(classes)}); "
-            f"imagefolder expects {split_dir}/<class>/{IMAGE_GLOB}"
-        )
-    return paths, torch.tensor(labels, dtype=torch.int64), classes, key.hexdigest()
-
-
-def _unlabeled_list(split: str, entries: list[os.DirEntry], size: int
-                    ) -> tuple[list[str], torch.Tensor, list[str], str]:
-    key = hashlib.sha256(f"{CACHE_FORMAT}\n{size}\nunlabeled\n".encode())
-    for entry in entries:
-        stat = entry.stat()
-        key.update(os.fsencode(f"{split}/{entry.name}") + f"\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    paths = [entry.path for entry in entries]
-    return paths, torch.full((len(paths),), -1, dtype=torch.int64), [], key.hexdigest()
-
-
-def _is_image(entry: os.DirEntry) -> bool:
-    # hidden files include macOS's '._name.jpg' resource forks, which are not images
-    name = entry.name
-    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file()
-
-
-def _visible_folders(folder: Path) -> list[str]:
-    """Sorted names of the subfolders, leaving out hidden ones such as .hssl-cache."""
-    return sorted(
-        entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith(".")
-    )
-
-
-def _decode_files(paths: list[str], size: int, progress: Progress, description: str) -> torch.Tensor:
-    """Read and decode image files to uint8 RGB (N, 3, size, size), resizing those of another size."""
-    images = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    with progress(description, len(paths)) as advance:
-        for start in range(0, len(paths), DECODE_CHUNK):
-            decoded = _decode_chunk(paths[start : start + DECODE_CHUNK])
-            by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-            for offset, image in enumerate(decoded):
-                by_shape[tuple(image.shape)].append(offset)
-            for offsets in by_shape.values():
-                batch = torch.stack([decoded[offset] for offset in offsets])
-                images[torch.tensor(offsets) + start] = resize_images(batch, size)
-            advance(len(decoded))
-    return images
-
-
-def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
-    encoded = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            encoded.append(handle.read())
-    return decode_encoded(paths, encoded)
-
-
-def decode_encoded(paths: list[str], encoded: list[bytes]) -> list[torch.Tensor]:
-    """Encoded JPEG/PNG bytes -> uint8 RGB (3, H, W) each (JPEGs in one batched call); `paths` name them in
-    errors (a file, or a shard's member)."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
-    decoded: list[torch.Tensor | None] = [None] * len(paths)
-    jpegs = [index for index, data in enumerate(encoded) if data.startswith(JPEG_MAGIC)]
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders in favour of torchcodec; nothing for a user to act on
-        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-        if jpegs:
-            # on a corrupt file the whole batch fails; the loop below then decodes one by one and names it
-            with contextlib.suppress(RuntimeError):
-                batch = decode_jpeg([_as_tensor(paths[i], encoded[i]) for i in jpegs], mode=ImageReadMode.RGB)
-                for index, image in zip(jpegs, batch, strict=True):
-                    decoded[index] = image
-        for index, image in enumerate(decoded):
-            if image is None:
-                path = paths[index]
-                try:
-                    decoded[index] = decode_image(_as_tensor(path, encoded[index]), mode=ImageReadMode.RGB)
-                except (RuntimeError, ValueError) as error:
-                    raise DataError(
-                        f"{path}: cannot decode this image ({_reason(error)}); fix or delete it"
-                    ) from None
-    return [_to_uint8(image) for image in decoded if image is not None]
-
-
-def _as_tensor(path: str, data: bytes) -> torch.Tensor:
-    if not data:
-        raise DataError(f"{path}: empty image file; fix or delete it")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def _to_uint8(image: torch.Tensor) -> torch.Tensor:
-    if image.dtype == torch.uint16:  # 16-bit PNG
-        return (image.to(torch.int32) >> 8).to(torch.uint8)
-    return image
-
-
-def _read_cache(path: Path, labels: torch.Tensor, classes: list[str], size: int) -> ImageSplit | None:
-    """The cached split, or None when absent, unreadable or not matching (then it is rebuilt)."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            images, cached_labels = handle.get_tensor("images"), handle.get_tensor("labels")
-        cached_classes = json.loads(metadata.get("classes", "null"))
-    except (OSError, SafetensorError, KeyError, ValueError):
-        return None
-    valid = (
-        metadata.get("format") == CACHE_FORMAT
-        and cached_classes == classes
-        and images.dtype == torch.uint8
-        and tuple(images.shape) == (len(labels), 3, size, size)
-        and cached_labels.dtype == torch.int64
-        and torch.equal(cached_labels, labels)
-    )
-    return ImageSplit(images.contiguous(), cached_labels, classes) if valid else None
-
-
-def _write_cache(root: Path, name: str, data: ImageSplit) -> None:
-    tensors = {"images": data.images, "labels": data.labels}
-    metadata = {"format": CACHE_FORMAT, "classes": json.dumps(data.classes), "source": str(root)}
-    problems = []
-    for folder in decoded_split_cache_dirs(root):
-        try:
-            save_safetensors_atomically(folder / name, tensors, metadata)
-        except (OSError, SafetensorError) as error:
-            problems.append(f"{folder}: {error}")
-            continue
-        _remove_stale_caches(folder, name, str(root))
-        return
-    warnings.warn(
-        f"could not cache the decoded images ({'; '.join(problems)}); the next load decodes again",
-        stacklevel=3,
-    )
-
-
-def _remove_stale_caches(folder: Path, current: str, source: str) -> None:
-    """Delete this split's and size's older caches of the same folder (its files changed since): a
-    CIFAR-10 train cache is ~150 MB. Caches of other folders sharing ~/.cache/hssl are left alone."""
-    split_and_size = current.rsplit("-", 1)[0]
-    for path in folder.glob(f"{split_and_size}-*.safetensors"):
-        if path.name == current:
-            continue
-        try:
-            with safe_open(path, framework="pt") as handle:
-                stale = (handle.metadata() or {}).get("source") == source
-            if stale:
-                path.unlink()
-        except (OSError, SafetensorError):
-            continue
+    paths, labels, classes, digest = list_images(root, split, size)
+    name = cache_name(split, size, digest)
+    images = read_decoded(root, name, labels, classes, size)
+    if images is None:
+        images = decode_files(paths, size, progress, f"decoding {root / split}")
+        write_decoded(root, name, images, labels, classes)
+    return ImageSplit(images, labels, classes)

@@ -18,10 +18,14 @@ import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from hssl_cli.data.augment import ChannelStats
+from hssl_cli.data.augment import ChannelStats, channel_stats
+from hssl_cli.data.image_files import decode_at_size, list_images
+from hssl_cli.data.shards import ShardReader
+from hssl_cli.data.sources import ImageSplit, load_split
 from hssl_cli.errors import DataError, HsslError
 from hssl_cli.files import default_cache_dir, write_text_atomically
 from hssl_cli.progress import Progress, no_progress
@@ -51,8 +55,6 @@ class InMemoryImages:
         return self.images[indices.to(self.images.device)]
 
     def channel_stats(self, progress: Progress = no_progress) -> tuple[torch.Tensor, torch.Tensor]:
-        from hssl_cli.data.augment import channel_stats
-
         return channel_stats(self.images.cpu())
 
     def epoch_batches(self, permutation: torch.Tensor, start_step: int, batch_size: int, rank_batch: int,
@@ -62,12 +64,27 @@ class InMemoryImages:
             yield self.images[permutation[first:first + rank_batch]]
 
 
+class EncodedSource(Protocol):
+    """A split kept encoded, read sample by sample: image files (FileSource) or shards (shards.ShardReader)."""
+
+    labels: torch.Tensor  # int64 (N,), -1 where unlabeled
+    classes: list[str]
+    digest: str  # identifies what is read (the file list with sizes and dates, or the shards' checksums)
+
+    def __len__(self) -> int: ...
+
+    def name(self, index: int) -> str: ...  # for errors: the file, or the shard and its member
+
+    def read(self, index: int) -> bytes: ...
+
+
 class EncodedImages(torch.utils.data.Dataset):
     """Sample i of the training split (after data.subset) -> uint8 (3, size, size), read and decoded on call
     (in a DataLoader worker). A sample that cannot be decoded stops the run, naming it, or with on_corrupt
     `skip` is replaced by the next decodable sample, with a warning."""
 
-    def __init__(self, source, indices: torch.Tensor, size: int, on_corrupt: str, encoded_only: bool = False):
+    def __init__(self, source: EncodedSource, indices: torch.Tensor, size: int, on_corrupt: str,
+                 encoded_only: bool = False):
         self.source, self.indices, self.size, self.on_corrupt = source, indices.tolist(), size, on_corrupt
         self.encoded_only = encoded_only  # workers only read bytes; the training process decodes (on CUDA)
 
@@ -75,11 +92,8 @@ class EncodedImages(torch.utils.data.Dataset):
         return len(self.indices)
 
     def decode(self, item: int) -> torch.Tensor:
-        from hssl_cli.data.sources import decode_encoded, resize_images
-
         index = self.indices[item]
-        image = decode_encoded([self.source.name(index)], [self.source.read(index)])[0]
-        return resize_images(image[None], self.size)[0]
+        return decode_at_size([self.source.name(index)], [self.source.read(index)], self.size)[0]
 
     def __getitem__(self, item: int) -> torch.Tensor | tuple[str, bytes]:
         if self.encoded_only:
@@ -172,7 +186,8 @@ class StreamedImages:
                   for step in range(start_step, len(order) // batch_size)]
         if self.device.type == "cuda":  # workers read bytes; JPEGs are decoded on the GPU, in one batched call
             for encoded in started_workers(self._loader(shares, encoded=True)):
-                yield decode_on_device(encoded, self.dataset.size, self.device)
+                yield decode_at_size([name for name, _ in encoded], [data for _, data in encoded], self.dataset.size,
+                                     self.device)
             return
         for batch in started_workers(self._loader(shares)):
             yield torch.from_numpy(batch).to(self.device, non_blocking=True)
@@ -219,61 +234,22 @@ def started_workers(loader) -> Iterator:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def decode_on_device(encoded: list[tuple[str, bytes]], size: int, device: torch.device) -> torch.Tensor:
-    """(name, bytes) of JPEG/PNG images -> uint8 (B, 3, size, size) on `device`: JPEGs by torchvision's batched
-    decoder on that device (nvJPEG on CUDA), others on the CPU; then the antialiased bilinear resize of the
-    in-memory loader. On CUDA the decoder (and the resize's rounding) differ from the CPU's: a streamed GPU run
-    matches an in-memory one within decoding differences, not bit for bit."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from hssl_cli.data.sources import JPEG_MAGIC, decode_encoded, resize_images
-
-    names = [name for name, _ in encoded]
-    jpegs = [i for i, (_, data) in enumerate(encoded) if data.startswith(JPEG_MAGIC)]
-    images: list[torch.Tensor | None] = [None] * len(encoded)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
-        try:
-            decoded = decode_jpeg([torch.frombuffer(bytearray(encoded[i][1]), dtype=torch.uint8) for i in jpegs],
-                                  mode=ImageReadMode.RGB, device=device) if jpegs else []
-            for index, image in zip(jpegs, decoded, strict=True):
-                images[index] = image
-        except RuntimeError:  # a corrupt JPEG fails the batch: decode one by one below, which names it
-            pass
-    rest = [i for i, image in enumerate(images) if image is None]
-    for index, image in zip(rest, decode_encoded([names[i] for i in rest], [encoded[i][1] for i in rest]),
-                            strict=True):
-        images[index] = image.to(device)
-    if device.type == "cpu":
-        return torch.stack([resize_images(image[None], size)[0] for image in images])
-    resized = [image[None] if tuple(image.shape[-2:]) == (size, size) else
-               torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode="bilinear",
-                                               antialias=True, align_corners=False).round().clamp(0, 255).byte()
-               for image in images]
-    return torch.cat(resized)
-
-
-def encoded_source(config: DataConfig, split: str, on_corrupt: str):
-    """(source with read/name/len, labels) of a split kept encoded: image files or shards."""
+def encoded_source(config: DataConfig, split: str, on_corrupt: str) -> EncodedSource:
+    """A split kept encoded: the image files of an image folder's split, or a shard folder's split."""
     root = Path(config.root).expanduser()
     if config.dataset == "shards":
-        from hssl_cli.data.shards import ShardReader
-
-        reader = ShardReader(root, split, on_corrupt)
-        return reader, reader.labels
-    from hssl_cli.data.sources import _list_images
-
+        return ShardReader(root, split, on_corrupt)
     if not (root / split).is_dir():
         raise DataError(f"{root / split}: no such split folder; imagefolder expects {root}/<split>/<class>/*.jpg")
-    paths, labels, _, digest = _list_images(root, split, config.image_size)
-    return FileSource(paths, digest), labels
+    paths, labels, classes, digest = list_images(root, split, config.image_size)
+    return FileSource(paths, labels, classes, digest)
 
 
 class FileSource:
     """Image files, read whole; `digest` identifies the list (names, sizes, dates)."""
 
-    def __init__(self, paths: list[str], digest: str):
-        self.paths, self.digest = paths, digest
+    def __init__(self, paths: list[str], labels: torch.Tensor, classes: list[str], digest: str):
+        self.paths, self.labels, self.classes, self.digest = paths, labels, classes, digest
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -312,8 +288,6 @@ def training_images(config: DataConfig, seed: int, device: torch.device,
     """The training split (after data.subset, a seeded choice) in the storage data.storage asks for, and the
     line that says which storage and why (None where there is no choice: a dataset that is not streamed).
     `progress` is told of the decoding of a split held in memory."""
-    from hssl_cli.data.sources import load_split
-
     streamable = config.dataset in ("imagefolder", "shards") and not config.random_rotation
     if config.storage == "memory" or not streamable:
         if config.storage == "stream":
@@ -321,7 +295,7 @@ def training_images(config: DataConfig, seed: int, device: torch.device,
                             f"shards, without random_rotation), not {config.dataset}; use memory or auto")
         images = _subset(load_split(config, config.train_split, progress=progress).images, config, seed)
         return InMemoryImages(images.to(device)), ("data.storage: memory" if streamable else None)
-    source, _ = encoded_source(config, config.train_split, config.on_corrupt)
+    source = encoded_source(config, config.train_split, config.on_corrupt)
     indices = _subset(torch.arange(len(source)), config, seed)
     storage, why = choose_storage(config, len(indices), device)
     if storage == "memory":
@@ -377,23 +351,16 @@ class LazyImages:
         return torch.cat(list(self.batches(512))).to(device, non_blocking=non_blocking)
 
 
-def probe_split(config: DataConfig, split: str, device: torch.device, progress: Progress = no_progress):
+def probe_split(config: DataConfig, split: str, device: torch.device, progress: Progress = no_progress
+                ) -> ImageSplit:
     """A split for `hssl probe`: decoded in memory (sources.load_split), or, where data.storage says stream
     (or auto finds the decoded split too large for the device), an ImageSplit whose images are LazyImages."""
-    from hssl_cli.data.sources import ImageSplit, load_split
-
     if config.storage == "memory" or config.dataset not in ("imagefolder", "shards") or config.random_rotation:
         return load_split(config, split, progress=progress)
-    source, labels = encoded_source(config, split, config.on_corrupt)
+    source = encoded_source(config, split, config.on_corrupt)
     storage, _ = choose_storage(config, len(source), device)
     if storage == "memory":
         return load_split(config, split, progress=progress)
     dataset = EncodedImages(source, torch.arange(len(source)), config.image_size, config.on_corrupt)
-    classes = source.classes if hasattr(source, "classes") else _class_names(config, split)
-    return ImageSplit(LazyImages(dataset, torch.arange(len(source)), config.workers), labels, classes)
-
-
-def _class_names(config: DataConfig, split: str) -> list[str]:
-    from hssl_cli.data.sources import _visible_folders
-
-    return _visible_folders(Path(config.root).expanduser() / split)
+    return ImageSplit(LazyImages(dataset, torch.arange(len(source)), config.workers), source.labels,
+                      source.classes)
