@@ -15,15 +15,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from hssl_cli.errors import CheckpointNote
+from hssl_cli.evaluate.probe_data import LazyImages
 from hssl_cli.files import save_safetensors_atomically
 
 FORMAT = "hssl-features/1"
 
 
-def images_digest(images: torch.Tensor) -> str:
+def images_digest(images: torch.Tensor | LazyImages) -> str:
     """SHA-256 of a uint8 image batch's shape and bytes (about 0.3 s for CIFAR-10's 150 MB); streamed images
     (LazyImages) give their own digest (source, size, samples), without decoding."""
-    if hasattr(images, "digest"):
+    if isinstance(images, LazyImages):
         return images.digest
     digest = hashlib.sha256(f"{tuple(images.shape)}|{images.dtype}".encode())
     digest.update(images.contiguous().reshape(-1).view(torch.uint8).numpy().data)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hssl_cli.data.augment import normalize
+from hssl_cli.evaluate.probe_data import LazyImages
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -45,8 +46,8 @@ def extract_features(
     )
     try:
         chunks = []
-        # streamed images (data/stream.py LazyImages) decode batch by batch; a tensor is sliced
-        batches = images.batches(batch_size) if hasattr(images, "batches") else (
+        # streamed images decode batch by batch; a tensor is sliced
+        batches = images.batches(batch_size) if isinstance(images, LazyImages) else (
             images[start : start + batch_size] for start in range(0, images.shape[0], batch_size))
         for batch in batches:
             batch = batch.to(device, non_blocking=True)

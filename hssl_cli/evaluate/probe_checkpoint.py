@@ -116,7 +116,6 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     import torch
 
     from hssl_cli.data.groups import rotate_uint8
-    from hssl_cli.data.stream import probe_split
     from hssl_cli.engine.checkpoint import load_checkpoint, tensor_checksum
     from hssl_cli.engine.train import resolve_device
     from hssl_cli.evaluate.feature_cache import FeatureCache
@@ -124,6 +123,7 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     from hssl_cli.evaluate.frozen import feature_model, load_trained_method
     from hssl_cli.evaluate.linear_sgd import SgdProtocol, train_linear_sgd
     from hssl_cli.evaluate.probe import fit_linear_probe, knn_probe, topk_accuracy
+    from hssl_cli.evaluate.probe_data import LazyImages, probe_split
     from hssl_cli.files import default_cache_dir
     from hssl_cli.render import progress_bar, progress_bars
 
@@ -141,7 +141,7 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     model = feature_model(trained.method, features)
     train = probe_split(data_config, data_config.train_split, device, progress_bars(progress))
     test = None if validation else probe_split(data_config, data_config.test_split, device, progress_bars(progress))
-    streamed = hasattr(train.images, "batches")
+    streamed = isinstance(train.images, LazyImages)
     if streamed and (protocol == "standard" or test_rotations or exact_kernel_knn):
         raise HsslError("--protocol standard, --test-rotation and --exact-kernel-knn read the decoded images; this "
                         "split is streamed (data.storage): probe with --train-subset/--test-subset and data.storage "
