@@ -164,6 +164,19 @@ def test_the_training_process_decodes_read_bytes_like_the_workers(tmp_path):
         decode_at_size([*names, "broken.jpg"], [*data, b"\xff\xd8\xff" + b"\x00" * 30], 16, torch.device("cpu"))
 
 
+def test_a_streamed_probe_split_holds_the_in_memory_splits_classes_labels_and_pixels(tmp_path):
+    from hssl_cli.evaluate.probe_data import LazyImages, probe_split
+
+    config = _recipe(_folder(tmp_path, count=8), "stream", workers=0).data
+    streamed = probe_split(config, "test", torch.device("cpu"))
+    in_memory = probe_split(config.model_copy(update={"storage": "memory"}), "test", torch.device("cpu"))
+    assert isinstance(streamed.images, LazyImages) and isinstance(in_memory.images, torch.Tensor)
+    assert streamed.classes == in_memory.classes == ["a", "b"]
+    assert torch.equal(streamed.labels, in_memory.labels)
+    assert torch.equal(streamed.images.to("cpu"), in_memory.images)
+    assert torch.equal(torch.cat(list(streamed.images[2:7].batches(2))), in_memory.images[2:7])
+
+
 def test_a_streamed_probe_scores_what_the_in_memory_probe_scores(tmp_path):
     from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
 
