@@ -31,8 +31,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from hssl_cli.data.augment import ViewParams, channel_stats
+from hssl_cli.data.augment import ViewParams
 from hssl_cli.data.sources import load_split
+from hssl_cli.data.statistics import channel_stats
 from hssl_cli.data.stream import PREFETCH_BATCHES
 from hssl_cli.data.views import Views, build_pipelines
 from hssl_cli.engine.optim import build_optimizer

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from hssl_cli.data.augment import PARAM_NAMES, Augmenter, ViewParams, channel_stats, normalize
+from hssl_cli.data.augment import PARAM_NAMES, Augmenter, ViewParams, normalize
+from hssl_cli.data.statistics import channel_stats
 from hssl_cli.recipe import AugmentConfig
 
 EVERYTHING_ON = {

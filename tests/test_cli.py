@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from hssl_cli import __version__
 from hssl_cli.cli import app
-from hssl_cli.data.augment import channel_stats
 from hssl_cli.data.sources import load_split
+from hssl_cli.data.statistics import channel_stats
 from hssl_cli.engine import checkpoint as ckpt
 from hssl_cli.methods import build_method
 from tests.conftest import TINY_RECIPE

@@ -110,8 +110,8 @@ def test_data_subset_limits_the_pretraining_images(tmp_path, tiny_recipe):
 def test_a_bf16_autocast_step_gives_the_fp32_loss_and_finite_updates(tiny_recipe, case):
     """The GPU path's bf16 autocast, run on the CPU: every method's dtypes meet, and the loss agrees with
     fp32 to bf16 precision."""
-    from hssl_cli.data.augment import channel_stats
     from hssl_cli.data.sources import load_split
+    from hssl_cli.data.statistics import channel_stats
     from hssl_cli.data.views import build_pipelines
     from hssl_cli.engine.optim import build_optimizer
     from hssl_cli.engine.train import training_step

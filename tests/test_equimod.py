@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from hssl_cli.data.augment import PARAM_NAMES, Augmenter, ViewParams, param_vector_stats
+from hssl_cli.data.augment import PARAM_NAMES, Augmenter, ViewParams
+from hssl_cli.data.statistics import param_vector_stats
 from hssl_cli.engine.checkpoint import load_checkpoint
 from hssl_cli.engine.train import pretrain
 from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint

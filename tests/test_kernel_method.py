@@ -7,8 +7,9 @@ import torch
 from typer.testing import CliRunner
 
 from hssl_cli.cli import app
-from hssl_cli.data.augment import Augmenter, channel_stats, normalize
+from hssl_cli.data.augment import Augmenter, normalize
 from hssl_cli.data.sources import load_split
+from hssl_cli.data.statistics import channel_stats
 from hssl_cli.engine.checkpoint import load_checkpoint
 from hssl_cli.engine.train import seeded_generator
 from hssl_cli.errors import HsslError, RecipeError

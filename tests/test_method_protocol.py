@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hssl_cli.data.augment import channel_stats
 from hssl_cli.data.sources import load_split
+from hssl_cli.data.statistics import channel_stats
 from hssl_cli.data.views import build_pipelines, draw_views
 from hssl_cli.errors import RecipeError
 from hssl_cli.methods import METHODS, build_method

@@ -22,10 +22,10 @@ from typing import Protocol
 
 import torch
 
-from hssl_cli.data.augment import ChannelStats, channel_stats
 from hssl_cli.data.image_files import decode_at_size, list_images
 from hssl_cli.data.shards import ShardReader
 from hssl_cli.data.sources import load_split
+from hssl_cli.data.statistics import ChannelStats, channel_stats
 from hssl_cli.errors import DataError, HsslError
 from hssl_cli.files import default_cache_dir, write_text_atomically
 from hssl_cli.progress import Progress, no_progress

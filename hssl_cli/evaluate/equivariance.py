@@ -111,8 +111,8 @@ def load_checked_model(checkpoint: Path | None, recipe_path: Path | None, device
     if (checkpoint is None) == (recipe_path is None):
         raise HsslError("give a checkpoint (CKPT) or --recipe R.yaml, not both or neither")
     if recipe_path is not None:
-        from hssl_cli.data.augment import channel_stats
         from hssl_cli.data.sources import load_split
+        from hssl_cli.data.statistics import channel_stats
         from hssl_cli.recipe import load_recipe
 
         recipe = load_recipe(recipe_path, overrides or [])

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hssl_cli.data.augment import PARAM_NAMES, ViewParams, param_vector_stats
+from hssl_cli.data.augment import PARAM_NAMES, ViewParams
+from hssl_cli.data.statistics import param_vector_stats
 from hssl_cli.losses import info_nce
 from hssl_cli.methods.base import random_permutation
 from hssl_cli.models.heads import EquiModPredictor, mlp
