@@ -171,7 +171,6 @@ class EquivariantBackbone(nn.Module):
         self.stages = nn.ModuleDict(stages)
         self.group = group
         self.feature_dim = fields
-        self.equivariant = equivariant
         # lifted fibres of its group and every stage's map, equivariant unless it is the structure-removed twin;
         # no library model has its layout (hssl export --format plain only)
         self.capabilities = BackboneCapabilities(group=group, equivariant=equivariant, spatial_map="layer_outputs")
