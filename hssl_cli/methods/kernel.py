@@ -159,7 +159,7 @@ class KernelMethod(SSLMethod):
             "eigensolve_seconds": solved - kernel_done,
             "held_megabytes": held_bytes / MEGABYTE,
         }
-        if hasattr(feature_map.kernel, "bandwidth"):
+        if isinstance(feature_map.kernel, (RBFKernel, RandomFourierFeatures)):  # the kernels with a bandwidth
             metrics["bandwidth"] = float(feature_map.kernel.bandwidth)
         return metrics
 
