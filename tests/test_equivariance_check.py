@@ -121,5 +121,8 @@ def test_a_backbone_without_a_map_has_no_translation_rows():
     import torch
 
     from hssl_cli.evaluate.equivariance import _translations
+    from hssl_cli.models.capabilities import BackboneCapabilities
 
-    assert _translations(torch.nn.Flatten(), torch.zeros(2, 1, 8, 8)) is None
+    backbone = torch.nn.Flatten()
+    backbone.capabilities = BackboneCapabilities()  # pooled features only
+    assert _translations(backbone, torch.zeros(2, 1, 8, 8)) is None

@@ -111,7 +111,7 @@ def test_structure_removed_twin_has_the_layout_but_not_the_symmetry():
     equivariant, plain = build_backbone(model, 1), build_backbone(model, 1, plain=True)
     assert [name for name, _ in plain.named_children()] == [name for name, _ in equivariant.named_children()]
     assert not any(type(module).__module__.startswith("escnn") for module in plain.modules())
-    assert plain.feature_dim == equivariant.feature_dim == 3 and not plain.equivariant
+    assert plain.feature_dim == equivariant.feature_dim == 3 and not plain.capabilities.equivariant
     images = torch.randn(4, 1, 16, 16)
     plain.eval()
     assert plain.lifted(images).shape == (4, group.size, 3)

@@ -62,7 +62,7 @@ def test_the_flattened_head_reads_every_fibre_and_can_be_non_equivariant():
 
 def test_structure_removed_runs_rotation_prediction_on_the_plain_twin():
     method = _method("{name: equivariant_pretext, head: flattened, structure: removed}")
-    assert not method.backbone.equivariant
+    assert not method.backbone.capabilities.equivariant
     assert not any(type(module).__module__.startswith("escnn") for module in method.modules())
     images = torch.randn(8, 1, 17, 17, generator=torch.Generator().manual_seed(2))
     losses = method.train()(Views([images], []), torch.Generator().manual_seed(5))

@@ -54,7 +54,7 @@ def test_fibre_pairing_equals_the_augmented_pair_construction_for_90_degree_rota
 
 def test_structure_removed_pairs_pseudo_fibres_of_a_plain_backbone():
     ablation = _method("{name: hssl, structure: removed, pairing: fibres}")
-    assert not ablation.backbone.equivariant
+    assert not ablation.backbone.capabilities.equivariant
     assert not any(type(module).__module__.startswith("escnn") for module in ablation.modules())
     images = torch.randn(8, 1, 12, 12)
     losses = ablation(Views([], [], original=images), torch.Generator())

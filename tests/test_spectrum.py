@@ -17,6 +17,7 @@ from hssl_cli.evaluate.spectrum import (
 )
 from hssl_cli.evaluate.verdict import collapse_verdict
 from hssl_cli.methods.base import SSLMethod
+from hssl_cli.models.capabilities import BackboneCapabilities
 
 SAMPLES, DIM = 1024, 32
 
@@ -121,7 +122,9 @@ def test_predictor_sharing_the_correlation_eigenvectors_is_aligned_and_a_rotatio
 
 class _TinyMethod(SSLMethod):
     def __init__(self):
-        super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(12, 6)))
+        backbone = nn.Sequential(nn.Flatten(), nn.Linear(12, 6))
+        backbone.capabilities = BackboneCapabilities()  # pooled features only: no lifted fibres to measure
+        super().__init__(backbone)
         self.projector = nn.Linear(6, 4)
         self.predictor = nn.Linear(4, 4)
 

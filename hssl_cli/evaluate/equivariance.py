@@ -27,6 +27,7 @@ from torch import nn
 
 from hssl_cli.data.groups import Group, act_on_feature_maps, act_on_fibres, act_on_images
 from hssl_cli.errors import HsslError
+from hssl_cli.models.capabilities import capabilities_of
 from hssl_cli.recipe import Recipe
 
 DEFAULT_TEST_GROUP = "C4"
@@ -62,7 +63,7 @@ def model_element(test_group: Group, element: int, model_group: Group) -> int | 
 def layer_equivariance(backbone: nn.Module, images: torch.Tensor, test_group: Group) -> list[dict]:
     """Per layer of an equivariant backbone: {name, errors: {element label: relative error}}; elements
     outside the model's group are skipped."""
-    model_group: Group = backbone.group
+    model_group = capabilities_of(backbone).needs_group("the layer equivariance check")
     reference = backbone.layer_outputs(images)
     reference_lifted = backbone.lifted(images)
     rows = [{"name": name, "errors": {}} for name, _ in reference] + [{"name": "lifted (pooled)", "errors": {}}]
@@ -152,7 +153,8 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
     checked = load_checked_model(checkpoint, recipe_path, device, overrides, verify)
     recipe, method = checked.recipe, checked.method
     backbone = method.backbone
-    model_group: Group | None = getattr(backbone, "group", None)
+    capabilities = capabilities_of(backbone)
+    model_group = capabilities.group
     default = model_group.name if model_group is not None else DEFAULT_TEST_GROUP
     test_group = Group.parse(group or default)
 
@@ -161,7 +163,7 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
     raw = split.images[order].to(device)
     images = normalize(raw, checked.mean, checked.std)
 
-    layers = layer_equivariance(backbone, images, test_group) if getattr(backbone, "equivariant", False) else []
+    layers = layer_equivariance(backbone, images, test_group) if capabilities.equivariant else []
     invariance = {"pooled features": group_invariance(backbone, images, test_group)}
     embed = method.embedding if method.has_embedding else None
     if embed is not None:
@@ -180,13 +182,13 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
 
     translations = _translations(backbone, images[:TRANSLATION_SAMPLES])
     scales = None
-    if hasattr(backbone, "levels"):  # a multi-scale lifting
+    if capabilities.scale_levels is not None:  # a multi-scale lifting
         from hssl_cli.evaluate.scales import scale_equivariance
 
         scales = scale_equivariance(backbone, images)
     exact = {test_group.label(e) for e in range(test_group.size) if test_group.is_exact(e)}
     # a scale lifting claims no rotation symmetry: its rotation rows are gated only when --group asks for them
-    rotations_gated = model_group is not None or group is not None or not hasattr(backbone, "levels")
+    rotations_gated = model_group is not None or group is not None or capabilities.scale_levels is None
     gated = [error for row in [*layers, {"errors": invariance["pooled features"]}]
              for label, error in row["errors"].items() if label in exact] if rotations_gated else []
     if translations is not None:

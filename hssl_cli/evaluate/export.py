@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hssl_cli.errors import HsslError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMATS = ("plain", "torchvision", "timm")
 CIFAR_STEM = {
@@ -25,21 +29,24 @@ CIFAR_STEM = {
 
 
 def export_backbone(checkpoint_path: Path, out: Path, format: str = "plain", verify: bool = True) -> dict:
-    from hssl_cli.engine.checkpoint import load_checkpoint
+    from hssl_cli.engine.checkpoint import load_checkpoint, load_module_state
     from hssl_cli.files import save_safetensors_atomically
+    from hssl_cli.models.capabilities import capabilities_of
 
     if format not in FORMATS:
         raise HsslError(f"--format {format}: one of {', '.join(FORMATS)}")
     checkpoint = load_checkpoint(checkpoint_path, verify=verify)
     backbone = checkpoint.recipe.model.backbone
-    if format != "plain" and backbone not in ("resnet18_cifar",) and not backbone.startswith(f"{format}:"):
-        raise HsslError(f"--format {format}: only resnet18_cifar and {format}:<name> backbones have a {format} twin; "
-                        f"this checkpoint's is {backbone}: use --format plain (load it with hssl_cli.load_backbone)")
-    if format != "plain" and checkpoint.recipe.model.scales is not None:
+    network = _its_backbone(checkpoint)
+    capabilities = capabilities_of(network)
+    if format != "plain" and capabilities.scale_levels is not None:
         raise HsslError(f"--format {format}: this backbone is a multi-scale lifting of {backbone} (model.scales), "
                         "which no library model has; use --format plain (load it with hssl_cli.load_backbone)")
+    if format != "plain" and format not in capabilities.library_twins:
+        raise HsslError(f"--format {format}: only resnet18_cifar and {format}:<name> backbones have a {format} twin; "
+                        f"this checkpoint's is {backbone}: use --format plain (load it with hssl_cli.load_backbone)")
     tensors = checkpoint.prefixed("backbone")
-    feature_dim = _loads_into_its_backbone(checkpoint, tensors)
+    load_module_state(network, tensors, checkpoint.path, "backbone")  # what is exported is known to load
     mean, std = checkpoint.tensors["data.mean"], checkpoint.tensors["data.std"]
     if format == "plain":
         build = "hssl_cli.models.backbones.build_backbone(ModelConfig(**json.loads(metadata['model'])), in_channels)"
@@ -49,7 +56,7 @@ def export_backbone(checkpoint_path: Path, out: Path, format: str = "plain", ver
         build = _library_build(backbone, mean.numel())
     metadata = {"format": format, "architecture": backbone, "build": build,
                 "model": json.dumps(checkpoint.recipe.model.model_dump(mode="json")),
-                "in_channels": str(mean.numel()), "feature_dim": str(feature_dim),
+                "in_channels": str(mean.numel()), "feature_dim": str(network.feature_dim),
                 "data_mean": json.dumps(mean.tolist()), "data_std": json.dumps(std.tolist()),
                 "source": str(checkpoint.path), "method": checkpoint.recipe.method.name,
                 "epoch": checkpoint.metadata["epoch"]}
@@ -70,13 +77,9 @@ def _library_build(backbone: str, in_channels: int) -> str:
     return f"m = torchvision.models.get_model('{name}'); m.{head} = torch.nn.Identity()"
 
 
-def _loads_into_its_backbone(checkpoint, tensors: dict) -> int:
-    """Build the checkpoint's backbone and load the tensors strictly: what is exported is known to load."""
-    from hssl_cli.engine.checkpoint import load_module_state
+def _its_backbone(checkpoint) -> nn.Module:
+    """The checkpoint's backbone, built from its recipe (untrained)."""
     from hssl_cli.models.backbones import build_backbone
 
-    model = checkpoint.recipe.model
     plain = getattr(checkpoint.recipe.method, "structure", "kept") == "removed"  # H-SSL's ablation
-    backbone = build_backbone(model, in_channels=checkpoint.tensors["data.mean"].numel(), plain=plain)
-    load_module_state(backbone, tensors, checkpoint.path, "backbone")
-    return backbone.feature_dim
+    return build_backbone(checkpoint.recipe.model, in_channels=checkpoint.tensors["data.mean"].numel(), plain=plain)

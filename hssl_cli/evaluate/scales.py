@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hssl_cli.data.scales import FACTOR, downscale, downscale_bilinear, shift_levels
+from hssl_cli.models.capabilities import capabilities_of
 
 
 def _error(measured: torch.Tensor, expected: torch.Tensor) -> float | None:
@@ -22,7 +23,7 @@ def _error(measured: torch.Tensor, expected: torch.Tensor) -> float | None:
 def scale_equivariance(backbone: nn.Module, images: torch.Tensor) -> dict:
     """{levels, factor, elements: [{label, steps, exact}], layers: [{name, errors: {label: error}}]}: per stage,
     ||stage_k(S^j x) - stage_(k+j)(x)|| / ||stage_(k+j)(x)|| over the levels k < K - j, then the pooled fibres."""
-    levels = backbone.levels
+    levels = capabilities_of(backbone).needs_scale_levels("the scale equivariance check")
     elements = []
     for steps in range(1, levels):
         elements.append({"label": f"x1/{FACTOR ** steps} (average pooling)", "steps": steps, "exact": True,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from hssl_cli.errors import HsslError
+from hssl_cli.models.capabilities import capabilities_of
 
 if TYPE_CHECKING:
     from hssl_cli.data.views import Views
@@ -59,12 +60,11 @@ class SSLMethod(nn.Module):
         return self.projector(self.backbone(images))
 
     def collapse_layers(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The outputs collapse diagnostics measure, by checkpoint prefix: f(x), an equivariant backbone's
-        lifted fibres side by side, the embedding and, where the predictor reads it, q(embedding)."""
+        """The outputs collapse diagnostics measure, by checkpoint prefix: f(x), a lifted backbone's fibres (group
+        elements or scale levels) side by side, the embedding and, where the predictor reads it, q(embedding)."""
         layers = {"backbone": self.backbone(images)}
-        lifted = getattr(self.backbone, "lifted", None)
-        if callable(lifted):
-            layers["backbone_lifted"] = lifted(images)
+        if capabilities_of(self.backbone).lifted:
+            layers["backbone_lifted"] = self.backbone.lifted(images)
         if self.has_embedding:
             layers["projector"] = self.embedding(images)
             predictor = self._modules.get("predictor")

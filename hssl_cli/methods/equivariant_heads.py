@@ -1,7 +1,8 @@
 """SSL for G-equivariant networks: an equivariant rotation/flip pretext task and the invariant InfoNCE.
 
-Both read the lifted features z(x) in R^{|G| x C} of an e2_* backbone (`backbone.lifted`), and apply
-heads fibre by fibre, which commutes with the fibre permutation L_g and so keeps the equivariance.
+Both read the lifted features z(x) in R^{|G| x C} of an e2_* backbone (`backbone.lifted`, over the group its
+capabilities declare), and apply heads fibre by fibre, which commutes with the fibre permutation L_g and so keeps
+the equivariance.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from hssl_cli.data.groups import Group, act_on_images
 from hssl_cli.data.views import Views
 from hssl_cli.losses import info_nce, invariant_info_nce
 from hssl_cli.methods.base import SSLMethod, random_integers
+from hssl_cli.models.capabilities import capabilities_of
 from hssl_cli.models.heads import mlp
 from hssl_cli.recipe import Recipe
 
@@ -40,7 +42,8 @@ class EquivariantPretext(SSLMethod):
     def __init__(self, backbone: nn.Module, recipe: Recipe):
         super().__init__(backbone)
         config = recipe.method
-        self.group: Group = backbone.group  # an e2_* backbone or its plain twin (the config's check)
+        # an e2_* backbone or its plain twin (the config's check)
+        self.group: Group = capabilities_of(backbone).needs_group(f"method {config.name}")
         self.head = config.head
         # equivariant: one logit per fibre, shared over fibres; invariant: |G| logits from the pooled features;
         # flattened: |G| logits from the |G| C lifted features
@@ -85,7 +88,7 @@ class InvariantContrastive(SSLMethod):
     def __init__(self, backbone: nn.Module, recipe: Recipe):
         super().__init__(backbone)
         config = recipe.method
-        self.group: Group = backbone.group  # an e2_* backbone (the config's check)
+        self.group: Group = capabilities_of(backbone).needs_group(f"method {config.name}")  # the config's check
         self.projector = mlp(backbone.feature_dim, recipe.model.projector)  # applied per fibre
         self.temperature = config.temperature
         self.soft_temperature = config.soft_temperature if config.similarity == "logsumexp" else None

@@ -14,6 +14,7 @@ from torch import nn
 
 from hssl_cli.data.groups import Group
 from hssl_cli.methods.base import random_integers
+from hssl_cli.models.capabilities import capabilities_of
 from hssl_cli.models.spatial import feature_map
 from hssl_cli.recipe import HSSLPairsConfig
 
@@ -73,7 +74,7 @@ def count_period(counts: torch.Tensor) -> int:
 def group_fibres(backbone: nn.Module, images: torch.Tensor, group: Group) -> torch.Tensor:
     """(B, |G|, C), pooled over space. Equivariant backbones (and their plain twins) say which channels form
     fibre g; any other backbone's features are cut into |G| consecutive pseudo-fibres."""
-    if hasattr(backbone, "lifted"):
+    if capabilities_of(backbone).group is not None:
         return backbone.lifted(images)
     features = backbone(images)
     return features.view(len(features), group.size, -1)
@@ -84,8 +85,9 @@ def position_fibres(backbone: nn.Module, images: torch.Tensor, layer: str, group
     fibre g h w + p is field g at position p."""
     maps = feature_map(backbone, images, layer)
     batch, channels = maps.shape[:2]
-    if hasattr(backbone, "lifted"):  # equivariant: C fields of |G| channels each, field-major
-        size = backbone.group.size
+    lifted_group = capabilities_of(backbone).group
+    if lifted_group is not None:  # equivariant: C fields of |G| channels each, field-major
+        size = lifted_group.size
         maps = maps.view(batch, channels // size, size, -1)  # (B, C, |G|, h w)
         if group is None:
             return maps.amax(dim=2).transpose(1, 2)  # positions only: invariant to the group (max over it)

@@ -37,6 +37,7 @@ from hssl_cli.methods.fibres import (
     level_neighbours,
     position_fibres,
 )
+from hssl_cli.models.capabilities import capabilities_of
 from hssl_cli.models.heads import mlp
 from hssl_cli.models.spatial import map_size
 from hssl_cli.recipe import ModelConfig, Recipe
@@ -53,15 +54,17 @@ class HSSL(SSLMethod):
         self.group = Group(model.group.name, model.group.order) if with_group else None
         self.pairing, self.loss_name, self.pairs = config.pairing, config.loss, config.pairs
         self.mixer = None
+        capabilities = capabilities_of(backbone)
         if config.fibres == "group":
             fibre_dim = self._fibre_dim(backbone, model)
         elif config.fibres == "scales":
+            capabilities.needs_scale_levels("method.fibres: scales")
             fibre_dim = backbone.feature_dim
             steps = config.pairs.max_steps if config.pairs.distribution == "neighbourhood" else None
             self._pair_table(*level_neighbours(model.scales.levels, steps))
         else:
             channels, height, width = map_size(backbone, in_channels, recipe.data.image_size, self.layer)
-            fibre_dim = channels // backbone.group.size if hasattr(backbone, "lifted") else channels
+            fibre_dim = channels // capabilities.group.size if capabilities.group is not None else channels
             steps = config.pairs.max_steps if config.pairs.distribution == "neighbourhood" else None
             self._pair_table(*grid_neighbours(height, width, steps))
             fibres = height * width * (self.group.size if self.group is not None else 1)
@@ -89,7 +92,7 @@ class HSSL(SSLMethod):
         self.neighbour_period = count_period(counts)
 
     def _fibre_dim(self, backbone: nn.Module, model: ModelConfig) -> int:
-        if hasattr(backbone, "lifted"):
+        if capabilities_of(backbone).group is not None:
             return backbone.feature_dim
         if backbone.feature_dim % self.group.size:
             raise HsslError(f"model.backbone '{model.backbone}' gives {backbone.feature_dim} features, which do not "

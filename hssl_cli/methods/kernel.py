@@ -30,6 +30,7 @@ from hssl_cli.methods.kernel_closed_form import (
     optimal_representations,
     rkhs_norm,
 )
+from hssl_cli.models.capabilities import BackboneCapabilities
 from hssl_cli.models.kernels import (
     Kernel,
     LinearKernel,
@@ -59,6 +60,7 @@ class KernelFeatureMap(nn.Module):
         self.register_buffer("coefficients", torch.zeros(embedding_dim, num_basis, dtype=torch.float64))
         self.block_size = block_size
         self.feature_dim = embedding_dim
+        self.capabilities = BackboneCapabilities()  # no fibres, no map, no library twin
 
     def basis(self, images: Tensor) -> Tensor:
         """k_x (B, support) or phi(x) (B, features), float64."""
@@ -157,7 +159,7 @@ class KernelMethod(SSLMethod):
             "eigensolve_seconds": solved - kernel_done,
             "held_megabytes": held_bytes / MEGABYTE,
         }
-        if hasattr(feature_map.kernel, "bandwidth"):
+        if isinstance(feature_map.kernel, (RBFKernel, RandomFourierFeatures)):  # the kernels with a bandwidth
             metrics["bandwidth"] = float(feature_map.kernel.bandwidth)
         return metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hssl_cli.models.capabilities import BackboneCapabilities
 from hssl_cli.recipe import ModelConfig
 
 
@@ -17,11 +18,15 @@ def resnet18_cifar(in_channels: int = 3) -> nn.Module:
     network.maxpool = nn.Identity()
     network.fc = nn.Identity()
     network.feature_dim = 512
+    # its tensors carry torchvision's (and timm's) ResNet-18 names: hssl export writes them for either library
+    network.capabilities = BackboneCapabilities(spatial_map="resnet_stages", library_twins=("torchvision", "timm"))
     return network
 
 
 class SmallConvNet(nn.Module):
     """Four conv-BN-ReLU stages (stride 2 after the first), global average pool; for quick CPU runs."""
+
+    capabilities = BackboneCapabilities(spatial_map="features")
 
     def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (32, 64, 128, 256)):
         super().__init__()
@@ -46,7 +51,8 @@ BACKBONES = {"resnet18_cifar": resnet18_cifar, "small_convnet": SmallConvNet}
 
 
 def build_backbone(model: ModelConfig | str, in_channels: int, plain: bool = False) -> nn.Module:
-    """The recipe's backbone (`model`, or just a plain backbone's name); it exposes `feature_dim`.
+    """The recipe's backbone (`model`, or just a plain backbone's name); it exposes `feature_dim` and
+    `capabilities` (models/capabilities.py).
     timm:<name> and torchvision:<name> come from those libraries (models/library.py).
 
     e2_* backbones (escnn, imported only for them) need model.group; `plain` builds their

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hssl_cli.data.groups import Group, disk_mask
+from hssl_cli.models.capabilities import BackboneCapabilities
 
 DEFAULT_WIDTHS = {"e2_convnet": (16, 32, 64), "e2_resnet18": (16, 32, 64, 128)}  # regular fields per stage
 
@@ -170,7 +171,9 @@ class EquivariantBackbone(nn.Module):
         self.stages = nn.ModuleDict(stages)
         self.group = group
         self.feature_dim = fields
-        self.equivariant = equivariant
+        # lifted fibres of its group and every stage's map, equivariant unless it is the structure-removed twin;
+        # no library model has its layout (hssl export --format plain only)
+        self.capabilities = BackboneCapabilities(group=group, equivariant=equivariant, spatial_map="layer_outputs")
         self._drop_derived_buffers()
         self.register_load_state_dict_post_hook(_refresh_cached_filters)
 

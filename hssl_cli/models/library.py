@@ -1,7 +1,7 @@
 """Backbones from timm and torchvision by name (`model.backbone: timm:<name>` / `torchvision:<name>`):
 untrained (SSL pretraining starts from scratch), classifier removed, so the model maps images to pooled
 features (B, feature_dim). Their state_dict keeps the library's names, so an exported backbone loads back
-into the library's own model."""
+into the library's own model (capabilities.library_twins)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import difflib
 from torch import nn
 
 from hssl_cli.errors import RecipeError
+from hssl_cli.models.capabilities import BackboneCapabilities
 
 
 def library_backbone(spec: str, in_channels: int) -> nn.Module:
@@ -34,11 +35,13 @@ def _timm(name: str, in_channels: int, spec: str) -> nn.Module:
     except (TypeError, ValueError, RuntimeError, AssertionError) as error:
         raise RecipeError(f"model.backbone: timm could not build {name} ({error})") from None
     network.feature_dim = network.num_features
+    network.capabilities = BackboneCapabilities(spatial_map="forward_features", library_twins=("timm",))
     return network
 
 
 def _torchvision(name: str, in_channels: int, spec: str) -> nn.Module:
     import torchvision
+    from torchvision.models import ResNet
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise _unknown(spec, name, torchvision.models.list_models(module=torchvision.models))
@@ -50,6 +53,8 @@ def _torchvision(name: str, in_channels: int, spec: str) -> nn.Module:
     head_name, head = classifier_of(network)
     _replace(network, head_name, nn.Identity())
     network.feature_dim = head.in_features
+    network.capabilities = BackboneCapabilities(spatial_map="resnet_stages" if isinstance(network, ResNet) else None,
+                                                library_twins=("torchvision",))
     return network
 
 

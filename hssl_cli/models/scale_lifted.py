@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hssl_cli.data.scales import downscale
+from hssl_cli.models.capabilities import BackboneCapabilities, capabilities_of
 
 
 class ScaleLiftedBackbone(nn.Module):
@@ -23,11 +24,18 @@ class ScaleLiftedBackbone(nn.Module):
         if plain:
             for network in copies[1:]:  # re-initialise: K independent networks, not K equal ones
                 for module in network.modules():
+                    # torch has no re-initialisation interface, only its layers' reset_parameters convention,
+                    # which library layers (timm's) follow: any layer of any library CNN may have one
                     if hasattr(module, "reset_parameters") and module is not network:
                         module.reset_parameters()
         self.bases = nn.ModuleList(copies)
         self.levels, self.plain = levels, plain
         self.feature_dim = base.feature_dim
+        # its K levels as lifted fibres, the full-size level's map where the CNN has one; no library model lifts
+        # scales (hssl export --format plain only)
+        has_map = capabilities_of(base).spatial_map is not None
+        self.capabilities = BackboneCapabilities(scale_levels=levels,
+                                                 spatial_map="full_size_level" if has_map else None)
 
     def level_input(self, images: torch.Tensor, level: int) -> torch.Tensor:
         return images if self.plain else downscale(images, level)

@@ -11,30 +11,28 @@ import torch
 from torch import nn
 
 from hssl_cli.errors import RecipeError
+from hssl_cli.models.capabilities import capabilities_of
 
 MAP_LAYERS = ("last", "layer3", "layer4")
 
 
 def feature_map(backbone: nn.Module, images: torch.Tensor, layer: str = "last") -> torch.Tensor:
     """The map (B, C, h, w) of `layer` ("last": the last map before pooling; layer3/layer4: those stages of a
-    ResNet). Equivariant backbones give (B, C |G|, h, w), channels field-major (C fields of |G| each)."""
-    from torchvision.models import ResNet
-
-    from hssl_cli.models.backbones import SmallConvNet
-    from hssl_cli.models.equivariant import EquivariantBackbone
-
-    if hasattr(backbone, "levels"):  # a multi-scale lifting: its full-size level's map
+    ResNet), read where the backbone's capabilities say (spatial_map). Equivariant backbones give (B, C |G|, h, w),
+    channels field-major (C fields of |G| each)."""
+    source = capabilities_of(backbone).spatial_map
+    if source == "full_size_level":  # a multi-scale lifting: its full-size level's map
         return feature_map(backbone.network(0), images, layer)
-    if isinstance(backbone, ResNet):
+    if source == "resnet_stages":
         return _resnet_map(backbone, images, "layer4" if layer == "last" else layer)
     if layer != "last":
         raise RecipeError(f"method.fibres_from: {layer} names a ResNet stage; {type(backbone).__name__} has only "
                           "its last map (fibres_from: last)")
-    if isinstance(backbone, SmallConvNet):
+    if source == "features":
         return backbone.features(images)
-    if isinstance(backbone, EquivariantBackbone):
+    if source == "layer_outputs":
         return backbone.layer_outputs(images)[-1][1]
-    if hasattr(backbone, "forward_features"):  # timm's CNNs: the unpooled map
+    if source == "forward_features":  # timm: the unpooled map of a CNN; a transformer's tokens are no map
         maps = backbone.forward_features(images)
         if maps.ndim == 4:
             return maps
