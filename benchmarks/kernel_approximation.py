@@ -21,7 +21,7 @@ from rich.table import Table
 from hssl_cli.data.augment import Augmenter, normalize
 from hssl_cli.data.sources import load_split
 from hssl_cli.data.statistics import channel_stats
-from hssl_cli.engine.train import seeded_generator
+from hssl_cli.engine.device import seeded_generator
 from hssl_cli.methods import build_method
 from hssl_cli.models.kernels import RBFKernel, gram
 from hssl_cli.recipe import load_recipe

@@ -179,16 +179,16 @@ def test_the_temp_file_of_an_interrupted_write_is_removed_on_resume(tmp_path, ti
 
 
 def test_sigterm_while_the_data_loads_ends_the_run_cleanly(tmp_path, tiny_recipe, monkeypatch):
-    import hssl_cli.engine.train as train
+    import hssl_cli.engine.setup as setup
 
-    load = train.training_images
+    load = setup.training_images
 
     def load_then_sigterm(*args, **kwargs):
         split = load(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return split
 
-    monkeypatch.setattr(train, "training_images", load_then_sigterm)
+    monkeypatch.setattr(setup, "training_images", load_then_sigterm)
     result = pretrain(tiny_recipe(), tmp_path, device_name="cpu")
     assert result.interrupted and result.steps == 0
     assert ckpt.load_checkpoint(result.checkpoint).step == 0  # resume continues from here

@@ -11,7 +11,7 @@ from hssl_cli.data.augment import Augmenter, normalize
 from hssl_cli.data.sources import load_split
 from hssl_cli.data.statistics import channel_stats
 from hssl_cli.engine.checkpoint import load_checkpoint
-from hssl_cli.engine.train import seeded_generator
+from hssl_cli.engine.device import seeded_generator
 from hssl_cli.errors import HsslError, RecipeError
 from hssl_cli.evaluate.frozen import load_trained_method
 from hssl_cli.methods import build_method

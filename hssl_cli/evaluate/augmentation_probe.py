@@ -46,7 +46,7 @@ def augmentation_probe(path: Path, samples: int = 4096, device_name: str = "auto
     from hssl_cli.data.augment import PARAM_NAMES, Augmenter, ViewParams, normalize
     from hssl_cli.data.sources import load_split
     from hssl_cli.engine.checkpoint import load_checkpoint
-    from hssl_cli.engine.train import resolve_device
+    from hssl_cli.engine.device import resolve_device
     from hssl_cli.evaluate.frozen import load_trained_method
 
     if samples < 20:

@@ -23,7 +23,7 @@ are in the report; spectrum.plot_spectra draws one or several reports."""
     from hssl_cli.data.augment import normalize
     from hssl_cli.data.sources import load_split
     from hssl_cli.engine.checkpoint import load_checkpoint
-    from hssl_cli.engine.train import resolve_device
+    from hssl_cli.engine.device import resolve_device
     from hssl_cli.evaluate.frozen import load_trained_method
     from hssl_cli.evaluate.probe_checkpoint import evaluation_data
     from hssl_cli.evaluate.spectrum import layer_outputs, layer_spectrum, predictor_alignment

@@ -143,7 +143,7 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
     (any layer, the lifted features, the pooled features) exceeds `tolerance`."""
     from hssl_cli.data.augment import Augmenter, normalize
     from hssl_cli.data.sources import load_split
-    from hssl_cli.engine.train import resolve_device
+    from hssl_cli.engine.device import resolve_device
 
     if samples < 2:
         raise HsslError(f"--samples {samples}: need at least 2 images")

@@ -117,7 +117,7 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
 
     from hssl_cli.data.groups import rotate_uint8
     from hssl_cli.engine.checkpoint import load_checkpoint, tensor_checksum
-    from hssl_cli.engine.train import resolve_device
+    from hssl_cli.engine.device import resolve_device
     from hssl_cli.evaluate.feature_cache import FeatureCache
     from hssl_cli.evaluate.features import extract_features
     from hssl_cli.evaluate.frozen import feature_model, load_trained_method
