@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from hssl_cli.errors import CheckpointNote
 
 if TYPE_CHECKING:
     import hssl_cli.progress
@@ -34,6 +37,25 @@ def progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callab
 def progress_bars(enabled: bool) -> hssl_cli.progress.Progress:
     """The Progress that data's loaders are handed (hssl_cli/progress.py): a progress_bar per piece of work."""
     return functools.partial(progress_bar, enabled)
+
+
+@contextlib.contextmanager
+def notes_as_lines(console: Console) -> Iterator[None]:
+    """While one command runs: a CheckpointNote warning is one 'note: ...' line on `console`; any other
+    warning shows as it did before the command, and the previous display is back afterwards."""
+    show_other = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, CheckpointNote):
+            console.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)
+        else:
+            show_other(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = show_other
 
 
 class TrainingProgress:
@@ -112,6 +134,12 @@ def print_probe(output: Console, report: dict) -> None:
                  markup=False)
 
 
+def print_export(output: Console, report: dict) -> None:
+    output.print(f"wrote {report['out']}: {report['tensors']} tensors of a {report['architecture']} backbone "
+                 f"({report['feature_dim']} features); build it with: {report['build']}", soft_wrap=True,
+                 highlight=False, markup=False)
+
+
 def print_augmentation_probe(output: Console, report: dict) -> None:
     table = Table(title=f"augmentation parameters from {report['features']}: R² on {report['scored_images']} "
                   f"held-out train images (ridge {report['ridge']:g}, fitted on {report['fit_images']})")
@@ -188,6 +216,56 @@ def print_cells(output: Console, rows: list[dict], title: str) -> None:
     output.print(table)
 
 
+def sweep_table(suite_name: str, header: list[str], rows: list[list[str]]) -> Table:
+    """A suite's report: mean ± std over seeds per variant. Labels and metric names are the suite's text,
+    printed literally (not as markup)."""
+    table = Table(title=f"sweep {escape(suite_name)}: mean ± std over seeds")
+    for number, column in enumerate(header):
+        table.add_column(escape(column), justify="left" if number == 0 else "right")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    return table
+
+
+def claims_table(header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title="claims: seed-paired a - b, 95% t interval, verdict by a fixed rule")
+    for number, column in enumerate(header):
+        table.add_column(escape(column), justify="right" if number in (2, 3) else "left")
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    return table
+
+
+def print_sweep_report(output: Console, suite_name: str, written) -> None:
+    """The report `hssl sweep` wrote (a sweep.execute.WrittenReport): its table, protocol, claims and files."""
+    output.print(sweep_table(suite_name, *written.table))
+    output.print(written.protocol, soft_wrap=True, highlight=False, markup=False)
+    if written.claims is not None:
+        output.print(claims_table(*written.claims))
+    output.print(f"{written.finished} of {written.cells} cells done, {written.cell_seconds / 60:.1f} min of cell "
+                 f"time; written: {written.folder}/{', '.join(written.files)}", soft_wrap=True, highlight=False,
+                 markup=False)
+    if written.curve_missing:
+        output.print(f"report.curve {written.curve_missing}: no finished cell logged it against epoch (train.monitor "
+                     "on, and the name as in the cells' metrics?); no curve drawn", soft_wrap=True, highlight=False,
+                     markup=False)
+
+
+def print_shards(output: Console, folder: Path, out: Path, manifest: dict, manifest_path: Path,
+                 size: int | None) -> None:
+    """What `hssl shards` packed: per split its images, classes, shards and megabytes."""
+    table = Table(title=f"{folder} -> {out}")
+    for column in ("split", "images", "classes", "shards", "MB"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, split in manifest["splits"].items():
+        megabytes = sum(shard["bytes"] for shard in split["shards"]) / 2**20
+        table.add_row(name, str(split["count"]), str(len(split["classes"]) or "unlabeled"),
+                      str(len(split["shards"])), f"{megabytes:.1f}")
+    output.print(table)
+    output.print(f"wrote {manifest_path}" + (f"; images resized to {size} px, stored as PNG" if size else ""),
+                 soft_wrap=True, highlight=False, markup=False)
+
+
 def _scale_table(scales: dict, tolerance: float) -> Table:
     """Rows: the stages of the lifted network; a column per down-scaling S^j (exact ones gated)."""
     table = Table(title=f"scale |f_k(S^j x) - f_(k+j)(x)| / |f_(k+j)(x)|: {scales['levels']} levels, factor "
@@ -206,6 +284,25 @@ def _scale_table(scales: dict, tolerance: float) -> Table:
             cells.append(f"[{colour}]{error:.1e}[/]")
         table.add_row(*cells)
     return table
+
+
+def _translation_table(translations: dict, tolerance: float) -> Table:
+    """Rows: shifts of the input; the error of the last map against the map shifted by shift / stride cells."""
+    shifts = Table(title=f"translation |map(T_s x) - S map(x)| / |map(x)|: last map, stride "
+                   f"{translations['stride']}, {translations['positions']} positions out of the canvas "
+                   f"border's reach ({translations['canvas']} px canvas)")
+    for column in ("shift", "moves the map by", "error"):
+        shifts.add_column(column, justify="left" if column == "shift" else "right")
+    for shift in translations["shifts"]:
+        dy, dx = shift["pixels"]
+        cells = f"({dy / translations['stride']:g}, {dx / translations['stride']:g}) cells"
+        if shift["error"] is None:
+            cell = "[dim]no position far enough from the border[/]"
+        else:
+            colour = ("green" if shift["error"] <= tolerance else "red") if shift["exact"] else "dim"
+            cell = f"[{colour}]{shift['error']:.1e}[/]"
+        shifts.add_row(shift["label"], cells + ("" if shift["exact"] else " (interpolated)"), cell)
+    return shifts
 
 
 def print_equivariance(output: Console, report: dict) -> None:
@@ -248,21 +345,7 @@ def print_equivariance(output: Console, report: dict) -> None:
                        report["augmentation_invariance"]))
     translations = report.get("translations")
     if translations is not None:
-        shifts = Table(title=f"translation |map(T_s x) - S map(x)| / |map(x)|: last map, stride "
-                       f"{translations['stride']}, {translations['positions']} positions out of the canvas "
-                       f"border's reach ({translations['canvas']} px canvas)")
-        for column in ("shift", "moves the map by", "error"):
-            shifts.add_column(column, justify="left" if column == "shift" else "right")
-        for shift in translations["shifts"]:
-            dy, dx = shift["pixels"]
-            cells = f"({dy / translations['stride']:g}, {dx / translations['stride']:g}) cells"
-            if shift["error"] is None:
-                cell = "[dim]no position far enough from the border[/]"
-            else:
-                colour = ("green" if shift["error"] <= tolerance else "red") if shift["exact"] else "dim"
-                cell = f"[{colour}]{shift['error']:.1e}[/]"
-            shifts.add_row(shift["label"], cells + ("" if shift["exact"] else " (interpolated)"), cell)
-        output.print(shifts)
+        output.print(_translation_table(translations, tolerance))
     scales = report.get("scales")
     if scales is not None:
         output.print(_scale_table(scales, tolerance))

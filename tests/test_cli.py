@@ -89,3 +89,21 @@ def test_pretrain_then_probe_beats_a_randomly_initialised_model(tmp_path, recipe
     assert top1["knn_k200"][0] > top1["knn_k200"][1] + 4, top1
     assert top1["knn_k20"][0] > top1["knn_k20"][1], top1
     assert trained["results"]["linear"]["top1"] > 90
+
+
+def test_a_checkpoint_note_is_one_line_while_a_command_runs_and_the_warning_display_is_restored(capsys):
+    import warnings
+
+    from hssl_cli.cli import user_errors
+    from hssl_cli.errors import CheckpointNote
+
+    @user_errors
+    def command():
+        warnings.warn(CheckpointNote("--resume auto skipped a cut-short run"), stacklevel=1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        before = warnings.showwarning
+        command()
+        assert warnings.showwarning is before
+    assert "note: --resume auto skipped a cut-short run" in capsys.readouterr().err

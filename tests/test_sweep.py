@@ -176,11 +176,12 @@ def test_every_shipped_suite_resolves_with_at_least_three_seeds(path):
 def test_the_report_table_prints_suite_text_literally_not_as_markup(suite_file, tmp_path):
     from rich.console import Console
 
-    from hssl_cli.sweep.report import rich_table
+    from hssl_cli.render import sweep_table
+    from hssl_cli.sweep.report import table_rows
 
     suite_file.write_text(SUITE.replace('label: "SimCLR, 1 epoch"', 'label: "SimCLR [/x] [bold]"'))
     console = Console(record=True, width=200)
-    console.print(rich_table(collect(load_suite(suite_file), tmp_path)))
+    console.print(sweep_table("suite", *table_rows(collect(load_suite(suite_file), tmp_path))))
     assert "SimCLR [/x] [bold]" in console.export_text()
 
 

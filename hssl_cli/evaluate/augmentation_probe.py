@@ -11,6 +11,7 @@ half (scikit-learn's RidgeCV); parameters that do not vary under the recipe's au
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from hssl_cli.errors import HsslError
@@ -35,10 +36,22 @@ def r2_scores(predicted, target) -> list[float]:
     return [float(1 - r / t) for r, t in zip(residual, total, strict=True)]
 
 
+def check_options(samples: int, refused_options: Sequence[str]) -> None:
+    """`hssl probe --augmentation` regresses the recipe's own augmentation parameters on its train split: of
+    the probe's options it takes only --train-samples (`samples`); `refused_options` names the others given."""
+    if refused_options:
+        raise HsslError(f"--augmentation regresses the recipe's own augmentation parameters on its train split "
+                        f"and takes only --train-samples; drop {', '.join(refused_options)}")
+    if samples < 20:
+        raise HsslError(f"{samples} images (--train-samples, or augmentation_probe.samples in a suite): too few to "
+                        "fit and score a regression; use at least 20")
+
+
 def augmentation_probe(path: Path, samples: int = 4096, device_name: str = "auto", seed: int = 0,
-                       verify: bool = True) -> dict:
+                       verify: bool = True, refused_options: Sequence[str] = ()) -> dict:
     """R² of a linear regression from [f(x), f(t(x))] to a_t on `samples` train images (a fixed subset), fitted
-    on the first half and scored on the second."""
+    on the first half and scored on the second. `refused_options`: options of `hssl probe` given with
+    --augmentation, which it does not take (an error)."""
     import numpy as np
     import torch
     from sklearn.linear_model import RidgeCV
@@ -49,9 +62,7 @@ def augmentation_probe(path: Path, samples: int = 4096, device_name: str = "auto
     from hssl_cli.engine.device import resolve_device
     from hssl_cli.evaluate.frozen import load_trained_method
 
-    if samples < 20:
-        raise HsslError(f"{samples} images (--train-samples, or augmentation_probe.samples in a suite): too few to "
-                        "fit and score a regression; use at least 20")
+    check_options(samples, refused_options)
     started = time.perf_counter()
     device = resolve_device(device_name)
     checkpoint = load_checkpoint(path, verify=verify)

@@ -77,3 +77,25 @@ are in the report; spectrum.plot_spectra draws one or several reports."""
         "plot": None,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def collapse_reports(paths: list[Path], dataset: str | None = None, data_root: str | None = None,
+                     split: str | None = None, samples: int = 2048, threshold: float = DEFAULT_THRESHOLD,
+                     device_name: str = "auto", progress: bool = True, verify: bool = True, plot: Path | None = None,
+                     labels: list[str] | None = None, shared_axes: bool = True) -> list[dict]:
+    """`hssl collapse-report`: a report per checkpoint, on the same data sample; with `plot`, one figure of
+    their spectra overlaid (`labels`: one per checkpoint), which every report names."""
+    if plot is not None and plot.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise HsslError(f"--plot {plot}: give a .png, .pdf or .svg file")
+    if labels and len(labels) != len(paths):
+        raise HsslError(f"--label given {len(labels)} time(s) for {len(paths)} checkpoint(s); give one each or none")
+    reports = [collapse_report(path, dataset=dataset, data_root=data_root, split=split, samples=samples,
+                               threshold=threshold, device_name=device_name, progress=progress, verify=verify)
+               for path in paths]
+    if plot is not None:
+        from hssl_cli.evaluate.spectrum import plot_spectra
+
+        plot_spectra(reports, plot, labels, shared_axes)
+        for report in reports:
+            report["plot"] = str(plot)
+    return reports

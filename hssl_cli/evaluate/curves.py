@@ -42,6 +42,14 @@ def run_folders(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(folders))
 
 
+def read_runs(paths: list[Path], labels: list[str] | None = None) -> list[RunCurves]:
+    """The runs `paths` name (see run_folders), each labelled by `labels` (one per run) or by default."""
+    folders = run_folders(paths)
+    if labels and len(labels) != len(folders):
+        raise HsslError(f"--label given {len(labels)} time(s) for {len(folders)} run(s); give one per run or none")
+    return [read_run(folder, label) for folder, label in zip(folders, labels or [None] * len(folders), strict=True)]
+
+
 def read_run(folder: Path, label: str | None = None) -> RunCurves:
     """The numeric series of a run's metrics.jsonl by epoch. When a resumed run rewrote steps a killed run
     had logged after its last checkpoint, the later rows win; a line cut short by a kill is skipped."""

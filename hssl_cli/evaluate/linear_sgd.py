@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hssl_cli.data.augment import Augmenter
+from hssl_cli.errors import HsslError
 from hssl_cli.evaluate.features import extract_features
 from hssl_cli.recipe import AugmentConfig
 
@@ -33,6 +34,15 @@ class SgdProtocol:
     weight_decay: float = 0.0
     momentum: float = 0.9
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """The ranges `hssl probe` (--epochs, --batch-size, --lr, --weight-decay) and a suite's probe accept."""
+        for name, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 2)):
+            if value < low:
+                raise HsslError(f"{name} {value}: give at least {low}")
+        if not (0 < self.lr <= 100 and 0 <= self.weight_decay <= 10):
+            raise HsslError(f"--lr {self.lr:g} / --weight-decay {self.weight_decay:g}: give 0 < lr <= 100 and "
+                            "0 <= weight decay <= 10")
 
     def describe(self) -> str:
         return (f"SGD (Nesterov 0.9) {self.epochs} epochs, batch {self.batch_size}, lr {self.lr:g} x batch/256, "

@@ -15,6 +15,11 @@ from hssl_cli.recipe import Recipe
 KNN_K = 20
 
 
+def online_monitor(recipe: Recipe) -> OnlineMonitor | None:
+    """The monitor train.monitor asks for (None when it is off): its images are loaded here, before training."""
+    return OnlineMonitor(recipe) if recipe.train.monitor is not None else None
+
+
 class OnlineMonitor:
     def __init__(self, recipe: Recipe):
         config = recipe.train.monitor

@@ -98,6 +98,17 @@ def label_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.
     return torch.cat(kept).sort().values
 
 
+def check_options(train_samples: int | None, test_samples: int | None, protocol: str, labels: str) -> float:
+    """The probe's own options (the standard protocol's are SgdProtocol's, --augmentation's
+    augmentation_probe's); returns the fraction of train labels kept."""
+    for name, value in (("--train-samples", train_samples), ("--test-samples", test_samples)):
+        if value is not None and value < 10:
+            raise HsslError(f"{name} {value}: too few images to probe; use at least 10 (or leave it out for all)")
+    if protocol not in PROTOCOLS:
+        raise HsslError(f"--protocol {protocol}: choose one of {', '.join(PROTOCOLS)}")
+    return label_fraction(labels)
+
+
 def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | None = None,
                      features: str = "backbone", device_name: str = "auto", progress: bool = True,
                      train_samples: int | None = None, test_samples: int | None = None,
@@ -127,12 +138,7 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     from hssl_cli.files import default_cache_dir
     from hssl_cli.render import progress_bar, progress_bars
 
-    for name, value in (("--train-samples", train_samples), ("--test-samples", test_samples)):
-        if value is not None and value < 10:
-            raise HsslError(f"{name} {value}: too few images to probe; use at least 10 (or leave it out for all)")
-    if protocol not in PROTOCOLS:
-        raise HsslError(f"--protocol {protocol}: choose one of {', '.join(PROTOCOLS)}")
-    fraction = label_fraction(labels)
+    fraction = check_options(train_samples, test_samples, protocol, labels)
     started = time.perf_counter()
     device = resolve_device(device_name)
     checkpoint = load_checkpoint(path, verify=verify)

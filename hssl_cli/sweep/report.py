@@ -304,34 +304,3 @@ def as_json(report: Report) -> dict:
 
 def _plain(value: Any) -> str:
     return "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def rich_table(report: Report):
-    """The report as a rich Table (the CLI prints it)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    header, rows = table_rows(report)
-    suite = report.loaded.suite
-    table = Table(title=f"sweep {escape(suite.name)}: mean ± std over seeds")
-    for number, column in enumerate(header):
-        table.add_column(escape(column), justify="left" if number == 0 else "right")
-    for row in rows:  # labels and metric names are the suite's text, not markup
-        table.add_row(*(escape(cell) for cell in row))
-    return table
-
-
-def rich_claims_table(report: Report):
-    """The decided claims as a rich Table (None when the suite declares none)."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    if not report.claims:
-        return None
-    header, rows = claim_rows(report)
-    table = Table(title="claims: seed-paired a - b, 95% t interval, verdict by a fixed rule")
-    for number, column in enumerate(header):
-        table.add_column(escape(column), justify="right" if number in (2, 3) else "left")
-    for row in rows:
-        table.add_row(*(escape(cell) for cell in row))
-    return table

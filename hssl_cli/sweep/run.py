@@ -117,10 +117,12 @@ def monitor_curve(run_dir: Path) -> dict[str, float]:
     return curve
 
 
-def flat_metrics(probe: dict, training: dict, collapse: dict | None, equivariance: dict | None,
-                 augmentation: dict | None = None) -> dict[str, float]:
-    """Every number a report can show, under the names report.metrics uses."""
-    metrics = {name: result["top1"] for name, result in probe["results"].items()}
+def flat_metrics(evaluations: dict[str, dict | None], training: dict) -> dict[str, float]:
+    """Every number a report can show, under the names report.metrics uses: of the evaluations (see
+    evaluate_checkpoint) and of the last training row."""
+    collapse, equivariance = evaluations["collapse_report"], evaluations["equivariance_check"]
+    augmentation = evaluations["augmentation_probe"]
+    metrics = {name: result["top1"] for name, result in evaluations["probe"]["results"].items()}
     if augmentation is not None:
         metrics["augmentation/r2"] = augmentation["r2"]
         metrics |= {f"augmentation/r2/{group}": value for group, value in augmentation["r2_by_group"].items()}
@@ -136,6 +138,46 @@ def flat_metrics(probe: dict, training: dict, collapse: dict | None, equivarianc
     return metrics
 
 
+def evaluate_checkpoint(loaded: LoadedSuite, checkpoint: Path, device: str, status: Callable[[str], None]
+                        ) -> dict[str, dict | None]:
+    """The suite's evaluations of a cell's checkpoint: the probe, and the collapse report, the equivariance check
+    and the augmentation probe where the suite asks for them (None where it does not)."""
+    from hssl_cli.evaluate.linear_sgd import SgdProtocol
+    from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+
+    settings = loaded.suite.probe
+    status("probe")
+    probe = probe_checkpoint(checkpoint, dataset=settings.dataset, data_root=settings.data_root,
+                             features=settings.features, device_name=device, progress=False,
+                             train_samples=settings.train_samples, test_samples=settings.test_samples,
+                             test_rotations=settings.test_rotations, validation=settings.validation,
+                             protocol=settings.protocol,
+                             sgd=SgdProtocol(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
+                                             weight_decay=settings.weight_decay),
+                             exact_kernel_knn=settings.exact_kernel_knn,
+                             cache=False)  # each cell's checkpoint is probed once: a cache would only fill disks
+    collapse = equivariance = augmentation = None
+    if loaded.suite.collapse_report is not None:
+        from hssl_cli.evaluate.collapse_report import collapse_report
+
+        status("collapse-report")
+        collapse = collapse_report(checkpoint, samples=loaded.suite.collapse_report.samples, device_name=device,
+                                   progress=False)
+    if loaded.suite.equivariance_check:
+        from hssl_cli.evaluate.equivariance import check_equivariance
+
+        status("equivariance-check")
+        equivariance = check_equivariance(checkpoint, device_name=device)
+    if loaded.suite.augmentation_probe is not None:
+        from hssl_cli.evaluate.augmentation_probe import augmentation_probe
+
+        status("augmentation probe")
+        augmentation = augmentation_probe(checkpoint, samples=loaded.suite.augmentation_probe.samples,
+                                          device_name=device)
+    return {"probe": probe, "collapse_report": collapse, "equivariance_check": equivariance,
+            "augmentation_probe": augmentation}
+
+
 def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
              progress: Callable[[dict], None] | None = None,
              diagnostics: Callable | None = None, status: Callable[[str], None] = lambda text: None) -> dict | None:
@@ -143,8 +185,7 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
     SIGUSR1) interrupted the pretraining (the cell resumes on the next run), or None when another process
     holds the cell."""
     from hssl_cli.engine.train import pretrain
-    from hssl_cli.evaluate.linear_sgd import SgdProtocol
-    from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+    from hssl_cli.evaluate.monitor import online_monitor
 
     folder = cell_folder(output, loaded, cell)
     with cell_lock(folder) as held:
@@ -161,11 +202,7 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
                   "recipe": recipe_to_yaml(cell.recipe), "evaluation": evaluation_settings(loaded),
                   "started": began, "provenance": provenance()}
         status("pretrain")
-        monitor = None
-        if cell.recipe.train.monitor is not None:  # accuracy against epoch, in metrics.jsonl and the result
-            from hssl_cli.evaluate.monitor import OnlineMonitor
-
-            monitor = OnlineMonitor(cell.recipe)
+        monitor = online_monitor(cell.recipe)  # train.monitor: accuracy against epoch, in metrics.jsonl and result
         try:
             run = pretrain(cell.recipe, folder, device_name=device, resume="auto", progress=progress,
                            diagnostics=diagnostics, monitor=monitor)
@@ -177,43 +214,10 @@ def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,
             return result
         if run.interrupted:
             return {"status": "interrupted"}
-        probe_settings = loaded.suite.probe
-        status("probe")
-        probe = probe_checkpoint(run.checkpoint, dataset=probe_settings.dataset, data_root=probe_settings.data_root,
-                                 features=probe_settings.features, device_name=device, progress=False,
-                                 train_samples=probe_settings.train_samples, test_samples=probe_settings.test_samples,
-                                 test_rotations=probe_settings.test_rotations, validation=probe_settings.validation,
-                                 protocol=probe_settings.protocol,
-                                 sgd=SgdProtocol(epochs=probe_settings.epochs, lr=probe_settings.lr,
-                                                 batch_size=probe_settings.batch_size,
-                                                 weight_decay=probe_settings.weight_decay),
-                                 exact_kernel_knn=probe_settings.exact_kernel_knn,
-                                 cache=False)  # each cell's checkpoint is probed once: a cache would only fill disks
-        collapse = equivariance = None
-        if loaded.suite.collapse_report is not None:
-            from hssl_cli.evaluate.collapse_report import collapse_report
-
-            status("collapse-report")
-            collapse = collapse_report(run.checkpoint, samples=loaded.suite.collapse_report.samples,
-                                       device_name=device, progress=False)
-        if loaded.suite.equivariance_check:
-            from hssl_cli.evaluate.equivariance import check_equivariance
-
-            status("equivariance-check")
-            equivariance = check_equivariance(run.checkpoint, device_name=device)
-        augmentation = None
-        if loaded.suite.augmentation_probe is not None:
-            from hssl_cli.evaluate.augmentation_probe import augmentation_probe
-
-            status("augmentation probe")
-            augmentation = augmentation_probe(run.checkpoint, samples=loaded.suite.augmentation_probe.samples,
-                                              device_name=device)
+        evaluations = evaluate_checkpoint(loaded, run.checkpoint, device, status)
         training = last_training_row(run.run_dir)
-        result |= {"status": "finished", "checkpoint": str(run.checkpoint), "steps": run.steps,
-                   "probe": probe, "collapse_report": collapse, "equivariance_check": equivariance,
-                   "augmentation_probe": augmentation,
-                   "metrics": flat_metrics(probe, training, collapse, equivariance, augmentation)
-                   | monitor_curve(run.run_dir),
+        result |= {"status": "finished", "checkpoint": str(run.checkpoint), "steps": run.steps, **evaluations,
+                   "metrics": flat_metrics(evaluations, training) | monitor_curve(run.run_dir),
                    "seconds": round(time.perf_counter() - started, 1)}
         write_text_atomically(folder / RESULT_FILE, json.dumps(result, indent=1))
         shown = ", ".join(f"{name} {result['metrics'][name]:.2f}" for name in loaded.suite.report.metrics
