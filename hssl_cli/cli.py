@@ -1,14 +1,15 @@
-"""The `hssl` command line. Each command parses its options, calls one engine function and renders
-the result with rich. Heavy libraries (torch, escnn) are imported inside the commands that need them,
-so `--help` and a bad recipe answer in a fraction of a second."""
+"""The `hssl` command line. Each command parses its options (declared in cli_options.py), calls one
+function and renders the result (render.py). Heavy libraries (torch, escnn) are imported inside the
+commands that need them, so `--help` and a bad recipe answer in a fraction of a second."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -71,7 +72,7 @@ def user_errors(command):
     return wrapper
 
 
-def show(report: dict | list, as_json: bool, print_table) -> None:
+def show(report: dict | list, as_json: bool, print_table: Callable[[Console, Any], None]) -> None:
     """A command's result: one JSON object (--json) or its rich rendering."""
     if as_json:
         output.print_json(json.dumps(report))

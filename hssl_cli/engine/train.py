@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,7 +199,7 @@ class LossAverages:
         return row
 
 
-def rank_batches(run: RunSetup, epoch: int, index_in_epoch: int):
+def rank_batches(run: RunSetup, epoch: int, index_in_epoch: int) -> Iterator[torch.Tensor]:
     """This rank's share of each step's batch, from this step to the epoch's end, in the epoch's seeded
     order (the same on every rank and after a resume)."""
     permutation = torch.randperm(len(run.images), generator=seeded_generator(run.device, run.recipe.seed, epoch),
