@@ -1,6 +1,6 @@
 """hssl: equivariant and homomorphic self-supervised learning on images."""
 
-__version__ = "0.1.0"
+from hssl_cli.version import __version__ as __version__
 
 
 def __getattr__(name: str):

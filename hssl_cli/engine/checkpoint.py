@@ -21,10 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-import hssl_cli
 from hssl_cli.errors import CheckpointError, CheckpointNote
 from hssl_cli.files import save_safetensors_atomically
 from hssl_cli.recipe import MAX_TEXT_FILE_BYTES, Recipe, RecipeError, parse_recipe, recipe_to_yaml
+from hssl_cli.version import __version__
 
 FORMAT_VERSION = 1
 REQUIRED_METADATA = ("hssl_version", "format_version", "recipe", "kind", "epoch", "step")
@@ -57,7 +57,7 @@ class Checkpoint:
 
 def _base_metadata(recipe: Recipe, kind: str, epoch: int, step: int) -> dict[str, str]:
     return {
-        "hssl_version": hssl_cli.__version__,
+        "hssl_version": __version__,
         "format_version": str(FORMAT_VERSION),
         "kind": kind,
         "recipe": recipe_to_yaml(recipe),
@@ -215,7 +215,7 @@ def _check_metadata(path: Path, metadata: dict[str, str], kind: str) -> None:
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: written by hssl {metadata['hssl_version'][:40]} in checkpoint format {version}; this hssl "
-            f"{hssl_cli.__version__} reads format {FORMAT_VERSION} and older: upgrade hssl")
+            f"{__version__} reads format {FORMAT_VERSION} and older: upgrade hssl")
     if metadata["kind"] not in KINDS:
         raise CheckpointError(f"{path}: metadata kind={metadata['kind'][:40]!r} is none of {', '.join(KINDS)}")
     if metadata["kind"] != kind:
