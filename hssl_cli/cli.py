@@ -5,13 +5,13 @@ commands that need them, so `--help` and a bad recipe answer in a fraction of a 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -36,22 +36,16 @@ if not output.is_terminal and "COLUMNS" not in os.environ:
     output.width = 10_000  # piped or redirected: rich would cut tables at 80 columns; a file gets them whole
 
 
-def debug_requested() -> bool:
-    """`hssl --debug CMD`: the --debug of this invocation, read from the running command's root context."""
-    context = click.get_current_context(silent=True)
-    return context is not None and bool(context.find_root().params.get("debug"))
-
-
 def user_errors(command):
     """An HsslError is one red line and exit code 2; any other exception (a bug, or an input no check
-    foresaw) one line naming it and exit code 3, with the traceback under `hssl --debug`. Checkpoint notes
-    print as one line each while the command runs."""
+    foresaw) one line naming it and exit code 3, with the traceback under `hssl --debug` (read from the
+    invocation's root context). Checkpoint notes print as one line each while the command runs."""
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(invocation: typer.Context, **given):
         try:
             with render.notes_as_lines(console):
-                return command(*args, **kwargs)
+                return command(**given)
         except HsslError as error:
             console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -61,7 +55,7 @@ def user_errors(command):
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as error:
-            if debug_requested():
+            if invocation.find_root().params.get("debug"):
                 raise
             text = " ".join(str(error).split())[:300]
             console.print(f"[bold red]error:[/] unexpected {type(error).__name__}: {escape(text)}; this is a bug or an "
@@ -69,6 +63,10 @@ def user_errors(command):
                           "report it", highlight=False, soft_wrap=True)
             raise typer.Exit(3) from None
 
+    # Typer reads the command's options from this signature and hands the wrapper the invocation's context
+    signature = inspect.signature(command, eval_str=True)
+    invocation = inspect.Parameter("invocation", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), invocation])
     return wrapper
 
 
