@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from hssl_cli.data.image_files import LISTING_FORMAT
 from hssl_cli.files import decoded_split_cache_dirs, save_safetensors_atomically
 
-CACHE_FORMAT = "hssl-imagefolder-cache/1"
+CACHE_FORMAT = LISTING_FORMAT  # one version string for the listing digest and the cache file, as first written
 
 
 def cache_name(split: str, size: int, digest: str) -> str:
