@@ -76,13 +76,32 @@ class WrittenReport:
     report: Report
     folder: Path
     files: list[str]  # the names written into folder
-    table: tuple[list[str], list[list[str]]]  # header and rows: mean ± std per variant (and swept value)
-    claims: tuple[list[str], list[list[str]]] | None  # header and rows of the decided claims, if any
-    protocol: str
-    finished: int  # cells with a result (finished or diverged)
     cells: int  # cells the suite defines
-    cell_seconds: float  # the finished cells' time in all
     curve_missing: str | None  # report.curve when no finished cell logged it
+
+    @property
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows: mean ± std per variant (and swept value)."""
+        return table_rows(self.report)
+
+    @property
+    def claims(self) -> tuple[list[str], list[list[str]]] | None:
+        """Header and rows of the decided claims, if the suite declares any."""
+        return claim_rows(self.report) if self.report.claims else None
+
+    @property
+    def protocol(self) -> str:
+        return protocol_line(self.report)
+
+    @property
+    def finished(self) -> int:
+        """Cells with a result (finished or diverged)."""
+        return len(self.report.results)
+
+    @property
+    def cell_seconds(self) -> float:
+        """The finished cells' time in all."""
+        return self.report.cell_seconds
 
 
 def write_report(loaded: LoadedSuite, output: Path, command: str) -> WrittenReport:
@@ -102,6 +121,4 @@ def write_report(loaded: LoadedSuite, output: Path, command: str) -> WrittenRepo
                 files.append("report-curve.png")
             else:
                 curve_missing = loaded.suite.report.curve
-    return WrittenReport(report, folder, files, table_rows(report), claim_rows(report) if report.claims else None,
-                         protocol_line(report), len(report.results), len(loaded.cells), report.cell_seconds,
-                         curve_missing)
+    return WrittenReport(report, folder, files, len(loaded.cells), curve_missing)
