@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hssl_cli.engine.checkpoint import load_checkpoint
-from hssl_cli.evaluate.frozen import TrainedMethod, load_trained_method
+from hssl_cli.evaluate.opening import TrainedMethod, load_trained_method
 
 
 def load_method(path: str | Path, device: str | torch.device = "cpu") -> TrainedMethod:

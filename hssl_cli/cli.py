@@ -19,7 +19,7 @@ from rich.markup import escape
 from hssl_cli import __version__, render
 from hssl_cli import cli_options as options
 from hssl_cli.errors import HsslError
-from hssl_cli.evaluate.verdict import DEFAULT_THRESHOLD
+from hssl_cli.evaluate.measures.collapse_verdict import DEFAULT_THRESHOLD
 
 app = typer.Typer(
     help="Equivariant and homomorphic self-supervised learning on images.\n\n"
@@ -126,8 +126,8 @@ the run, bit for bit on the CPU. A NaN/inf loss stops the run and leaves the las
         output.print(recipe_to_yaml(recipe), markup=False, highlight=False, soft_wrap=True, end="")
         return
     from hssl_cli.engine.train import pretrain as run_pretrain
+    from hssl_cli.evaluate.measures.spectrum import training_diagnostics
     from hssl_cli.evaluate.monitor import online_monitor
-    from hssl_cli.evaluate.spectrum import training_diagnostics
 
     monitor = online_monitor(recipe)
     with render.TrainingProgress(console, f"pretrain {recipe.name}") as progress:
@@ -177,7 +177,7 @@ hssl probe CKPT --labels 1% --train-subset 20000; hssl probe CKPT --protocol sta
 hssl probe CKPT --augmentation
     """
     if augmentation:
-        from hssl_cli.evaluate.augmentation_probe import augmentation_probe
+        from hssl_cli.evaluate.commands.augmentation_probe import augmentation_probe
 
         given = [name for name, differs in (
             ("--dataset", dataset is not None), ("--data-root", data_root is not None),
@@ -189,8 +189,8 @@ hssl probe CKPT --augmentation
                                     device_name=device, verify=verify, refused_options=given)
         show(report, as_json, render.print_augmentation_probe)
         return
-    from hssl_cli.evaluate.linear_sgd import SgdProtocol
-    from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+    from hssl_cli.evaluate.commands.probe import probe_checkpoint
+    from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol
 
     report = probe_checkpoint(checkpoint, dataset=dataset, data_root=data_root, features=features,
                               device_name=device, progress=not as_json, train_samples=train_samples,
@@ -217,7 +217,7 @@ def collapse_report(
     device: options.Device = "auto",
     verify: options.Verify = True,
 ) -> None:
-    from hssl_cli.evaluate.collapse_report import collapse_reports
+    from hssl_cli.evaluate.commands.collapse_report import collapse_reports
 
     reports = collapse_reports(checkpoints, dataset=dataset, data_root=data_root, split=split, samples=samples,
                                threshold=threshold, device_name=device, progress=not as_json, verify=verify,
@@ -245,7 +245,7 @@ stem, a 3x3 stride-1 conv1 and no max-pool, and no classifier) and holds the pre
 
     Example: hssl export checkpoints/run/<run>/last.safetensors --format torchvision --out resnet18.safetensors
     """
-    from hssl_cli.evaluate.export import export_backbone
+    from hssl_cli.evaluate.commands.export import export_backbone
 
     render.print_export(output, export_backbone(checkpoint, out, format=format, verify=verify))
 
@@ -290,7 +290,7 @@ killed run after its last checkpoint are replaced by the resumed run's.
 
     Example: hssl plot checkpoints/simclr_cifar10_cpu checkpoints/byol_cifar10_cpu --out curves.pdf
     """
-    from hssl_cli.evaluate.curves import DEFAULT_PANELS, plot_runs, read_runs
+    from hssl_cli.evaluate.commands.plot import DEFAULT_PANELS, plot_runs, read_runs
 
     curves = read_runs(runs, labels)
     panels = plot_runs(curves, out, metrics or DEFAULT_PANELS, title)
@@ -323,7 +323,7 @@ but not gated.
 
     Example: hssl equivariance-check --recipe recipes/hssl_rotmnist_c8.yaml --group C4 --tolerance 1e-5
     """
-    from hssl_cli.evaluate.equivariance import check_equivariance
+    from hssl_cli.evaluate.commands.equivariance_check import check_equivariance
 
     report = check_equivariance(checkpoint, recipe_path, group=group, samples=samples, tolerance=tolerance,
                                 device_name=device, data_root=data_root, verify=verify)

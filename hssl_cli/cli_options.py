@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from hssl_cli.evaluate.verdict import VERDICT_RULE
+from hssl_cli.evaluate.measures.collapse_verdict import VERDICT_RULE
 
 # shared by several commands
 Verify = Annotated[bool, typer.Option(

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from hssl_cli.cli import app
 from hssl_cli.engine.train import pretrain
-from hssl_cli.evaluate import frozen
-from hssl_cli.evaluate.augmentation_probe import augmentation_probe, r2_scores
+from hssl_cli.evaluate import opening
+from hssl_cli.evaluate.commands.augmentation_probe import augmentation_probe, r2_scores
 
 
 def test_r2_matches_hand_computed_values():
@@ -52,14 +52,14 @@ def untrained_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize(("backbone", "low", "high"), [(Constant, -0.05, 0.05), (Pixels, 0.3, 1.0)])
 def test_invariant_features_predict_nothing_and_pixels_predict_the_crop(untrained_checkpoint, monkeypatch,
                                                                          backbone, low, high):
-    real = frozen.load_trained_method
+    real = opening.load_trained_method
 
     def with_backbone(checkpoint, device):
         trained = real(checkpoint, device)
         trained.method.backbone = backbone()
         return trained
 
-    monkeypatch.setattr(frozen, "load_trained_method", with_backbone)
+    monkeypatch.setattr(opening, "load_trained_method", with_backbone)
     report = augmentation_probe(untrained_checkpoint, samples=1000, device_name="cpu")
     assert report["fit_images"] == report["scored_images"] == 500
     assert set(report["r2_by_group"]) == {"crop", "colour", "jitter_order"}  # flip, blur, solarize never vary

@@ -9,7 +9,7 @@ from hssl_cli.data.augment import PARAM_NAMES, Augmenter, ViewParams
 from hssl_cli.data.statistics import param_vector_stats
 from hssl_cli.engine.checkpoint import load_checkpoint
 from hssl_cli.engine.train import pretrain
-from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+from hssl_cli.evaluate.commands.probe import probe_checkpoint
 from hssl_cli.methods.equimod import EquiModBranch
 from hssl_cli.recipe import AugmentConfig, EquiModConfig
 

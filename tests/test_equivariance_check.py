@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from hssl_cli.cli import app
 from hssl_cli.data.groups import Group
 from hssl_cli.engine.train import pretrain
-from hssl_cli.evaluate.equivariance import model_element
+from hssl_cli.evaluate.measures.equivariance import model_element
 from hssl_cli.recipe import parse_recipe
 
 runner = CliRunner()
@@ -120,7 +120,7 @@ def test_translations_of_a_cnn_map_are_exact_at_its_stride_and_interpolated_betw
 def test_a_backbone_without_a_map_has_no_translation_rows():
     import torch
 
-    from hssl_cli.evaluate.equivariance import _translations
+    from hssl_cli.evaluate.commands.equivariance_check import _translations
     from hssl_cli.models.capabilities import BackboneCapabilities
 
     backbone = torch.nn.Flatten()

@@ -5,7 +5,7 @@ import torch
 
 from hssl_cli.data.groups import Group, act_on_fibres, act_on_images
 from hssl_cli.data.views import Views
-from hssl_cli.evaluate.equivariance import layer_equivariance
+from hssl_cli.evaluate.measures.equivariance import layer_equivariance
 from hssl_cli.models.backbones import build_backbone
 from hssl_cli.models.equivariant import LayerFactory, _import_escnn, build_equivariant_backbone
 from hssl_cli.recipe import ModelConfig

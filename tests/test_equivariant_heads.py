@@ -5,7 +5,7 @@ from hssl_cli.data.groups import act_on_images
 from hssl_cli.data.views import Views
 from hssl_cli.engine.train import pretrain
 from hssl_cli.errors import HsslError
-from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+from hssl_cli.evaluate.commands.probe import probe_checkpoint
 from hssl_cli.methods import build_method
 from hssl_cli.recipe import parse_recipe
 

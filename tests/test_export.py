@@ -13,7 +13,7 @@ import hssl_cli
 from hssl_cli.cli import app
 from hssl_cli.engine.train import pretrain
 from hssl_cli.errors import HsslError
-from hssl_cli.evaluate.export import export_backbone
+from hssl_cli.evaluate.commands.export import export_backbone
 
 FRESH_TORCHVISION = """
 import sys, torch, torchvision

@@ -10,7 +10,7 @@ import torch
 
 from hssl_cli.engine import checkpoint as ckpt
 from hssl_cli.errors import HsslError
-from hssl_cli.evaluate.frozen import load_trained_method
+from hssl_cli.evaluate.opening import load_trained_method
 from hssl_cli.methods import build_method
 from hssl_cli.recipe import parse_recipe
 from tests.fuzzing import corrupted_checkpoint, mutated_recipe

@@ -122,7 +122,7 @@ def test_malformed_checkpoint_metadata_is_refused_before_anything_is_built(tmp_p
 
 
 def test_right_shaped_tensors_of_the_wrong_dtype_are_refused(tmp_path, tiny_recipe):
-    from hssl_cli.evaluate.frozen import load_trained_method
+    from hssl_cli.evaluate.opening import load_trained_method
 
     path = _model_file(tmp_path, tiny_recipe)
     loaded = ckpt.load_checkpoint(path)

@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 from hssl_cli.data.views import Views
 from hssl_cli.engine.checkpoint import load_checkpoint
 from hssl_cli.errors import HsslError, RecipeError
-from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+from hssl_cli.evaluate.commands.probe import probe_checkpoint
 from hssl_cli.methods import build_method
 from hssl_cli.methods.fibres import draw_pairs
 from hssl_cli.recipe import parse_recipe

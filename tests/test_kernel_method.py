@@ -13,7 +13,7 @@ from hssl_cli.data.statistics import channel_stats
 from hssl_cli.engine.checkpoint import load_checkpoint
 from hssl_cli.engine.device import seeded_generator
 from hssl_cli.errors import HsslError, RecipeError
-from hssl_cli.evaluate.frozen import load_trained_method
+from hssl_cli.evaluate.opening import load_trained_method
 from hssl_cli.methods import build_method
 from hssl_cli.models.kernels import NeuralTangentKernel, RBFKernel, gram
 from hssl_cli.recipe import parse_recipe
@@ -177,8 +177,8 @@ def test_objective_none_keeps_the_random_features_unreduced(digits):
 
 def test_the_exact_kernel_knn_votes_with_the_rbf_kernel_of_the_features_bandwidth(tmp_path, digits):
     """--exact-kernel-knn against a kNN computed by hand with k(x, y) = exp(-|x - y|^2 / 2 sigma^2)."""
-    from hssl_cli.evaluate.probe import topk_accuracy
-    from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+    from hssl_cli.evaluate.commands.probe import probe_checkpoint
+    from hssl_cli.evaluate.measures.frozen_probes import topk_accuracy
 
     recipe_path = tmp_path / "tiny_kernel.yaml"
     recipe_path.write_text(KERNEL_RECIPE)

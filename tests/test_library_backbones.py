@@ -11,8 +11,8 @@ import torch
 from hssl_cli.engine.checkpoint import load_checkpoint
 from hssl_cli.engine.train import pretrain
 from hssl_cli.errors import HsslError
-from hssl_cli.evaluate.export import export_backbone
-from hssl_cli.evaluate.frozen import load_trained_method
+from hssl_cli.evaluate.commands.export import export_backbone
+from hssl_cli.evaluate.opening import load_trained_method
 from hssl_cli.models.backbones import build_backbone
 from tests.test_sources import random_image, write_image
 

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from hssl_cli.cli import app
 from hssl_cli.engine.train import pretrain
 from hssl_cli.errors import HsslError
-from hssl_cli.evaluate.curves import plot_runs, read_run, run_folders
+from hssl_cli.evaluate.commands.plot import plot_runs, read_run, run_folders
+from hssl_cli.evaluate.measures.spectrum import training_diagnostics
 from hssl_cli.evaluate.monitor import OnlineMonitor
-from hssl_cli.evaluate.spectrum import training_diagnostics
 from tests.conftest import train_stopped_and_resumed
 
 

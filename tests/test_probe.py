@@ -10,7 +10,13 @@ from torch import nn
 
 from hssl_cli.data.augment import normalize
 from hssl_cli.evaluate.features import extract_features
-from hssl_cli.evaluate.probe import knn_probe, linear_probe, standardize, stratified_holdout, topk_accuracy
+from hssl_cli.evaluate.measures.frozen_probes import (
+    knn_probe,
+    linear_probe,
+    stratified_holdout,
+    topk_accuracy,
+    train_statistics,
+)
 
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-2)
 
@@ -44,7 +50,8 @@ def test_topk_accuracy_top5_is_100_with_fewer_than_five_classes():
 def test_standardize_uses_train_statistics_only():
     generator = torch.Generator().manual_seed(0)
     train = 3.0 * torch.randn(200, 4, generator=generator) + 7.0
-    train_standard, test_standard = standardize(train, train + 5.0)
+    mean, std = train_statistics(train)
+    train_standard, test_standard = (train - mean) / std, (train + 5.0 - mean) / std
     assert train_standard.mean(0).abs().max() < 1e-5
     assert torch.allclose(train_standard.std(0), torch.ones(4), atol=1e-5)
     # shifting test by 5 shifts its standardised values by 5 / std(train), not back to zero mean

@@ -9,10 +9,10 @@ from hssl_cli.data.sources import load_split
 from hssl_cli.engine.checkpoint import load_checkpoint
 from hssl_cli.engine.train import pretrain
 from hssl_cli.errors import HsslError
+from hssl_cli.evaluate.commands.probe import probe_checkpoint
 from hssl_cli.evaluate.features import extract_features
-from hssl_cli.evaluate.frozen import feature_model, load_trained_method
-from hssl_cli.evaluate.probe import knn_probe
-from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+from hssl_cli.evaluate.measures.frozen_probes import knn_probe
+from hssl_cli.evaluate.opening import feature_model, load_trained_method
 from hssl_cli.recipe import parse_recipe
 from tests.test_hssl import TINY_HSSL
 

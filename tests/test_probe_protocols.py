@@ -15,10 +15,11 @@ from hssl_cli.cli import app
 from hssl_cli.data.sources import load_split
 from hssl_cli.engine.train import pretrain
 from hssl_cli.errors import HsslError
+from hssl_cli.evaluate.commands.probe import label_fraction, probe_checkpoint
 from hssl_cli.evaluate.feature_cache import FeatureCache
 from hssl_cli.evaluate.features import extract_features
-from hssl_cli.evaluate.linear_sgd import SgdProtocol, train_linear_sgd
-from hssl_cli.evaluate.probe_checkpoint import label_fraction, label_subset, probe_checkpoint
+from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol, train_linear_sgd
+from hssl_cli.evaluate.subsets import label_subset
 from hssl_cli.recipe import parse_recipe
 from tests.conftest import TINY_RECIPE
 

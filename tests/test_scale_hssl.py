@@ -8,7 +8,7 @@ import torch
 from hssl_cli.data.scales import coarsen, downscale, downscale_bilinear, shift_levels
 from hssl_cli.data.views import Views
 from hssl_cli.errors import RecipeError
-from hssl_cli.evaluate.scales import scale_equivariance
+from hssl_cli.evaluate.measures.scales import scale_equivariance
 from hssl_cli.methods import build_method
 from hssl_cli.recipe import parse_recipe
 
@@ -129,7 +129,7 @@ def test_recipe_checks_for_scale_fibres_name_the_keys():
 
 
 def test_equivariance_check_reports_and_gates_the_scale_identity(tmp_path):
-    from hssl_cli.evaluate.equivariance import check_equivariance
+    from hssl_cli.evaluate.commands.equivariance_check import check_equivariance
 
     recipe = tmp_path / "scales.yaml"
     recipe.write_text("name: scales\n" + SCALES + "method: {name: hssl, fibres: scales}\n")

@@ -4,18 +4,18 @@ import pytest
 import torch
 from torch import nn
 
-from hssl_cli.evaluate.spectrum import (
+from hssl_cli.evaluate.commands.collapse_report import plot_spectra
+from hssl_cli.evaluate.measures.collapse_verdict import collapse_verdict
+from hssl_cli.evaluate.measures.spectrum import (
     covariance_eigenvalues,
     effective_rank,
     layer_outputs,
     layer_spectrum,
     participation_ratio,
-    plot_spectra,
     predictor_alignment,
     rankme,
     training_diagnostics,
 )
-from hssl_cli.evaluate.verdict import collapse_verdict
 from hssl_cli.methods.base import SSLMethod
 from hssl_cli.models.capabilities import BackboneCapabilities
 

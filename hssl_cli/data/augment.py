@@ -42,13 +42,14 @@ _FACTORS = slice(2 * CROP_TRIES + 12, 2 * CROP_TRIES + 16)
 _NUM_DRAWS = 2 * CROP_TRIES + 16
 
 
-def _standardize(scaled: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def _normalize_unit_pixels(scaled: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std per channel of pixels already scaled to [0, 1]."""
     return (scaled - mean.view(1, -1, 1, 1).to(scaled)) / std.view(1, -1, 1, 1).to(scaled)
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float, scaled to [0, 1] then standardised per channel."""
-    return _standardize(images.float() / 255.0, mean, std)
+    return _normalize_unit_pixels(images.float() / 255.0, mean, std)
 
 
 @dataclass(eq=False)
@@ -319,7 +320,7 @@ class Augmenter:
             solarized = params.solarize.view(-1, 1, 1, 1) & (views >= SOLARIZE_THRESHOLD)
             views = torch.where(solarized, 1 - views, views)
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
-        return _standardize(views, self.mean, self.std).to(dtype=self.output_dtype, memory_format=layout)
+        return _normalize_unit_pixels(views, self.mean, self.std).to(dtype=self.output_dtype, memory_format=layout)
 
     def _crop_and_flip(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """Resample each crop box to image_size with one affine grid; a flip negates the x scale."""

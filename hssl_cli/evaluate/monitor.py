@@ -9,7 +9,8 @@ from torch import nn
 
 from hssl_cli.data.sources import load_split
 from hssl_cli.evaluate.features import extract_features
-from hssl_cli.evaluate.probe import knn_probe, linear_probe
+from hssl_cli.evaluate.measures.frozen_probes import knn_probe, linear_probe
+from hssl_cli.evaluate.subsets import fixed_order
 from hssl_cli.recipe import Recipe
 
 KNN_K = 20
@@ -25,13 +26,13 @@ class OnlineMonitor:
         config = recipe.train.monitor
         self.config = config
         train = load_split(recipe.data, recipe.data.train_split)
-        order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(recipe.seed))
+        order = fixed_order(len(train.labels), recipe.seed)
         fit = order[:config.samples]
         if config.split == recipe.data.train_split:  # held-out train images, disjoint from the fitted ones
             scored, scored_images, scored_labels = order[config.samples:2 * config.samples], train.images, train.labels
         else:
             other = load_split(recipe.data, config.split)
-            scored = torch.randperm(len(other.labels), generator=torch.Generator().manual_seed(recipe.seed + 1))
+            scored = fixed_order(len(other.labels), recipe.seed + 1)
             scored, scored_images, scored_labels = scored[:config.samples], other.images, other.labels
         self.fit_images, self.fit_labels = train.images[fit], train.labels[fit]
         self.scored_images, self.scored_labels = scored_images[scored], scored_labels[scored]

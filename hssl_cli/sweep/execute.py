@@ -51,7 +51,7 @@ def cell_statuses(loaded: LoadedSuite, cells: list[Cell], output: Path) -> list[
 def run_cells(loaded: LoadedSuite, cells: list[Cell], output: Path, device: str, console: Console) -> bool:
     """Run (or skip) the cells in order, each under a progress bar with status lines on `console`; True when
     a stop signal interrupted one (it resumes on the next run), and the cells after it were not started."""
-    from hssl_cli.evaluate.spectrum import training_diagnostics
+    from hssl_cli.evaluate.measures.spectrum import training_diagnostics
     from hssl_cli.sweep.run import run_cell
 
     for number, cell in enumerate(cells, start=1):

@@ -142,8 +142,8 @@ def evaluate_checkpoint(loaded: LoadedSuite, checkpoint: Path, device: str, stat
                         ) -> dict[str, dict | None]:
     """The suite's evaluations of a cell's checkpoint: the probe, and the collapse report, the equivariance check
     and the augmentation probe where the suite asks for them (None where it does not)."""
-    from hssl_cli.evaluate.linear_sgd import SgdProtocol
-    from hssl_cli.evaluate.probe_checkpoint import probe_checkpoint
+    from hssl_cli.evaluate.commands.probe import probe_checkpoint
+    from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol
 
     settings = loaded.suite.probe
     status("probe")
@@ -158,18 +158,18 @@ def evaluate_checkpoint(loaded: LoadedSuite, checkpoint: Path, device: str, stat
                              cache=False)  # each cell's checkpoint is probed once: a cache would only fill disks
     collapse = equivariance = augmentation = None
     if loaded.suite.collapse_report is not None:
-        from hssl_cli.evaluate.collapse_report import collapse_report
+        from hssl_cli.evaluate.commands.collapse_report import collapse_report
 
         status("collapse-report")
         collapse = collapse_report(checkpoint, samples=loaded.suite.collapse_report.samples, device_name=device,
                                    progress=False)
     if loaded.suite.equivariance_check:
-        from hssl_cli.evaluate.equivariance import check_equivariance
+        from hssl_cli.evaluate.commands.equivariance_check import check_equivariance
 
         status("equivariance-check")
         equivariance = check_equivariance(checkpoint, device_name=device)
     if loaded.suite.augmentation_probe is not None:
-        from hssl_cli.evaluate.augmentation_probe import augmentation_probe
+        from hssl_cli.evaluate.commands.augmentation_probe import augmentation_probe
 
         status("augmentation probe")
         augmentation = augmentation_probe(checkpoint, samples=loaded.suite.augmentation_probe.samples,

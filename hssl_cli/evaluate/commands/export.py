@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hssl_cli.errors import HsslError
-
-if TYPE_CHECKING:
-    from torch import nn
 
 FORMATS = ("plain", "torchvision", "timm")
 CIFAR_STEM = {
@@ -29,15 +25,18 @@ CIFAR_STEM = {
 
 
 def export_backbone(checkpoint_path: Path, out: Path, format: str = "plain", verify: bool = True) -> dict:
-    from hssl_cli.engine.checkpoint import load_checkpoint, load_module_state
+    import torch
+
+    from hssl_cli.evaluate.opening import open_for_evaluation
     from hssl_cli.files import save_safetensors_atomically
     from hssl_cli.models.capabilities import capabilities_of
 
     if format not in FORMATS:
         raise HsslError(f"--format {format}: one of {', '.join(FORMATS)}")
-    checkpoint = load_checkpoint(checkpoint_path, verify=verify)
+    opened = open_for_evaluation(checkpoint_path, torch.device("cpu"), verify=verify)  # what is exported loads
+    checkpoint = opened.checkpoint
     backbone = checkpoint.recipe.model.backbone
-    network = _its_backbone(checkpoint)
+    network = opened.method.backbone
     capabilities = capabilities_of(network)
     if format != "plain" and capabilities.scale_levels is not None:
         raise HsslError(f"--format {format}: this backbone is a multi-scale lifting of {backbone} (model.scales), "
@@ -46,7 +45,6 @@ def export_backbone(checkpoint_path: Path, out: Path, format: str = "plain", ver
         raise HsslError(f"--format {format}: only resnet18_cifar and {format}:<name> backbones have a {format} twin; "
                         f"this checkpoint's is {backbone}: use --format plain (load it with hssl_cli.load_backbone)")
     tensors = checkpoint.prefixed("backbone")
-    load_module_state(network, tensors, checkpoint.path, "backbone")  # what is exported is known to load
     mean, std = checkpoint.tensors["data.mean"], checkpoint.tensors["data.std"]
     if format == "plain":
         build = "hssl_cli.models.backbones.build_backbone(ModelConfig(**json.loads(metadata['model'])), in_channels)"
@@ -76,10 +74,3 @@ def _library_build(backbone: str, in_channels: int) -> str:
     head, _ = classifier_of(torchvision.models.get_model(name, weights=None))
     return f"m = torchvision.models.get_model('{name}'); m.{head} = torch.nn.Identity()"
 
-
-def _its_backbone(checkpoint) -> nn.Module:
-    """The checkpoint's backbone, built from its recipe (untrained)."""
-    from hssl_cli.models.backbones import build_backbone
-
-    plain = getattr(checkpoint.recipe.method, "structure", "kept") == "removed"  # H-SSL's ablation
-    return build_backbone(checkpoint.recipe.model, in_channels=checkpoint.tensors["data.mean"].numel(), plain=plain)

@@ -13,8 +13,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hssl_cli.errors import HsslError
+
+if TYPE_CHECKING:
+    import torch
+
+    from hssl_cli.evaluate.opening import TrainedMethod
+    from hssl_cli.recipe import ResolvedView
 
 CHUNK = 256  # images per forward pass
 RIDGES = tuple(10.0 ** exponent for exponent in range(-2, 6))
@@ -53,26 +60,53 @@ def augmentation_probe(path: Path, samples: int = 4096, device_name: str = "auto
     on the first half and scored on the second. `refused_options`: options of `hssl probe` given with
     --augmentation, which it does not take (an error)."""
     import numpy as np
-    import torch
-    from sklearn.linear_model import RidgeCV
 
-    from hssl_cli.data.augment import PARAM_NAMES, Augmenter, ViewParams, normalize
-    from hssl_cli.data.sources import load_split
-    from hssl_cli.engine.checkpoint import load_checkpoint
     from hssl_cli.engine.device import resolve_device
-    from hssl_cli.evaluate.frozen import load_trained_method
+    from hssl_cli.evaluate.opening import open_for_evaluation
+    from hssl_cli.evaluate.subsets import fixed_sample
 
     check_options(samples, refused_options)
     started = time.perf_counter()
-    device = resolve_device(device_name)
-    checkpoint = load_checkpoint(path, verify=verify)
-    recipe = checkpoint.recipe
-    trained = load_trained_method(checkpoint, device)
+    opened = open_for_evaluation(path, resolve_device(device_name), verify=verify)
+    recipe = opened.recipe
     view = next((view for view in recipe.resolved_views() if view.role == "global"), None)
     if view is None:
         raise HsslError(f"{path}: method {recipe.method.name} draws no augmented views; nothing to predict")
-    images = load_split(recipe.data, recipe.data.train_split).images
-    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:samples]
+    images = opened.read_split(opened.data.train_split).images
+    x, y = _paired_features(opened.trained, view, images, fixed_sample(len(images), samples), seed)
+    half = len(x) // 2
+    scores, ridge = _r2_by_parameter(x[:half], y[:half], x[half:], y[half:])
+    if not scores:
+        raise HsslError(f"{path}: no augmentation parameter varies under the recipe's augment:; nothing to predict")
+    groups = {}
+    for group, names in PARAMETER_GROUPS.items():
+        present = [scores[name] for name in names if name in scores]
+        if present:
+            groups[group] = float(np.mean(present))
+    return {
+        "checkpoint": opened.source,
+        "method": recipe.method.name,
+        "features": "backbone: [f(x), f(t(x))]",
+        "view": f"first global view, {view.size} px",
+        "fit_images": half,
+        "scored_images": len(x) - half,
+        "ridge": ridge,
+        "r2": float(np.mean(list(scores.values()))),
+        "r2_by_group": groups,
+        "r2_by_parameter": scores,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _paired_features(trained: TrainedMethod, view: ResolvedView, images: torch.Tensor, chosen: torch.Tensor,
+                     seed: int):
+    """(x, y) as float64 numpy arrays: x = [f(x), f(t(x))] per chosen image, y = the parameter vector a_t of its
+    draw t (a generator seeded with `seed`), CHUNK images per forward pass."""
+    import torch
+
+    from hssl_cli.data.augment import Augmenter, ViewParams, normalize
+
+    device = trained.mean.device
     augmenter = Augmenter(view.augment, view.size, trained.mean, trained.std)
     generator = torch.Generator(device).manual_seed(seed)
     features, parameters = [], []
@@ -85,32 +119,22 @@ def augmentation_probe(path: Path, samples: int = 4096, device_name: str = "auto
             pair = trained.method.backbone(torch.cat([original, views])).float().chunk(2)
             features.append(torch.cat(pair, dim=1).cpu())
             parameters.append(params.as_vector().cpu())
-    x, y = torch.cat(features).double().numpy(), torch.cat(parameters).double().numpy()
-    half = len(x) // 2
-    varying = [index for index in range(y.shape[1]) if y[:half, index].std() > 0 and y[half:, index].std() > 0]
+    return torch.cat(features).double().numpy(), torch.cat(parameters).double().numpy()
+
+
+def _r2_by_parameter(x_fit, y_fit, x_scored, y_scored) -> tuple[dict[str, float], float]:
+    """({parameter: R² on the scored rows}, the ridge RidgeCV chose) of a ridge regression fitted on the fit rows,
+    for the parameters that vary in both halves; features and targets standardised with the fit rows' statistics."""
+    from sklearn.linear_model import RidgeCV
+
+    from hssl_cli.data.augment import PARAM_NAMES
+
+    varying = [index for index in range(y_fit.shape[1]) if y_fit[:, index].std() > 0 and y_scored[:, index].std() > 0]
     if not varying:
-        raise HsslError(f"{path}: no augmentation parameter varies under the recipe's augment:; nothing to predict")
-    x_mean, x_std = x[:half].mean(axis=0), x[:half].std(axis=0) + 1e-8
-    y_mean, y_std = y[:half, varying].mean(axis=0), y[:half, varying].std(axis=0)
-    regression = RidgeCV(alphas=RIDGES).fit((x[:half] - x_mean) / x_std, (y[:half, varying] - y_mean) / y_std)
-    predicted = regression.predict((x[half:] - x_mean) / x_std)
-    scores = dict(zip([PARAM_NAMES[i] for i in varying],
-                      r2_scores(predicted, (y[half:, varying] - y_mean) / y_std), strict=True))
-    groups = {}
-    for group, names in PARAMETER_GROUPS.items():
-        present = [scores[name] for name in names if name in scores]
-        if present:
-            groups[group] = float(np.mean(present))
-    return {
-        "checkpoint": str(checkpoint.path),
-        "method": recipe.method.name,
-        "features": "backbone: [f(x), f(t(x))]",
-        "view": f"first global view, {view.size} px",
-        "fit_images": half,
-        "scored_images": len(x) - half,
-        "ridge": float(regression.alpha_),
-        "r2": float(np.mean(list(scores.values()))),
-        "r2_by_group": groups,
-        "r2_by_parameter": scores,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+        return {}, float("nan")
+    x_mean, x_std = x_fit.mean(axis=0), x_fit.std(axis=0) + 1e-8
+    y_mean, y_std = y_fit[:, varying].mean(axis=0), y_fit[:, varying].std(axis=0)
+    regression = RidgeCV(alphas=RIDGES).fit((x_fit - x_mean) / x_std, (y_fit[:, varying] - y_mean) / y_std)
+    predicted = regression.predict((x_scored - x_mean) / x_std)
+    r2 = r2_scores(predicted, (y_scored[:, varying] - y_mean) / y_std)
+    return dict(zip([PARAM_NAMES[i] for i in varying], r2, strict=True)), float(regression.alpha_)

@@ -29,12 +29,11 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
     return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).sum().item() / labels.numel() for k in ks}
 
 
-def standardize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
-    """Centre and scale both splits per dimension with the mean and std of `train` only."""
-    mean = train.mean(dim=0, keepdim=True)
-    # Constant dimensions would divide by zero; they stay constant (zero) instead.
-    std = train.std(dim=0, keepdim=True).clamp_min(1e-6)
-    return (train - mean) / std, (test - mean) / std
+def train_statistics(train: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-dimension mean and std (1, D) of the train features that standardise train and test features alike
+    (the linear probe's (x - mean) / std); a constant
+    dimension's std is clamped to 1e-6, so it stays constant (zero) instead of dividing by zero."""
+    return train.mean(dim=0, keepdim=True), train.std(dim=0, keepdim=True).clamp_min(1e-6)
 
 
 def _check_split(features: Tensor, labels: Tensor, num_classes: int, name: str) -> None:
@@ -122,8 +121,7 @@ class LinearClassifier:
 
 
 def _fit(features: Tensor, labels: Tensor, num_classes: int, weight_decay: float, steps: int) -> LinearClassifier:
-    mean = features.mean(dim=0, keepdim=True)
-    std = features.std(dim=0, keepdim=True).clamp_min(1e-6)  # as in standardize()
+    mean, std = train_statistics(features)
     weight, bias = _fit_softmax_regression((features - mean) / std, labels, num_classes, weight_decay, steps)
     return LinearClassifier(mean, std, weight, bias, weight_decay)
 

@@ -1,5 +1,5 @@
 """Is a representation collapsing? Spectral metrics of plain (N, D) embeddings, a verdict, the
-predictor-to-correlation alignment, the training-time diagnostics and the spectrum plot.
+predictor-to-correlation alignment and the training-time diagnostics (collapse-report draws the spectra).
 
 Every metric takes a plain tensor, so a new kind of features (e.g. an equivariant backbone's lifted
 output) is one more entry in the dict that `layer_outputs` returns. Maths runs on the CPU in float64:
@@ -8,13 +8,11 @@ D is at most a few thousand and the tails of collapsed spectra sit far below flo
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hssl_cli.evaluate.verdict import DEFAULT_THRESHOLD, collapse_verdict, verdict_level
+from hssl_cli.evaluate.measures.collapse_verdict import DEFAULT_THRESHOLD, collapse_verdict, verdict_level
 from hssl_cli.methods.base import SSLMethod
 
 
@@ -33,7 +31,7 @@ def covariance_eigenvalues(embeddings: Tensor) -> Tensor:
     return eigenvalues[: min(z.shape[1], z.shape[0] - 1)]
 
 
-def standardize(embeddings: Tensor) -> Tensor:
+def standardize_columns(embeddings: Tensor) -> Tensor:
     """Each dimension centred and scaled to unit variance (the linear probe's view of the features).
     A dimension whose spread is below 1e-6 of its magnitude is constant up to float32 noise: it stays 0."""
     z = _as_float64(embeddings)
@@ -96,7 +94,7 @@ def layer_spectrum(embeddings: Tensor, threshold: float = DEFAULT_THRESHOLD) -> 
     standardised features (the correlation matrix); `effective_rank_raw` is that of the raw covariance,
     which a common-mode direction can dominate (an untrained ReLU network's features) without any loss
     of information for a probe."""
-    eigenvalues = covariance_eigenvalues(standardize(embeddings))
+    eigenvalues = covariance_eigenvalues(standardize_columns(embeddings))
     raw_eigenvalues = covariance_eigenvalues(embeddings)
     dim = embeddings.shape[1]
     rank = effective_rank(eigenvalues)
@@ -163,46 +161,3 @@ def training_diagnostics(method: SSLMethod, held_images: Tensor) -> dict[str, fl
         metrics |= {f"predictor/{key}": value for key, value in alignment.items()}
     return metrics
 
-
-def plot_spectra(reports: list[dict], path: Path, labels: list[str] | None = None, shared_axes: bool = True) -> None:
-    """Correlation spectra of one or several collapse reports, overlaid: one log-scale panel per layer
-    (eigenvalue / the largest, by rank), a line per checkpoint with its effective rank in the legend, the
-    threshold dashed; panels share their y-axis unless `shared_axes` is False. The format follows the
-    path's suffix (PNG, PDF, SVG)."""
-    from matplotlib.figure import Figure  # lazily: plotting is optional; Figure needs no pyplot state
-
-    from hssl_cli.files import save_figure_atomically
-    from hssl_cli.render import dataset_label, report_label
-
-    labels = labels or [report_label(report) for report in reports]
-    layer_names = list(dict.fromkeys(name for report in reports for name in report["layers"]))
-    figure = Figure(figsize=(3.6 * len(layer_names) + 0.4, 3.4), layout="constrained")
-    axes = figure.subplots(1, len(layer_names), squeeze=False, sharey=shared_axes)[0]
-    floor = 1e-12  # zeros cannot be drawn on a log axis; they sit on the floor
-    lowest = min(report["threshold"] for report in reports)
-    for axis, name in zip(axes, layer_names, strict=True):
-        dims = []
-        for index, (report, label) in enumerate(zip(reports, labels, strict=True)):
-            layer = report["layers"].get(name)
-            if layer is None:
-                continue
-            dims.append(layer["dim"])
-            eigenvalues = torch.tensor(layer["eigenvalues"], dtype=torch.float64)
-            largest = eigenvalues.max()
-            relative = (eigenvalues / largest).clamp_min(floor) if largest > 0 else torch.full_like(eigenvalues, floor)
-            lowest = min(lowest, float(relative.min()))
-            axis.semilogy(range(1, len(relative) + 1), relative.numpy(), color=f"C{index % 10}", linewidth=1.3,
-                          label=f"{label} (eff. rank {layer['effective_rank']:.1f})")
-        axis.axhline(reports[0]["threshold"], color="0.4", linestyle="--", linewidth=0.8,
-                     label=f"threshold {reports[0]['threshold']:g}")
-        axis.set_title(f"{name} (D={'/'.join(map(str, dict.fromkeys(dims)))})", fontsize=10)
-        axis.set_xlabel("eigenvalue rank")
-        axis.grid(True, which="major", alpha=0.3)
-        axis.legend(loc="lower left", fontsize=7)
-        if not shared_axes or axis is axes[0]:
-            axis.set_ylabel("eigenvalue / largest")
-    for axis in axes:
-        axis.set_ylim(lowest / 3, 3)
-    figure.suptitle(f"Correlation spectra: {dataset_label(reports[0])}, {reports[0]['samples']} "
-                    f"{reports[0]['split']} images", fontsize=11)
-    save_figure_atomically(figure, path)
