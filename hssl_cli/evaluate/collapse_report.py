@@ -58,7 +58,7 @@ are in the report; spectrum.plot_spectra draws one or several reports."""
     alignment = predictor_alignment(outputs["projector"], outputs["predictor"]) if "predictor" in outputs else None
     # the verdict of the representation the loss shapes: the projector output when there is one
     verdict_layer = "projector" if "projector" in layers else "backbone"
-    loss = getattr(checkpoint.recipe.method, "loss", None)  # e.g. DirectPred's byol | iso
+    loss = checkpoint.recipe.method.loss_variant  # e.g. DirectPred's byol | iso
     return {
         "checkpoint": str(checkpoint.path),
         "method": checkpoint.recipe.method.name,
