@@ -18,6 +18,7 @@ from hssl_cli.errors import CheckpointNote
 
 if TYPE_CHECKING:
     import hssl_cli.progress
+    from hssl_cli.engine.train import RunResult
 
 
 @contextlib.contextmanager
@@ -102,11 +103,11 @@ def monitor_label(key: str) -> str:
     return key.replace("knn_k", "kNN(").replace("_top1", ") top-1" if key.startswith("knn") else " top-1")
 
 
-def print_pretrain(output: Console, name: str, result) -> None:
+def print_pretrain(output: Console, name: str, result: RunResult) -> None:
     """The summary of a finished (or interrupted) `hssl pretrain` (an engine RunResult)."""
     suffix = " (interrupted: continue with --resume)" if result.interrupted else ""
     table = Table(title=f"pretrain {name}{suffix}")
-    monitored = getattr(result, "monitor", {})
+    monitored = result.monitor
     for column in ("epochs", "steps", "final loss", "wall time", "images/s",
                    *(monitor_label(key.removeprefix("monitor/")) for key in monitored)):
         table.add_column(column, justify="right")

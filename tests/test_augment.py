@@ -397,7 +397,7 @@ def test_every_jitter_order_gets_the_reference_rounds_views_with_one_hue_pass():
     every order is refused."""
     import itertools
 
-    from hssl_cli.data.augment import JITTER_PASSES, REFERENCE_JITTER_PASSES, _pass_plan
+    from hssl_cli.data.augment import JITTER_PASSES, REFERENCE_JITTER_PASSES, pass_plan
 
     assert JITTER_PASSES.count("H") == 1 and REFERENCE_JITTER_PASSES.count("H") == 4
     orders = torch.tensor(list(itertools.permutations(range(4)))).repeat(2, 1)  # 48 samples
@@ -412,9 +412,9 @@ def test_every_jitter_order_gets_the_reference_rounds_views_with_one_hue_pass():
     reference = make_augmenter(**EVERYTHING_ON).reference().apply(images, params)
     assert (fast - reference).abs().max() <= 1e-6
     assert torch.equal(fast[47], as_floats(images[47]))
-    plan = _pass_plan(JITTER_PASSES)  # each row applies positions 0..3 in order, hue in an H pass
+    plan = pass_plan(JITTER_PASSES)  # each row applies positions 0..3 in order, hue in an H pass
     for hue_at, row in enumerate(plan.tolist()):
         assert [position for position in row if position >= 0] == [0, 1, 2, 3]
         assert JITTER_PASSES[row.index(hue_at)] == "H"
     with pytest.raises(ValueError, match="cannot hold"):
-        _pass_plan("LLLHL")
+        pass_plan("LLLHL")

@@ -103,7 +103,7 @@ def test_bad_group_is_a_user_error(tmp_path, bad):
     assert result.exit_code == 2 and "C<N> or D<N>" in result.output
 
 
-def test_translations_of_a_cnn_map_are_exact_at_its_stride_and_interpolated_between(tmp_path):
+def testtranslation_rows_of_a_cnn_map_are_exact_at_its_stride_and_interpolated_between(tmp_path):
     result, report = _check("--recipe", str(_write(tmp_path, PLAIN_RECIPE, "plain")), "--json", "--group", "C1")
     assert result.exit_code == 0, result.output  # C1: only the identity, so the translations decide the gate
     translations = report["translations"]
@@ -120,9 +120,9 @@ def test_translations_of_a_cnn_map_are_exact_at_its_stride_and_interpolated_betw
 def test_a_backbone_without_a_map_has_no_translation_rows():
     import torch
 
-    from hssl_cli.evaluate.commands.equivariance_check import _translations
+    from hssl_cli.evaluate.commands.equivariance_check import translation_rows
     from hssl_cli.models.capabilities import BackboneCapabilities
 
     backbone = torch.nn.Flatten()
     backbone.capabilities = BackboneCapabilities()  # pooled features only
-    assert _translations(backbone, torch.zeros(2, 1, 8, 8)) is None
+    assert translation_rows(backbone, torch.zeros(2, 1, 8, 8)) is None

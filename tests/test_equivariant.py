@@ -7,7 +7,7 @@ from hssl_cli.data.groups import Group, act_on_fibres, act_on_images
 from hssl_cli.data.views import Views
 from hssl_cli.evaluate.measures.equivariance import layer_equivariance
 from hssl_cli.models.backbones import build_backbone
-from hssl_cli.models.equivariant import LayerFactory, _import_escnn, build_equivariant_backbone
+from hssl_cli.models.equivariant import LayerFactory, build_equivariant_backbone, import_escnn
 from hssl_cli.recipe import ModelConfig
 
 
@@ -96,7 +96,7 @@ def test_loading_weights_in_eval_mode_rebuilds_the_cached_filters():
 @pytest.mark.parametrize("name", ["C4", "D4", "C8"])
 def test_fast_he_initialisation_matches_escnns_variances(name):
     layers = LayerFactory(Group.parse(name), plain=False)
-    init = _import_escnn().nn.init
+    init = import_escnn().nn.init
     for in_fields, out_fields, kernel, trivial_input in [(3, 2, 3, False), (3, 5, 5, True), (2, 2, 1, False)]:
         conv = layers._r2conv(in_fields, out_fields, kernel, trivial_input)
         expected = init._generalized_he_init_variances(conv.basisexpansion)
@@ -134,7 +134,7 @@ def test_a_training_step_expands_each_escnn_filter_once_and_eval_reuses_the_cach
     from hssl_cli.methods import build_method
     from hssl_cli.recipe import parse_recipe
 
-    escnn = _import_escnn()
+    escnn = import_escnn()
     expansions: dict[int, int] = {}
     expand = escnn.nn.R2Conv.expand_parameters
 

@@ -14,12 +14,12 @@ from hssl_cli.data.groups import (
 )
 from hssl_cli.data.sources import load_split
 from hssl_cli.errors import HsslError
-from hssl_cli.models.equivariant import _import_escnn
+from hssl_cli.models.equivariant import import_escnn
 from hssl_cli.recipe import DataConfig
 
 
 def _escnn_group(group: Group):
-    escnn = _import_escnn()
+    escnn = import_escnn()
     space = escnn.gspaces.rot2dOnR2 if group.kind == "C" else escnn.gspaces.flipRot2dOnR2
     return space(N=group.order)
 
@@ -39,7 +39,7 @@ def test_fibre_permutation_is_escnns_regular_representation(name):
 def test_exact_elements_act_on_images_like_escnn(name):
     group = Group.parse(name)
     gspace = _escnn_group(group)
-    field = _import_escnn().nn.FieldType(gspace, [gspace.trivial_repr])
+    field = import_escnn().nn.FieldType(gspace, [gspace.trivial_repr])
     images = torch.randn(2, 1, 9, 9)
     for element, escnn_element in enumerate(gspace.fibergroup.elements):
         if group.is_exact(element):

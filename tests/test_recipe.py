@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,47 @@ def test_a_binary_or_huge_file_is_a_one_line_recipe_error(tmp_path):
     huge.write_text("# " + "x" * 2_000_000)
     with pytest.raises(RecipeError, match="larger than 1,000,000 bytes"):
         load_recipe(huge)
+
+
+def test_loss_variant_is_the_loss_a_method_offers_a_choice_of():
+    assert parse_recipe("method: {name: directpred, loss: iso}", "x.yaml").method.loss_variant == "iso"
+    assert parse_recipe("method: {name: directcopy}", "x.yaml").method.loss_variant == "byol"
+    hssl = parse_recipe("method: {name: hssl, fibres: positions, loss: vicreg}", "x.yaml").method
+    assert hssl.loss_variant == "vicreg"
+    for name in ("simclr", "vicreg", "barlow_twins"):
+        assert parse_recipe(f"method: {{name: {name}}}", "x.yaml").method.loss_variant is None
+    assert "loss_variant" not in hssl.model_dump()  # a property, not a recipe key
+
+
+WIDE = "[60000, 60000, 60000]"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("model: {projector: [60000]}\nmethod: {name: byol, predictor: " + WIDE + "}",
+     "method.predictor: layers of widths [60000, 60000, 60000] hold about 40 GiB of weights, more than 8 GiB"),
+    ("model: {projector: [60000]}\nmethod: {name: mocov3, predictor: " + WIDE + "}",
+     "method.predictor: layers of widths [60000, 60000, 60000] hold about 40 GiB"),
+    # H-SSL's predictor is bounded whatever the loss, as before (only loss byol checks its last width)
+    ("model: {projector: [60000]}\nmethod: {name: hssl, fibres: positions, predictor: " + WIDE + "}",
+     "method.predictor: layers of widths [60000, 60000, 60000] hold about 40 GiB"),
+    ("method: {name: simclr, equimod: {projector: [60000, 60000, 128]}}",
+     "method.equimod.projector: layers of widths [60000, 60000, 128] hold about 14 GiB of weights, more than 8 GiB; "
+     "use narrower layers"),
+    ("model: {projector: [128]}\nmethod: {name: byol, predictor: [256, 128], equimod: {projector: [60000, 60000, 8]}}",
+     "method.equimod.projector: layers of widths"),
+])
+def test_a_methods_own_heads_are_bounded_in_memory(text, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        parse_recipe(text, "x.yaml")
+
+
+def test_the_heads_a_method_declares_beside_the_projector():
+    byol = parse_recipe("model: {projector: [128]}\nmethod: {name: byol, predictor: [256, 128], "
+                        "equimod: {projector: [64, 32]}}", "x.yaml")
+    assert byol.method.extra_heads(128, 2048) == {"method.predictor": [128, 256, 128],
+                                                  "method.equimod.projector": [2048, 64, 32]}
+    assert parse_recipe("method: {name: simclr}", "x.yaml").method.extra_heads(128, 2048) == {}
+    assert parse_recipe("method: {name: vicreg}", "x.yaml").method.extra_heads(128, 2048) == {}
+    mocov3 = parse_recipe("model: {projector: [256]}\nmethod: {name: mocov3}", "x.yaml").method
+    assert mocov3.extra_heads(256, 2048) == {"method.predictor": [256, 4096, 256]}
+    assert "extra_heads" not in byol.method.model_dump()

@@ -87,11 +87,11 @@ def test_a_checkpoint_whose_header_length_starts_with_a_pickle_byte_loads(tmp_pa
     """A header of 0x..80 bytes begins with byte 0x80, as a pickle does: it is still safetensors."""
     from safetensors.torch import save_file
 
-    from hssl_cli.engine.checkpoint import _foreign_format
+    from hssl_cli.engine.checkpoint import foreign_format
 
     for padding in range(300):
         path = tmp_path / "x.safetensors"
         save_file({"t": torch.zeros(1)}, path, metadata={"pad": "x" * padding})
         if path.read_bytes()[0] == 0x80:
             break
-    assert path.read_bytes()[0] == 0x80 and _foreign_format(path) is None
+    assert path.read_bytes()[0] == 0x80 and foreign_format(path) is None

@@ -147,7 +147,7 @@ def _shift_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return value.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
-def _pass_plan(passes: str) -> torch.Tensor:
+def pass_plan(passes: str) -> torch.Tensor:
     """(4, len(passes)) long: row h, for a sample whose hue is its h-th op, the position in its order that
     each pass applies (-1: none), matching the ops to the passes in order, each at the earliest fitting pass."""
     rows = []
@@ -186,7 +186,7 @@ class Augmenter:
         # EquiMod's vectors, are those of the full pipeline. `reference()` keeps every op, for the tests.
         self.skip_inactive = True
         # Made beside the statistics, which live where the images are augmented: no copy per step.
-        self._pass_plans = {passes: _pass_plan(passes).to(mean.device)
+        self._pass_plans = {passes: pass_plan(passes).to(mean.device)
                             for passes in (JITTER_PASSES, REFERENCE_JITTER_PASSES)}
         self.output_dtype, self.channels_last = torch.float32, False  # set_output: what the model reads on CUDA
         self._active = {

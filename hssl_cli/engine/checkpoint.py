@@ -140,7 +140,7 @@ def load_checkpoint(path: str | Path, kind: str = "model", verify: bool = True) 
         raise CheckpointError(f"{path}: no such checkpoint file")
     unreadable = (f"{path}: not a readable .safetensors file (truncated or corrupt: {{}}); use another "
                   "checkpoint of the run, e.g. an epoch-NNNN.safetensors")
-    foreign = _foreign_format(path)
+    foreign = foreign_format(path)
     if foreign is not None:
         raise CheckpointError(f"{path}: not a .safetensors file ({foreign}); hssl reads the .safetensors "
                               "checkpoints that hssl pretrain writes")
@@ -167,7 +167,7 @@ def load_checkpoint(path: str | Path, kind: str = "model", verify: bool = True) 
     return Checkpoint(path, tensors, metadata, recipe)
 
 
-def _foreign_format(path: Path) -> str | None:
+def foreign_format(path: Path) -> str | None:
     """What a file is when it is plainly not safetensors (whose first bytes are a header length, then '{')."""
     try:
         with open(path, "rb") as handle:

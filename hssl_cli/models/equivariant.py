@@ -29,7 +29,7 @@ from hssl_cli.models.capabilities import BackboneCapabilities
 DEFAULT_WIDTHS = {"e2_convnet": (16, 32, 64), "e2_resnet18": (16, 32, 64, 128)}  # regular fields per stage
 
 
-def _import_escnn():
+def import_escnn():
     """escnn takes seconds to import, so only equivariant layers pay for it."""
     import escnn.group._numerical as numerical
 
@@ -61,7 +61,7 @@ class LayerFactory:
     def __init__(self, group: Group, plain: bool):
         self.group, self.plain = group, plain
         if not plain:
-            escnn = _import_escnn()
+            escnn = import_escnn()
             space = escnn.gspaces.rot2dOnR2 if group.kind == "C" else escnn.gspaces.flipRot2dOnR2
             self.gspace = space(N=group.order)
             self.escnn = escnn

@@ -77,13 +77,8 @@ class Recipe(Section):
         """Each MLP head's float32 weights, estimated from its widths (the backbone's features counted as
         MAX_FEATURES wide), must stay below MAX_HEAD_BYTES: a typo such as 1e14 is refused here, not by the
         allocator."""
-        heads = {"model.projector": [MAX_FEATURES, *self.model.projector]}
-        predictor = getattr(self.method, "predictor", None)
-        if isinstance(predictor, list):
-            heads["method.predictor"] = [self.model.projector[-1], *predictor]
-        equimod = getattr(self.method, "equimod", None)
-        if equimod is not None:
-            heads["method.equimod.projector"] = [MAX_FEATURES, *equimod.projector]
+        heads = {"model.projector": [MAX_FEATURES, *self.model.projector],
+                 **self.method.extra_heads(self.model.projector[-1], MAX_FEATURES)}
         for key, widths in heads.items():
             weights = sum(a * b for a, b in zip(widths, widths[1:], strict=False))
             if 4 * weights > MAX_HEAD_BYTES:

@@ -44,11 +44,10 @@ are in the report; plot_spectra draws one or several reports."""
     alignment = predictor_alignment(outputs["projector"], outputs["predictor"]) if "predictor" in outputs else None
     # the verdict of the representation the loss shapes: the projector output when there is one
     verdict_layer = "projector" if "projector" in layers else "backbone"
-    loss = getattr(opened.recipe.method, "loss", None)  # e.g. DirectPred's byol | iso
     return {
         "checkpoint": opened.source,
         "method": opened.recipe.method.name,
-        "loss": loss,
+        "loss": opened.recipe.method.loss_variant,  # e.g. DirectPred's byol | iso
         "backbone": opened.recipe.model.backbone,
         "epoch": opened.checkpoint.epoch,
         "dataset": opened.data.dataset,

@@ -61,7 +61,7 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
 
     layers = layer_equivariance(backbone, images, test_group) if capabilities.equivariant else []
     invariance, augmentations = _invariances(opened, raw, images, test_group)
-    translations = _translations(backbone, images[:TRANSLATION_SAMPLES])
+    translations = translation_rows(backbone, images[:TRANSLATION_SAMPLES])
     scales = scale_equivariance(backbone, images) if capabilities.scale_levels is not None else None
     # a scale lifting claims no rotation symmetry: its rotation rows are gated only when --group asks for them
     rotations_gated = model_group is not None or group is not None or capabilities.scale_levels is None
@@ -115,7 +115,7 @@ def _invariances(opened: EvaluationInputs, raw: torch.Tensor, images: torch.Tens
     return invariance, augmentations
 
 
-def _translations(backbone: nn.Module, images: torch.Tensor) -> dict | None:
+def translation_rows(backbone: nn.Module, images: torch.Tensor) -> dict | None:
     """The last map's translation equivariance (measures/translation.py), or None without a spatial map."""
     from hssl_cli.evaluate.measures.translation import translation_equivariance
 
