@@ -18,7 +18,6 @@ from hssl_cli.errors import CheckpointNote
 
 if TYPE_CHECKING:
     import hssl_cli.progress
-    from hssl_cli.engine.train import RunResult
 
 
 @contextlib.contextmanager
@@ -103,7 +102,7 @@ def monitor_label(key: str) -> str:
     return key.replace("knn_k", "kNN(").replace("_top1", ") top-1" if key.startswith("knn") else " top-1")
 
 
-def print_pretrain(output: Console, name: str, result: RunResult) -> None:
+def print_pretrain(output: Console, name: str, result) -> None:
     """The summary of a finished (or interrupted) `hssl pretrain` (an engine RunResult)."""
     suffix = " (interrupted: continue with --resume)" if result.interrupted else ""
     table = Table(title=f"pretrain {name}{suffix}")
