@@ -151,10 +151,12 @@ def probe(
     test_samples: options.TestSamples = None,
     labels: options.LabelPercentage = "100%",
     protocol: options.Protocol = "fast",
-    epochs: options.Epochs = 100,
-    lr: options.LearningRate = 0.1,
-    batch_size: options.BatchSize = 256,
-    weight_decay: options.WeightDecay = 0.0,
+    epochs: options.Epochs = None,
+    lr: options.LearningRate = None,
+    batch_size: options.BatchSize = None,
+    weight_decay: options.WeightDecay = None,
+    backbone_lr_scale: options.BackboneLrScale = None,
+    optimizer: options.Optimizer = None,
     test_rotations: options.TestRotation = None,
     validation: options.Validation = False,
     cache: options.FeatureCache = True,
@@ -164,17 +166,19 @@ def probe(
     device: options.Device = "auto",
     verify: options.Verify = True,
 ) -> None:
-    """Linear and kNN evaluation of the frozen features of a checkpoint (no recipe file needed).
+    """Evaluate a checkpoint (no recipe file needed): linear and kNN on its frozen features, or fine-tuning.
 
     Features of the train and test splits are extracted once (and cached). --protocol fast (default): a \
 softmax classifier trained full-batch (L-BFGS) on standardised features, its weight decay chosen on a \
 held-out 10% of train. --protocol standard: the papers' SGD linear evaluation with crop+flip augmentation \
 (comparable with published numbers; slow on a CPU). Both: a weighted kNN (cosine, k=20 and k=200, \
-temperature 0.07) votes. Top-1/top-5 on the test split; --json says which protocol made each number.
+temperature 0.07) votes. --protocol finetune: the backbone and a linear head trained end to end (not a frozen \
+evaluation: not comparable with the others). Top-1/top-5 on the test split; --json says which protocol made \
+each number.
 
     Examples: hssl probe checkpoints/quickstart/20261123-120000/last.safetensors --json; \
 hssl probe CKPT --labels 1% --train-subset 20000; hssl probe CKPT --protocol standard --epochs 100; \
-hssl probe CKPT --augmentation
+hssl probe CKPT --protocol finetune --labels 10%; hssl probe CKPT --augmentation
     """
     if augmentation:
         from hssl_cli.evaluate.commands.augmentation_probe import augmentation_probe
@@ -183,21 +187,22 @@ hssl probe CKPT --augmentation
             ("--dataset", dataset is not None), ("--data-root", data_root is not None),
             ("--features", features != "backbone"), ("--test-samples", test_samples is not None),
             ("--labels", labels != "100%"), ("--protocol", protocol != "fast"),
+            ("--epochs/--lr/--batch-size/--weight-decay/--backbone-lr-scale/--optimizer",
+             any(value is not None for value in (epochs, lr, batch_size, weight_decay, backbone_lr_scale, optimizer))),
             ("--test-rotation", bool(test_rotations)), ("--validation", validation),
             ("--exact-kernel-knn", exact_kernel_knn)) if differs]
         report = augmentation_probe(checkpoint, samples=4096 if train_samples is None else train_samples,
                                     device_name=device, verify=verify, refused_options=given)
         show(report, as_json, render.print_augmentation_probe)
         return
-    from hssl_cli.evaluate.commands.probe import probe_checkpoint
-    from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol
+    from hssl_cli.evaluate.commands.probe import probe_checkpoint, training_protocols
 
+    sgd, finetune = training_protocols(protocol, epochs, lr, batch_size, weight_decay, backbone_lr_scale, optimizer)
     report = probe_checkpoint(checkpoint, dataset=dataset, data_root=data_root, features=features,
                               device_name=device, progress=not as_json, train_samples=train_samples,
                               test_samples=test_samples, test_rotations=test_rotations or [],
-                              validation=validation, verify=verify, labels=labels, protocol=protocol,
-                              sgd=SgdProtocol(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay),
-                              cache=cache, exact_kernel_knn=exact_kernel_knn)
+                              validation=validation, verify=verify, labels=labels, protocol=protocol, sgd=sgd,
+                              cache=cache, exact_kernel_knn=exact_kernel_knn, finetune=finetune)
     show(report, as_json, render.print_probe)
 
 

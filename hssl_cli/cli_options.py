@@ -62,13 +62,23 @@ LabelPercentage = Annotated[str, typer.Option(
 Protocol = Annotated[str, typer.Option(
     "--protocol", help="fast: L-BFGS softmax regression on standardised features of unaugmented images (one "
     "backbone pass; seconds). standard: the papers' linear evaluation, SGD on features of crop+flip views drawn "
-    "every epoch (one backbone pass per image per epoch; see --epochs, --lr, --batch-size).")]
-Epochs = Annotated[int, typer.Option("--epochs", help="--protocol standard: epochs of SGD.")]
-LearningRate = Annotated[float, typer.Option(
-    "--lr", help="--protocol standard: learning rate for batch 256, scaled linearly with --batch-size; cosine "
-    "schedule.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="--protocol standard: images per SGD step.")]
-WeightDecay = Annotated[float, typer.Option("--weight-decay", help="--protocol standard: weight decay.")]
+    "every epoch (one backbone pass per image per epoch). finetune: the backbone and a linear head trained end to "
+    "end on crop+flip views (SimCLR/BYOL's semi-supervised protocol; with --labels 1% or 10%); not comparable "
+    "with the frozen protocols. standard and finetune read --epochs, --lr, --batch-size, --weight-decay.")]
+Epochs = Annotated[int | None, typer.Option(
+    "--epochs", help="--protocol standard / finetune: epochs of training (default 100 / 30).")]
+LearningRate = Annotated[float | None, typer.Option(
+    "--lr", help="--protocol standard / finetune: learning rate (of the head, for finetune) for batch 256, scaled "
+    "linearly with --batch-size; cosine schedule (default 0.1 / 0.05 with SGD, 1e-3 with AdamW).")]
+BatchSize = Annotated[int | None, typer.Option(
+    "--batch-size", help="--protocol standard / finetune: images per step (default 256).")]
+WeightDecay = Annotated[float | None, typer.Option(
+    "--weight-decay", help="--protocol standard / finetune: weight decay (default 0).")]
+BackboneLrScale = Annotated[float | None, typer.Option(
+    "--backbone-lr-scale", help="--protocol finetune: the backbone's learning rate as a multiple of the head's "
+    "(default 0.1: the pretrained features are adapted, not overwritten; 1: one rate for all).")]
+Optimizer = Annotated[str | None, typer.Option(
+    "--optimizer", help="--protocol finetune: sgd (Nesterov momentum 0.9, the default) or adamw.")]
 TestRotation = Annotated[list[float] | None, typer.Option(
     "--test-rotation", help="Also score the same probes on the test images rotated by this angle in degrees "
     "(bilinear); repeatable. Example: --test-rotation 17 --test-rotation 100")]

@@ -132,6 +132,8 @@ def print_probe(output: Console, report: dict) -> None:
     output.print(f"checkpoint: {report['checkpoint']} (epoch {report['epoch']}, {report['method']}, "
                  f"{report['backbone']}); {report['seconds']:.1f} s{cached(report)}", soft_wrap=True, highlight=False,
                  markup=False)
+    if report.get("note"):
+        output.print(report["note"], soft_wrap=True, highlight=False, markup=False)
 
 
 def print_export(output: Console, report: dict) -> None:
@@ -161,8 +163,9 @@ def cached(report: dict) -> str:
         return ""
     cache = report.get("feature_cache") or {}
     source = " from the cache" if cache.get("hits") and not cache.get("misses") else ""
-    return (f" (features {stages['features']:.1f} s{source}, linear {stages['linear']:.1f} s, "
-            f"kNN {stages['knn']:.1f} s)")
+    names = {"knn": "kNN", "finetune": "fine-tuning"}
+    return " (" + ", ".join(f"{names.get(stage, stage)} {seconds:.1f} s{source if stage == 'features' else ''}"
+                            for stage, seconds in stages.items()) + ")"
 
 
 def dataset_label(report: dict) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hssl_cli"
 MAX_FILE_LINES = 400
-MAX_FUNCTION_LINES = 60
+MAX_FUNCTION_LINES = 60  # from the first line of the body: a command's Typer option declarations do not count
 # a lower layer never imports a higher one (render and the top-level helpers sit beside the layers)
 LAYERS = {"recipe": 0, "losses": 0, "data": 0, "models": 0, "methods": 1, "engine": 2, "evaluate": 3, "sweep": 4,
           "cli": 5, "cli_options": 5}
@@ -99,9 +99,9 @@ def test_no_import_cycle_at_run_time():
 def test_files_and_functions_stay_small(path):
     text = path.read_text()
     assert len(text.splitlines()) <= MAX_FILE_LINES
-    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(ast.parse(text))
+    long = [f"{node.name} ({node.end_lineno - node.body[0].lineno + 1} lines)" for node in ast.walk(ast.parse(text))
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+            and node.end_lineno - node.body[0].lineno + 1 > MAX_FUNCTION_LINES]
     assert long == []
 
 

@@ -127,8 +127,10 @@ def test_standard_protocol_says_which_protocol_made_each_number(trained):
     assert "SGD (Nesterov 0.9) 4 epochs" in report["results"]["linear"]["detail"]
     assert report["results"]["knn_k20"]["protocol"] == "knn"
     assert report["results"]["linear"]["top1"] > 30  # ten classes: chance is 10
-    for arguments, message in ((["--protocol", "sgd"], "--protocol sgd: choose one of fast, standard"),
-                               (["--labels", "0%"], "--labels 0%"), (["--epochs", "0"], "--epochs 0")):
+    for arguments, message in ((["--protocol", "sgd"], "--protocol sgd: choose one of fast, standard, finetune"),
+                               (["--labels", "0%"], "--labels 0%"),
+                               (["--protocol", "standard", "--epochs", "0"], "--epochs 0"),
+                               (["--epochs", "3"], "--epochs: --protocol fast does not read this")):
         result = runner.invoke(app, ["probe", str(trained), "--device", "cpu", *arguments])
         assert result.exit_code == 2 and message in result.output
 

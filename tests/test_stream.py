@@ -179,6 +179,7 @@ def test_a_streamed_probe_split_holds_the_in_memory_splits_classes_labels_and_pi
 
 def test_a_streamed_probe_scores_what_the_in_memory_probe_scores(tmp_path):
     from hssl_cli.evaluate.commands.probe import probe_checkpoint
+    from hssl_cli.evaluate.measures.finetune import FinetuneProtocol
 
     root = _folder(tmp_path, count=40)
     memory = pretrain(_recipe(root, extra=["train.epochs=1"]), tmp_path / "memory", device_name="cpu")
@@ -190,6 +191,11 @@ def test_a_streamed_probe_scores_what_the_in_memory_probe_scores(tmp_path):
     assert again["feature_cache"]["hits"] == 2 and again["results"] == expected["results"]
     with pytest.raises(HsslError, match="this split is streamed"):
         probe_checkpoint(streamed.checkpoint, device_name="cpu", progress=False, protocol="standard")
+    # fine-tuning reads streamed batches: the same steps on the same images as in memory
+    tuned = {storage: probe_checkpoint(run.checkpoint, device_name="cpu", progress=False, protocol="finetune",
+                                       finetune=FinetuneProtocol(epochs=2, batch_size=16))["results"]
+             for storage, run in (("memory", memory), ("stream", streamed))}
+    assert tuned["stream"] == tuned["memory"]
     with pytest.raises(HsslError, match="this split is streamed"):
         probe_checkpoint(streamed.checkpoint, device_name="cpu", progress=False, exact_kernel_knn=True)
 

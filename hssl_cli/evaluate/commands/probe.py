@@ -18,11 +18,13 @@ if TYPE_CHECKING:
     from torch import nn
 
     from hssl_cli.evaluate.feature_cache import FeatureCache
+    from hssl_cli.evaluate.measures.finetune import FinetuneProtocol
     from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol
     from hssl_cli.evaluate.opening import EvaluationInputs, TrainedMethod
 
 KNN_NEIGHBOURS = (20, 200)
-PROTOCOLS = ("fast", "standard")
+PROTOCOLS = ("fast", "standard", "finetune")
+FINETUNE_NOTE = "fine-tuned end to end: not comparable with the frozen protocols (fast, standard, kNN)"
 
 
 def label_fraction(text: str) -> float:
@@ -37,14 +39,36 @@ def label_fraction(text: str) -> float:
 
 
 def check_options(train_samples: int | None, test_samples: int | None, protocol: str, labels: str) -> float:
-    """The probe's own options (the standard protocol's are SgdProtocol's, --augmentation's
-    augmentation_probe's); returns the fraction of train labels kept."""
+    """The probe's own options (the standard protocol's are SgdProtocol's, fine-tuning's FinetuneProtocol's,
+    --augmentation's augmentation_probe's); returns the fraction of train labels kept."""
     for name, value in (("--train-samples", train_samples), ("--test-samples", test_samples)):
         if value is not None and value < 10:
             raise HsslError(f"{name} {value}: too few images to probe; use at least 10 (or leave it out for all)")
     if protocol not in PROTOCOLS:
         raise HsslError(f"--protocol {protocol}: choose one of {', '.join(PROTOCOLS)}")
     return label_fraction(labels)
+
+
+def training_protocols(protocol: str, epochs: int | None = None, lr: float | None = None,
+                       batch_size: int | None = None, weight_decay: float | None = None,
+                       backbone_lr_scale: float | None = None, optimizer: str | None = None
+                       ) -> tuple[SgdProtocol | None, FinetuneProtocol | None]:
+    """(the standard protocol's SGD, fine-tuning's settings) from the options given (None: the protocol's
+    default); settings that the chosen protocol does not read are refused, not ignored."""
+    from hssl_cli.evaluate.measures.finetune import FinetuneProtocol
+    from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol
+
+    shared = {name: value for name, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size),
+                                              ("weight_decay", weight_decay)) if value is not None}
+    tuning = {name: value for name, value in (("backbone_lr_scale", backbone_lr_scale), ("optimizer", optimizer))
+              if value is not None}
+    if protocol == "finetune":
+        return None, FinetuneProtocol(**shared, **tuning)
+    given = [f"--{name.replace('_', '-')}" for name in (*tuning, *(shared if protocol == "fast" else ()))]
+    if given:
+        raise HsslError(f"{', '.join(given)}: --protocol {protocol} does not read this; drop it, or choose --protocol "
+                        f"{'standard (SGD linear) or ' if protocol == 'fast' else ''}finetune")
+    return (SgdProtocol(**shared) if protocol == "standard" else None), None
 
 
 @dataclass
@@ -62,7 +86,7 @@ class ProbeSplits:
 class StageClock:
     """Seconds spent per stage of the probe, for the report."""
 
-    seconds: dict[str, float] = field(default_factory=lambda: {"features": 0.0, "linear": 0.0, "knn": 0.0})
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
     def timing(self, stage: str):
@@ -70,7 +94,7 @@ class StageClock:
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - began
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - began
 
 
 @dataclass
@@ -100,27 +124,67 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
                      train_samples: int | None = None, test_samples: int | None = None,
                      test_rotations: Sequence[float] = (), validation: bool = False, verify: bool = True,
                      labels: str = "100%", protocol: str = "fast", sgd: SgdProtocol | None = None,
-                     cache: bool = True, cache_dir: Path | None = None, exact_kernel_knn: bool = False) -> dict:
+                     cache: bool = True, cache_dir: Path | None = None, exact_kernel_knn: bool = False,
+                     finetune: FinetuneProtocol | None = None) -> dict:
     """Linear probe and kNN of a checkpoint's frozen features; `train_samples`/`test_samples` use fixed
     random subsets of the splits; each angle of `test_rotations` (degrees) scores the same probes again
     on the test images rotated by it. `validation`: score on held-out train images instead of the test
     split (test_samples of them, default 10%), disjoint from the probe's train images: the split to
     choose settings on. `labels`: the percentage of train labels kept (per class, seeded). `protocol`:
-    fast (L-BFGS on standardised features of the unaugmented images) or standard (`sgd`: the papers' SGD
-    with crop and flip). Features are cached (`cache_dir`, default ~/.cache/hssl/features) unless `cache`
+    fast (L-BFGS on standardised features of the unaugmented images), standard (`sgd`: the papers' SGD
+    with crop and flip) or finetune (`finetune`: backbone and linear head trained end to end; no kNN, no
+    feature cache). Features are cached (`cache_dir`, default ~/.cache/hssl/features) unless `cache`
     is False. `exact_kernel_knn` (kernel-regime checkpoints): also a kNN whose similarity is the base kernel
     itself, evaluated exactly on the normalised pixels (knn_kK_exact_kernel)."""
     from hssl_cli.engine.device import resolve_device
-    from hssl_cli.evaluate.opening import feature_model, open_for_evaluation
+    from hssl_cli.evaluate.opening import open_for_evaluation
 
     fraction = check_options(train_samples, test_samples, protocol, labels)
+    if protocol == "finetune" and (features != "backbone" or exact_kernel_knn):
+        raise HsslError("--protocol finetune tunes the backbone and its own linear head: drop --features projector "
+                        "and --exact-kernel-knn (frozen-feature evaluations; use --protocol fast for them)")
     started = time.perf_counter()
     opened = open_for_evaluation(path, resolve_device(device_name), dataset, data_root, verify)
     splits = _probe_splits(opened, progress, train_samples, test_samples, validation, fraction,
                            needs_decoded=protocol == "standard" or bool(test_rotations) or exact_kernel_knn)
     clock = StageClock()
-    extractor = FrozenFeatures(feature_model(opened.method, features), opened.trained,
-                               _feature_cache(opened, features, cache, cache_dir), clock, progress)
+    if protocol == "finetune":
+        results, feature_dim, cache_report = _finetuned(opened, splits, finetune, test_rotations, progress, clock)
+    else:
+        results, feature_dim, cache_report = _frozen(opened, splits, features, protocol, sgd, test_rotations,
+                                                     exact_kernel_knn, _feature_cache(opened, features, cache,
+                                                                                      cache_dir), progress, clock)
+    data = opened.data
+    return {
+        "checkpoint": opened.source,
+        "method": opened.recipe.method.name,
+        "backbone": opened.recipe.model.backbone,
+        "epoch": opened.checkpoint.epoch,
+        "dataset": data.dataset,
+        "features": features,
+        "feature_dim": feature_dim,
+        "train_size": len(splits.train_labels),
+        "labels": labels.strip(),
+        "protocol": protocol,
+        **({"note": FINETUNE_NOTE} if protocol == "finetune" else {}),
+        "test_size": len(splits.test_labels),
+        "test_split": f"{data.train_split} (held out)" if validation else data.test_split,
+        "test_rotations": list(test_rotations),
+        "results": results,
+        "feature_cache": cache_report,
+        "seconds": round(time.perf_counter() - started, 2),
+        "seconds_by_stage": {stage: round(value, 2) for stage, value in clock.seconds.items()},
+    }
+
+
+def _frozen(opened: EvaluationInputs, splits: ProbeSplits, features: str, protocol: str, sgd: SgdProtocol | None,
+            test_rotations: Sequence[float], exact_kernel_knn: bool, cache: FeatureCache, progress: bool,
+            clock: StageClock) -> tuple[dict, int, dict]:
+    """(results, feature dimension, the cache's use) of the frozen protocols: a linear probe (fast or standard)
+    and kNN on the frozen features, the exact-kernel kNN and the rotated test images where asked."""
+    from hssl_cli.evaluate.opening import feature_model
+
+    extractor = FrozenFeatures(feature_model(opened.method, features), opened.trained, cache, clock, progress)
     train_features = extractor.of(splits.train_images, "train")
     with clock.timing("linear"):
         linear = _fit_linear(extractor.model, opened.trained, splits, train_features, protocol, sgd, progress)
@@ -134,27 +198,33 @@ def probe_checkpoint(path: Path, dataset: str | None = None, data_root: str | No
     for degrees in test_rotations:
         rotated = extractor.of(_rotated(splits.test_images, degrees), f"test @{degrees:g} deg")
         results |= _scores(f"@rot{degrees:g}", rotated, train_features, splits, linear, KNN_NEIGHBOURS[:1], clock)
-    data = opened.data
-    return {
-        "checkpoint": opened.source,
-        "method": opened.recipe.method.name,
-        "backbone": opened.recipe.model.backbone,
-        "epoch": opened.checkpoint.epoch,
-        "dataset": data.dataset,
-        "features": features,
-        "feature_dim": int(train_features.shape[1]),
-        "train_size": len(splits.train_labels),
-        "labels": labels.strip(),
-        "protocol": protocol,
-        "test_size": len(splits.test_labels),
-        "test_split": f"{data.train_split} (held out)" if validation else data.test_split,
-        "test_rotations": list(test_rotations),
-        "results": results,
-        "feature_cache": {"folder": str(extractor.cache.folder) if extractor.cache.folder else None,
-                          "hits": extractor.cache.hits, "misses": extractor.cache.misses},
-        "seconds": round(time.perf_counter() - started, 2),
-        "seconds_by_stage": {stage: round(value, 2) for stage, value in clock.seconds.items()},
-    }
+    cache_report = {"folder": str(cache.folder) if cache.folder else None, "hits": cache.hits, "misses": cache.misses}
+    return results, int(train_features.shape[1]), cache_report
+
+
+def _finetuned(opened: EvaluationInputs, splits: ProbeSplits, protocol: FinetuneProtocol | None,
+               test_rotations: Sequence[float], progress: bool, clock: StageClock) -> tuple[dict, int, dict]:
+    """(results, feature dimension, the cache's use: none) of fine-tuning: top-1/top-5 of the tuned classifier on
+    the test images (and on each rotation of them)."""
+    from hssl_cli.evaluate.features import extract_features
+    from hssl_cli.evaluate.measures.finetune import FinetuneProtocol, finetune, steps
+    from hssl_cli.evaluate.measures.frozen_probes import topk_accuracy
+    from hssl_cli.render import progress_bar
+
+    protocol = protocol or FinetuneProtocol()
+    trained = opened.trained
+    with clock.timing("finetune"), progress_bar(progress, "fine-tuning (steps)",
+                                                steps(len(splits.train_labels), protocol)) as advance:
+        classifier = finetune(trained.method.backbone, splits.train_images, splits.train_labels, splits.num_classes,
+                              trained.mean, trained.std, protocol, advance)
+    results = {}
+    for suffix, images in [("", splits.test_images), *((f"@rot{degrees:g}", _rotated(splits.test_images, degrees))
+                                                       for degrees in test_rotations)]:
+        with clock.timing("test"):
+            logits = extract_features(classifier, images, trained.mean, trained.std)
+        results[f"finetune{suffix}"] = {**topk_accuracy(logits, splits.test_labels), "protocol": "finetune",
+                                        "detail": protocol.describe()}
+    return results, int(classifier.head.in_features), {"folder": None, "hits": 0, "misses": 0}
 
 
 @dataclass
