@@ -19,8 +19,8 @@ CheckpointArgument = Annotated[Path, typer.Argument(
     metavar="CKPT", help="A model checkpoint or run folder. Example: checkpoints/quickstart/<run>/last.safetensors",
     show_default=False)]
 Dataset = Annotated[str | None, typer.Option(
-    "--dataset", help="Use another dataset than the checkpoint's (digits, mnist, cifar10, stl10, imagefolder). "
-    "Example: --dataset cifar10 --data-root ~/data/cifar10")]
+    "--dataset", help="Use another dataset than the checkpoint's (digits, mnist, cifar10, cifar100, cifar100_coarse "
+    "(its 20 superclasses), stl10, imagefolder, shards). Example: --dataset cifar100 --data-root ~/data/cifar100")]
 DataRoot = Annotated[str | None, typer.Option(
     "--data-root", help="Folder of the dataset files (default: the checkpoint's data.root).")]
 Device = Annotated[str, typer.Option(

@@ -170,7 +170,8 @@ def cached(report: dict) -> str:
 
 def dataset_label(report: dict) -> str:
     """CIFAR-10, MNIST, ... or, for an image folder, the folder's name (e.g. cifar10-jpeg)."""
-    names = {"digits": "digits (scikit-learn)", "mnist": "MNIST", "cifar10": "CIFAR-10", "stl10": "STL-10"}
+    names = {"digits": "digits (scikit-learn)", "mnist": "MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+             "cifar100_coarse": "CIFAR-100 (20 superclasses)", "stl10": "STL-10"}
     if report["dataset"] == "imagefolder" and report.get("data_root"):
         return Path(report["data_root"]).name
     return names.get(report["dataset"], report["dataset"])

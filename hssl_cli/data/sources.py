@@ -10,6 +10,9 @@ differs from `data.image_size`), so training never resizes. Sources and their sp
 - mnist: the four original IDX files (gzip or not) in data.root, or in data.root/MNIST/raw as
   torchvision lays them out. Splits train, test.
 - cifar10: torchvision's reader of data.root/cifar-10-batches-py (official python version).
+- cifar100, cifar100_coarse: data.root/cifar-100-python (official python version), read as torchvision's CIFAR100
+  reads it, without its md5 check; cifar100 labels the 100 classes, cifar100_coarse the 20 superclasses of the
+  same images. Splits train, test.
 - stl10: torchvision's reader of data.root/stl10_binary. Splits train, test, unlabeled,
   train+unlabeled; unlabeled images have label -1.
 - shards: a folder written by `hssl shards` (data/shards.py): its splits, decoded as imagefolder decodes.
@@ -23,10 +26,13 @@ from __future__ import annotations
 
 import gzip
 import math
+import pickle
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,12 +55,19 @@ SPLITS = {
     "digits": ("train", "test"),
     "mnist": ("train", "test"),
     "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "cifar100_coarse": ("train", "test"),
     "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
 }
 DIGIT_CLASSES = [str(digit) for digit in range(10)]
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+CIFAR100_FOLDER = "cifar-100-python"
+CIFAR100_LABELS = {  # dataset -> (its labels' key in the train/test files, its class names' key in meta)
+    "cifar100": ("fine_labels", "fine_label_names"),
+    "cifar100_coarse": ("coarse_labels", "coarse_label_names"),
 }
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 GZIP_MAGIC = b"\x1f\x8b"
@@ -88,7 +101,9 @@ def load_split(config: DataConfig, split: str, progress: Progress = no_progress)
         if config.dataset == "shards":
             return _load_shards(root, split, config.image_size, config.on_corrupt, progress)
         _check_split(config.dataset, split, SPLITS[config.dataset])
-        loaders = {"mnist": _load_mnist, "cifar10": _load_cifar10, "stl10": _load_stl10}
+        loaders = {"mnist": _load_mnist, "cifar10": _load_cifar10, "stl10": _load_stl10,
+                   "cifar100": partial(_load_cifar100, dataset="cifar100"),
+                   "cifar100_coarse": partial(_load_cifar100, dataset="cifar100_coarse")}
         try:
             data = loaders[config.dataset](root, split)
         except DataError as error:
@@ -209,6 +224,59 @@ def _load_cifar10(root: Path, split: str) -> ImageSplit:
         ) from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
     return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.int64), list(dataset.classes))
+
+
+def _load_cifar100(root: Path, split: str, dataset: str) -> ImageSplit:
+    """The official python version's `train` or `test` file and `meta`, read as torchvision's CIFAR100 reads
+    them: the same images and fine labels in the same order, the same class names. Its md5 check of the files is
+    left out: the coarse labels, which torchvision does not expose, come from the same read, and the checks below
+    name what is wrong with a file."""
+    if root.name == CIFAR100_FOLDER:  # data.root given as the folder itself
+        root = root.parent
+    folder = root / CIFAR100_FOLDER
+    if not folder.is_dir():
+        raise DataError(f"{folder}: CIFAR-100 not found; expected train, test and meta there: extract the official "
+                        f"cifar-100-python.tar.gz into {root}")
+    labels_key, names_key = CIFAR100_LABELS[dataset]
+    entry, meta = _read_cifar100_file(folder / split), _read_cifar100_file(folder / "meta")
+    path = folder / split
+    pixels, labels, classes = entry.get("data"), entry.get(labels_key), meta.get(names_key)
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3072:
+        found = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise DataError(f"{path}: 'data' is not uint8 rows of 3072 bytes (3x32x32) but {found}; restore the file "
+                        "from the official cifar-100-python.tar.gz")
+    if not isinstance(classes, list) or not isinstance(labels, list) or len(labels) != len(pixels):
+        raise DataError(f"{path}: no '{labels_key}' for each of its {len(pixels)} images, or {folder / 'meta'} has "
+                        f"no '{names_key}'; restore the files from the official cifar-100-python.tar.gz")
+    targets = torch.tensor(labels, dtype=torch.int64)
+    if len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < len(classes):
+        raise DataError(f"{path}: '{labels_key}' outside 0..{len(classes) - 1} ({len(classes)} '{names_key}' in "
+                        "meta); restore the files from the official cifar-100-python.tar.gz")
+    images = torch.from_numpy(np.ascontiguousarray(pixels.reshape(-1, 3, 32, 32)))  # rows are R, G, B planes
+    return ImageSplit(images, targets, [_latin1_text(name) for name in classes])
+
+
+def _read_cifar100_file(path: Path) -> dict:
+    """One pickled dict of the official python version, its (Python 2) keys read as text."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; restore it from the official cifar-100-python.tar.gz")
+    # Unpickling runs whatever the file says, as in torchvision's reader of the same files (pickle.load,
+    # encoding latin1): these are the official dataset files, trusted exactly as far as torchvision trusts them.
+    try:
+        with path.open("rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError) as error:
+        raise DataError(f"{path}: not a readable CIFAR-100 file ({first_line(error)}); restore it from the "
+                        "official cifar-100-python.tar.gz") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: holds a {type(entry).__name__}, not the dict of a CIFAR-100 file; restore it "
+                        "from the official cifar-100-python.tar.gz")
+    return {_latin1_text(key): value for key, value in entry.items()}
+
+
+def _latin1_text(value: Any) -> Any:
+    return value.decode("latin1") if isinstance(value, bytes) else value
 
 
 def _load_stl10(root: Path, split: str) -> ImageSplit:

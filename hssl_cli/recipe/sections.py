@@ -21,6 +21,7 @@ def _list_to_tuple(value: Any) -> Any:
 FloatPair = Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)]
 
 AUGMENT_SECTIONS = ("color_jitter", "blur")  # the nested sections of augment:, which a view overrides key by key
+DatasetName = Literal["digits", "mnist", "cifar10", "cifar100", "cifar100_coarse", "stl10", "imagefolder", "shards"]
 BUILT_IN_BACKBONES = ("resnet18_cifar", "small_convnet", "e2_convnet", "e2_resnet18")
 
 
@@ -38,9 +39,10 @@ def _ordered_pair(pair: tuple[float, float], low: float, high: float, what: str)
 
 
 class DataConfig(Section):
-    dataset: Literal["digits", "mnist", "cifar10", "stl10", "imagefolder", "shards"] = Field(
+    dataset: DatasetName = Field(
         "digits", description="dataset source; digits is built in (scikit-learn), the others read data.root "
-        "(shards: a folder written by hssl shards)"
+        "(cifar100: its 100 classes, cifar100_coarse: the same images labelled by the 20 superclasses; "
+        "shards: a folder written by hssl shards)"
     )
     root: str | None = Field(None, description="folder with the dataset files (not needed for digits)")
     image_size: int = Field(32, ge=8, le=512, description="side of the square images fed to the model")

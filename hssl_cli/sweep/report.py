@@ -14,7 +14,7 @@ from typing import Any
 from hssl_cli.sweep.claims import ClaimResult, evaluate_claim
 from hssl_cli.sweep.provenance import describe_commits
 from hssl_cli.sweep.run import cell_folder, read_result
-from hssl_cli.sweep.suite import LoadedSuite
+from hssl_cli.sweep.suite import LoadedSuite, ProbeSettings
 
 
 @dataclass
@@ -162,21 +162,38 @@ def markdown(report: Report, command: str | None = None) -> str:
 def protocol_line(report: Report) -> str:
     probe = report.loaded.suite.probe
     split = "held-out train images (validation)" if probe.validation else "the test split"
-    sizes = (f"{probe.train_samples or 'all'} train / {probe.test_samples or 'all'} "
-             f"{'held-out' if probe.validation else 'test'} images")
     rotations = (f"; @rotN: the test images rotated by N degrees ({', '.join(f'{a:g}' for a in probe.test_rotations)})"
                  if probe.test_rotations else "")
-    if probe.protocol == "standard":
-        linear = (f"linear = the papers' SGD linear evaluation (Nesterov 0.9, {probe.epochs} epochs, batch "
-                  f"{probe.batch_size}, lr {probe.lr:g} x batch/256, cosine, weight decay {probe.weight_decay:g}, "
-                  "random resized crop and flip every epoch)")
-    else:
-        linear = ("linear = softmax regression (L-BFGS) on standardised features, weight decay chosen on 10% of the "
-                  "probe's train images")
     kernel = ("; knn_kK_exact_kernel = the same vote with the exact base kernel as the similarity"
               if probe.exact_kernel_knn else "")
-    return (f"Probe: {probe.features} features, frozen; {linear}; knn_kK = cosine kNN, "
-            f"T = 0.07{kernel}; top-1 % on {split}, {sizes}{rotations}.")
+    return (f"Probe: {probe.features} features, frozen; linear = {_linear_protocol(probe)}; knn_kK = cosine kNN, "
+            f"T = 0.07{kernel}; top-1 % on {split}, {_probe_sizes(probe)}{rotations}.{_transfer_text(report)}")
+
+
+def _linear_protocol(probe: ProbeSettings) -> str:
+    """How `linear` is fitted under the probe's protocol (one not described here is named)."""
+    if probe.protocol == "fast":
+        return ("softmax regression (L-BFGS) on standardised features, weight decay chosen on 10% of the probe's "
+                "train images")
+    if probe.protocol == "standard":
+        return (f"the papers' SGD linear evaluation (Nesterov 0.9, {probe.epochs} epochs, batch {probe.batch_size}, "
+                f"lr {probe.lr:g} x batch/256, cosine, weight decay {probe.weight_decay:g}, random resized crop and "
+                "flip every epoch)")
+    return f"protocol {probe.protocol}"
+
+
+def _probe_sizes(probe: ProbeSettings) -> str:
+    return (f"{probe.train_samples or 'all'} train / {probe.test_samples or 'all'} "
+            f"{'held-out' if probe.validation else 'test'} images")
+
+
+def _transfer_text(report: Report) -> str:
+    """The transfer probes, each as the dataset it reads and how it probes it; empty without any."""
+    probes = [f"transfer/{probe.key}/* = {probe.dataset}" + (f" ({probe.data_root})" if probe.data_root else "")
+              + f", {probe.features} features, linear = {_linear_protocol(probe)}, {_probe_sizes(probe)}"
+              + (" (validation)" if probe.validation else "")
+              for probe in report.loaded.suite.transfer]
+    return f" Transfer probes: {'; '.join(probes)}." if probes else ""
 
 
 def write_csv(report: Report, path: Path) -> None:

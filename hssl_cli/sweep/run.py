@@ -1,5 +1,5 @@
-"""Run one cell of a suite: pretrain (resuming a killed run), probe, and the optional collapse report and
-equivariance check, into the cell's own folder. `result.json`, written atomically last, marks the cell
+"""Run one cell of a suite: pretrain (resuming a killed run), probe, and the optional transfer probes, collapse
+report and equivariance check, into the cell's own folder. `result.json`, written atomically last, marks the cell
 finished; a finished cell is skipped, a cell whose folder another process holds (a lock) is left to it.
 """
 
@@ -16,7 +16,7 @@ from hssl_cli.errors import HsslError, TrainingDiverged
 from hssl_cli.files import write_text_atomically
 from hssl_cli.recipe import recipe_to_yaml
 from hssl_cli.sweep.provenance import provenance
-from hssl_cli.sweep.suite import Cell, LoadedSuite
+from hssl_cli.sweep.suite import Cell, LoadedSuite, ProbeSettings
 
 RESULT_FILE = "result.json"
 
@@ -33,6 +33,8 @@ def evaluation_settings(loaded: LoadedSuite) -> dict:
                 "equivariance_check": suite.equivariance_check}
     if suite.augmentation_probe is not None:  # only when asked: results made before the key existed still match
         settings["augmentation_probe"] = suite.augmentation_probe.model_dump(mode="json")
+    if suite.transfer:  # likewise
+        settings["transfer"] = [probe.model_dump(mode="json") for probe in suite.transfer]
     return settings
 
 
@@ -42,15 +44,18 @@ def stored_evaluation(evaluation: dict | None) -> dict | None:
     today's default, so adding a key does not orphan finished cells while a changed default does."""
     from pydantic import ValidationError
 
-    from hssl_cli.sweep.suite import ProbeSettings
+    from hssl_cli.sweep.suite import ProbeSettings, TransferProbe
 
     if not isinstance(evaluation, dict) or not isinstance(evaluation.get("probe"), dict):
         return evaluation
     try:
-        probe = ProbeSettings.model_validate(evaluation["probe"]).model_dump(mode="json")
+        written = {"probe": ProbeSettings.model_validate(evaluation["probe"]).model_dump(mode="json")}
+        if isinstance(evaluation.get("transfer"), list):
+            written["transfer"] = [TransferProbe.model_validate(probe).model_dump(mode="json")
+                                   for probe in evaluation["transfer"]]
     except ValidationError:
         return evaluation
-    return evaluation | {"probe": probe}
+    return evaluation | written
 
 
 def read_result(folder: Path, loaded: LoadedSuite, cell: Cell) -> dict | None:
@@ -71,7 +76,7 @@ def read_result(folder: Path, loaded: LoadedSuite, cell: Cell) -> dict | None:
         raise HsslError(f"{path}: not a result written by hssl sweep; delete it and run the cell again") from None
     changed = [key for key in changed_keys(stored, cell.recipe) if not resume_safe(key)]
     if stored_evaluation(result.get("evaluation")) != evaluation_settings(loaded):
-        changed.append("the suite's probe/collapse_report/equivariance_check/augmentation_probe settings")
+        changed.append("the suite's probe/transfer/collapse_report/equivariance_check/augmentation_probe settings")
     if changed:
         raise HsslError(f"{folder}: finished with other settings than {loaded.path} now gives "
                         f"({', '.join(changed)}); delete the folder to run it again, or use another --output")
@@ -123,6 +128,8 @@ def flat_metrics(evaluations: dict[str, dict | None], training: dict) -> dict[st
     collapse, equivariance = evaluations["collapse_report"], evaluations["equivariance_check"]
     augmentation = evaluations["augmentation_probe"]
     metrics = {name: result["top1"] for name, result in evaluations["probe"]["results"].items()}
+    for key, probe in (evaluations["transfer"] or {}).items():
+        metrics |= {f"transfer/{key}/{name}": result["top1"] for name, result in probe["results"].items()}
     if augmentation is not None:
         metrics["augmentation/r2"] = augmentation["r2"]
         metrics |= {f"augmentation/r2/{group}": value for group, value in augmentation["r2_by_group"].items()}
@@ -140,22 +147,17 @@ def flat_metrics(evaluations: dict[str, dict | None], training: dict) -> dict[st
 
 def evaluate_checkpoint(loaded: LoadedSuite, checkpoint: Path, device: str, status: Callable[[str], None]
                         ) -> dict[str, dict | None]:
-    """The suite's evaluations of a cell's checkpoint: the probe, and the collapse report, the equivariance check
-    and the augmentation probe where the suite asks for them (None where it does not)."""
-    from hssl_cli.evaluate.commands.probe import probe_checkpoint
-    from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol
-
-    settings = loaded.suite.probe
+    """The suite's evaluations of a cell's checkpoint: the probe, and the transfer probes ({name: probe}), the
+    collapse report, the equivariance check and the augmentation probe where the suite asks for them (None where
+    it does not)."""
     status("probe")
-    probe = probe_checkpoint(checkpoint, dataset=settings.dataset, data_root=settings.data_root,
-                             features=settings.features, device_name=device, progress=False,
-                             train_samples=settings.train_samples, test_samples=settings.test_samples,
-                             test_rotations=settings.test_rotations, validation=settings.validation,
-                             protocol=settings.protocol,
-                             sgd=SgdProtocol(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
-                                             weight_decay=settings.weight_decay),
-                             exact_kernel_knn=settings.exact_kernel_knn,
-                             cache=False)  # each cell's checkpoint is probed once: a cache would only fill disks
+    probe = probe_with(loaded.suite.probe, checkpoint, device)
+    transfer = None
+    if loaded.suite.transfer:
+        transfer = {}
+        for settings in loaded.suite.transfer:
+            status(f"transfer probe {settings.key}")
+            transfer[settings.key] = probe_with(settings, checkpoint, device)
     collapse = equivariance = augmentation = None
     if loaded.suite.collapse_report is not None:
         from hssl_cli.evaluate.commands.collapse_report import collapse_report
@@ -174,8 +176,24 @@ def evaluate_checkpoint(loaded: LoadedSuite, checkpoint: Path, device: str, stat
         status("augmentation probe")
         augmentation = augmentation_probe(checkpoint, samples=loaded.suite.augmentation_probe.samples,
                                           device_name=device)
-    return {"probe": probe, "collapse_report": collapse, "equivariance_check": equivariance,
+    return {"probe": probe, "transfer": transfer, "collapse_report": collapse, "equivariance_check": equivariance,
             "augmentation_probe": augmentation}
+
+
+def probe_with(settings: ProbeSettings, checkpoint: Path, device: str) -> dict:
+    """hssl probe of a cell's checkpoint with a suite's probe (or transfer probe) settings, as they are."""
+    from hssl_cli.evaluate.commands.probe import probe_checkpoint
+    from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol
+
+    return probe_checkpoint(checkpoint, dataset=settings.dataset, data_root=settings.data_root,
+                            features=settings.features, device_name=device, progress=False,
+                            train_samples=settings.train_samples, test_samples=settings.test_samples,
+                            test_rotations=settings.test_rotations, validation=settings.validation,
+                            protocol=settings.protocol,
+                            sgd=SgdProtocol(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
+                                            weight_decay=settings.weight_decay),
+                            exact_kernel_knn=settings.exact_kernel_knn,
+                            cache=False)  # each cell's checkpoint is probed once: a cache would only fill disks
 
 
 def run_cell(loaded: LoadedSuite, cell: Cell, output: Path, device: str,

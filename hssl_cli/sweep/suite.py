@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from hssl_cli.errors import RecipeError
 from hssl_cli.recipe import (
+    DatasetName,
     Recipe,
     Section,
     describe_validation_error,
@@ -65,6 +66,23 @@ class ProbeSettings(Section):
     data_root: str | None = Field(None, description="its folder")
 
 
+class TransferProbe(ProbeSettings):
+    """One more probe of each cell's checkpoint, on a dataset of its own (as hssl probe --dataset --data-root),
+    with any of probe:'s settings (protocol included, passed to the probe as it is): its results are the metrics
+    transfer/<name>/<result> (transfer/cifar100/linear, transfer/stl10/knn_k20, ...)."""
+
+    name: str | None = Field(None, pattern=NAME_PATTERN,
+                             description="the middle of its metrics' names (default: the dataset)")
+    dataset: DatasetName = Field(description="the dataset probed, a data.dataset value (cifar100, stl10, ...)")
+    data_root: str | None = Field(None, description="its folder (default: the recipe's data.root where dataset is "
+                                  "the recipe's own)")
+
+    @property
+    def key(self) -> str:
+        """The name in its metrics (transfer/<key>/linear) and in a result's `transfer` mapping."""
+        return self.name or self.dataset
+
+
 class CollapseSettings(Section):
     samples: int = Field(1024, ge=2, description="images of the test split measured")
 
@@ -110,6 +128,9 @@ class Suite(Section):
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
     collapse_report: CollapseSettings | None = Field(None, description="also run collapse-report per cell")
     equivariance_check: bool = Field(False, description="also run equivariance-check per cell")
+    transfer: list[TransferProbe] = Field(
+        [], description="more probes of each cell's checkpoint, each on a dataset (and protocol) of its own: "
+        "metrics transfer/<name>/<result>, e.g. transfer/cifar100/linear")
     augmentation_probe: AugmentationProbeSettings | None = Field(
         None, description="also predict the augmentation parameters from [f(x), f(t(x))] per cell (hssl probe "
         "--augmentation): metrics augmentation/r2 and augmentation/r2/<group>")
@@ -124,6 +145,10 @@ class Suite(Section):
             raise ValueError(f"variants: names must be unique, '{repeated[0]}' is used twice")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: each seed once, got {self.seeds}")
+        transfer = [probe.key for probe in self.transfer]
+        repeated = sorted({key for key in transfer if transfer.count(key) > 1})
+        if repeated:
+            raise ValueError(f"transfer: two probes are named '{repeated[0]}'; give each its own name")
         if self.report.plot is not None and self.report.plot not in self.report.metrics:
             raise ValueError(f"report.plot '{self.report.plot}' must be one of report.metrics {self.report.metrics}")
         for number, claim in enumerate(self.claims):
@@ -201,8 +226,17 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> LoadedSu
                     recipe = load_recipe(recipe_path, cell_overrides)
                 except RecipeError as error:
                     raise RecipeError(f"{where}: {error}") from None
+                _check_transfer_roots(suite, recipe, path, lines)
                 cells.append(Cell(len(cells), variant, key, value, seed, recipe, cell_overrides))
     return LoadedSuite(path, suite, cells)
+
+
+def _check_transfer_roots(suite: Suite, recipe: Recipe, path: Path, lines: dict) -> None:
+    """A transfer probe of another dataset than the cell's names its folder: refused now, not after pretraining."""
+    for number, probe in enumerate(suite.transfer):
+        if probe.data_root is None and probe.dataset not in ("digits", recipe.data.dataset):
+            raise RecipeError(f"{path}:{lines.get(('transfer', str(number)), '?')}: transfer '{probe.key}' needs "
+                              f"data_root, the folder of its {probe.dataset} files")
 
 
 def _as_yaml(value: Any) -> str:
