@@ -14,7 +14,8 @@ from hssl_cli.engine.train import pretrain
 from hssl_cli.errors import HsslError
 from hssl_cli.evaluate.commands.probe import FINETUNE_NOTE, training_protocols
 from hssl_cli.evaluate.features import extract_features
-from hssl_cli.evaluate.measures.finetune import FinetuneProtocol, finetune, steps
+from hssl_cli.evaluate.measures.finetune import finetune, steps
+from hssl_cli.evaluate.measures.finetune_protocol import FinetuneProtocol
 from hssl_cli.recipe import parse_recipe
 from tests.conftest import TINY_RECIPE
 
@@ -117,3 +118,16 @@ def test_probe_finetune_refuses_what_it_cannot_do(checkpoint):
         assert result.exit_code == 2 and message in result.output, result.output
     result = CliRunner().invoke(app, ["probe", str(checkpoint), "--optimizer", "adamw", "--device", "cpu"])
     assert result.exit_code == 2 and "--optimizer: --protocol fast does not read this" in result.output
+
+
+def test_a_suites_finetune_probe_takes_finetunings_defaults_unless_it_sets_them():
+    from hssl_cli.sweep.suite import ProbeSettings
+
+    assert (ProbeSettings().epochs, ProbeSettings().lr) == (100, 0.1)  # the linear evaluation's, as before
+    tuned = ProbeSettings(protocol="finetune")
+    assert (tuned.epochs, tuned.lr, tuned.backbone_lr_scale, tuned.optimizer) == (30, 0.05, 0.1, "sgd")
+    assert ProbeSettings(protocol="finetune", optimizer="adamw").lr == 1e-3
+    assert (ProbeSettings(protocol="finetune", epochs=5, lr=0.2).epochs, ProbeSettings(protocol="finetune",
+                                                                                      lr=0.2).lr) == (5, 0.2)
+    stored = ProbeSettings(protocol="finetune").model_dump(mode="json")
+    assert ProbeSettings.model_validate(stored) == ProbeSettings(protocol="finetune")  # a stored cell matches

@@ -179,7 +179,7 @@ def test_a_streamed_probe_split_holds_the_in_memory_splits_classes_labels_and_pi
 
 def test_a_streamed_probe_scores_what_the_in_memory_probe_scores(tmp_path):
     from hssl_cli.evaluate.commands.probe import probe_checkpoint
-    from hssl_cli.evaluate.measures.finetune import FinetuneProtocol
+    from hssl_cli.evaluate.measures.finetune_protocol import FinetuneProtocol
 
     root = _folder(tmp_path, count=40)
     memory = pretrain(_recipe(root, extra=["train.epochs=1"]), tmp_path / "memory", device_name="cpu")

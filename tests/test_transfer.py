@@ -135,6 +135,8 @@ transfer:
   - {{dataset: cifar100, data_root: {cifar}}}
   - {{dataset: cifar100_coarse, data_root: {cifar}, train_samples: 300, test_samples: 50}}
   - {{name: folder_standard, dataset: imagefolder, protocol: standard, epochs: 1, batch_size: 8}}
+  - {{name: cifar100_finetune, dataset: cifar100, data_root: {cifar}, protocol: finetune, labels: 50%, epochs: 1,
+     batch_size: 64}}
 report:
   metrics: [linear, transfer/cifar100/linear, transfer/cifar100_coarse/knn_k20, transfer/folder_standard/linear]
 """
@@ -172,8 +174,12 @@ def test_a_transfer_suite_probes_each_checkpoint_on_other_datasets(transfer_suit
     loaded = load_suite(transfer_suite)
     result = json.loads((cell_folder(output, loaded, loaded.cells[0]) / "result.json").read_text())
     transfer = result["transfer"]
-    assert list(transfer) == ["cifar100", "cifar100_coarse", "folder_standard"]
-    assert [transfer[key]["dataset"] for key in transfer] == ["cifar100", "cifar100_coarse", "imagefolder"]
+    assert list(transfer) == ["cifar100", "cifar100_coarse", "folder_standard", "cifar100_finetune"]
+    assert [transfer[key]["dataset"] for key in transfer] == ["cifar100", "cifar100_coarse", "imagefolder", "cifar100"]
+    tuned = transfer["cifar100_finetune"]
+    assert (tuned["protocol"], tuned["labels"], tuned["train_size"], list(tuned["results"])) == (
+        "finetune", "50%", 300, ["finetune"])
+    assert "1 epochs, batch 64, head lr 0.05 x batch/256" in tuned["results"]["finetune"]["detail"]
     assert (transfer["cifar100"]["train_size"], transfer["cifar100"]["test_size"]) == (600, 100)
     assert (transfer["cifar100_coarse"]["train_size"], transfer["cifar100_coarse"]["test_size"]) == (300, 50)
     assert transfer["folder_standard"]["protocol"] == "standard" and transfer["folder_standard"]["test_size"] == 12
@@ -188,6 +194,8 @@ def test_a_transfer_suite_probes_each_checkpoint_on_other_datasets(transfer_suit
     assert metrics["transfer/cifar100_coarse/knn_k20"]["n"] == metrics["transfer/folder_standard/linear"]["n"] == 1
     assert "Transfer probes: transfer/cifar100/* = cifar100" in report["protocol"]
     assert "transfer/folder_standard/* = imagefolder, backbone features, linear = the papers' SGD" in report["protocol"]
+    assert "(finetune = the backbone and a zero-initialised linear head trained end to end" in report["protocol"]
+    assert "all train (50% of each class's labels)" in report["protocol"]
     markdown = (output / "tiny_transfer" / "report.md").read_text()
     assert "| variant | n | linear | transfer/cifar100/linear |" in markdown
     assert "finished earlier; skipped" in _sweep(transfer_suite, "--output", output).output

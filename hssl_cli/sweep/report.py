@@ -166,8 +166,19 @@ def protocol_line(report: Report) -> str:
                  if probe.test_rotations else "")
     kernel = ("; knn_kK_exact_kernel = the same vote with the exact base kernel as the similarity"
               if probe.exact_kernel_knn else "")
+    if probe.protocol == "finetune":
+        return (f"Probe: finetune = {_finetune_protocol(probe)}; top-1 % on {split}, {_probe_sizes(probe)}{rotations}."
+                f"{_transfer_text(report)}")
     return (f"Probe: {probe.features} features, frozen; linear = {_linear_protocol(probe)}; knn_kK = cosine kNN, "
             f"T = 0.07{kernel}; top-1 % on {split}, {_probe_sizes(probe)}{rotations}.{_transfer_text(report)}")
+
+
+def _finetune_protocol(probe: ProbeSettings) -> str:
+    optimizer = "SGD (Nesterov 0.9)" if probe.optimizer == "sgd" else "AdamW"
+    return (f"the backbone and a zero-initialised linear head trained end to end ({optimizer}, {probe.epochs} epochs, "
+            f"batch {probe.batch_size}, head lr {probe.lr:g} x batch/256, backbone lr x {probe.backbone_lr_scale:g}, "
+            f"cosine, weight decay {probe.weight_decay:g}, random resized crop and flip), not comparable with the "
+            "frozen protocols")
 
 
 def _linear_protocol(probe: ProbeSettings) -> str:
@@ -175,6 +186,8 @@ def _linear_protocol(probe: ProbeSettings) -> str:
     if probe.protocol == "fast":
         return ("softmax regression (L-BFGS) on standardised features, weight decay chosen on 10% of the probe's "
                 "train images")
+    if probe.protocol == "finetune":
+        return f"none (finetune = {_finetune_protocol(probe)})"
     if probe.protocol == "standard":
         return (f"the papers' SGD linear evaluation (Nesterov 0.9, {probe.epochs} epochs, batch {probe.batch_size}, "
                 f"lr {probe.lr:g} x batch/256, cosine, weight decay {probe.weight_decay:g}, random resized crop and "
@@ -183,7 +196,8 @@ def _linear_protocol(probe: ProbeSettings) -> str:
 
 
 def _probe_sizes(probe: ProbeSettings) -> str:
-    return (f"{probe.train_samples or 'all'} train / {probe.test_samples or 'all'} "
+    labels = "" if probe.labels.strip() == "100%" else f" ({probe.labels.strip()} of each class's labels)"
+    return (f"{probe.train_samples or 'all'} train{labels} / {probe.test_samples or 'all'} "
             f"{'held-out' if probe.validation else 'test'} images")
 
 

@@ -183,16 +183,19 @@ def evaluate_checkpoint(loaded: LoadedSuite, checkpoint: Path, device: str, stat
 def probe_with(settings: ProbeSettings, checkpoint: Path, device: str) -> dict:
     """hssl probe of a cell's checkpoint with a suite's probe (or transfer probe) settings, as they are."""
     from hssl_cli.evaluate.commands.probe import probe_checkpoint
+    from hssl_cli.evaluate.measures.finetune_protocol import FinetuneProtocol
     from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol
 
+    training = {"epochs": settings.epochs, "lr": settings.lr, "batch_size": settings.batch_size,
+                "weight_decay": settings.weight_decay}
+    finetune = (FinetuneProtocol(**training, backbone_lr_scale=settings.backbone_lr_scale,
+                                 optimizer=settings.optimizer) if settings.protocol == "finetune" else None)
     return probe_checkpoint(checkpoint, dataset=settings.dataset, data_root=settings.data_root,
                             features=settings.features, device_name=device, progress=False,
                             train_samples=settings.train_samples, test_samples=settings.test_samples,
                             test_rotations=settings.test_rotations, validation=settings.validation,
-                            protocol=settings.protocol,
-                            sgd=SgdProtocol(epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
-                                            weight_decay=settings.weight_decay),
-                            exact_kernel_knn=settings.exact_kernel_knn,
+                            labels=settings.labels, protocol=settings.protocol, sgd=SgdProtocol(**training),
+                            finetune=finetune, exact_kernel_knn=settings.exact_kernel_knn,
                             cache=False)  # each cell's checkpoint is probed once: a cache would only fill disks
 
 

@@ -44,15 +44,23 @@ class SweptKey(Section):
 
 
 class ProbeSettings(Section):
-    """The probe of each cell (hssl probe): linear + kNN on frozen features."""
+    """The probe of each cell (hssl probe): linear + kNN on frozen features, or fine-tuning."""
 
-    protocol: Literal["fast", "standard"] = Field(
+    protocol: Literal["fast", "standard", "finetune"] = Field(
         "fast", description="fast: L-BFGS on standardised features; standard: the papers' SGD linear evaluation "
-        "with crop and flip (see epochs, lr, batch_size, weight_decay; slow on a CPU)")
-    epochs: int = Field(100, ge=1, le=10_000, description="protocol standard: epochs of SGD")
-    lr: float = Field(0.1, gt=0, le=100, description="protocol standard: learning rate for batch 256")
-    batch_size: int = Field(256, ge=2, le=65_536, description="protocol standard: images per SGD step")
-    weight_decay: float = Field(0.0, ge=0, le=10, description="protocol standard: weight decay")
+        "with crop and flip (see epochs, lr, batch_size, weight_decay; slow on a CPU); finetune: backbone and linear "
+        "head trained end to end (also backbone_lr_scale, optimizer; not comparable with the frozen protocols)")
+    epochs: int = Field(100, ge=1, le=10_000, description="protocol standard / finetune: epochs of training "
+                        "(finetune's default: 30)")
+    lr: float = Field(0.1, gt=0, le=100, description="protocol standard / finetune: learning rate (finetune: the "
+                      "head's) for batch 256 (finetune's default: 0.05 with sgd, 1e-3 with adamw)")
+    batch_size: int = Field(256, ge=2, le=65_536, description="protocol standard / finetune: images per step")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="protocol standard / finetune: weight decay")
+    backbone_lr_scale: float = Field(0.1, ge=0, le=10, description="protocol finetune: the backbone's learning "
+                                     "rate as a multiple of the head's")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="protocol finetune: sgd (Nesterov) or adamw")
+    labels: str = Field("100%", pattern=r"^\s*[0-9.]+%\s*$", description="the percentage of each class's train "
+                        "labels kept (a fixed, seeded subset), e.g. 10%: the low-label protocols")
 
     features: Literal["backbone", "projector"] = Field("backbone", description="what is probed")
     train_samples: int | None = Field(None, ge=10, description="a fixed random subset of train (default: all)")
@@ -64,6 +72,20 @@ class ProbeSettings(Section):
         False, description="kernel-regime cells: also a kNN under the exact base kernel (knn_k20_exact_kernel)")
     dataset: str | None = Field(None, description="probe on another dataset than the recipe's")
     data_root: str | None = Field(None, description="its folder")
+
+
+    @model_validator(mode="after")
+    def _finetune_defaults(self) -> ProbeSettings:
+        """finetune trains the backbone: its epochs and lr default to its own (30; 0.05 or 1e-3), not the linear
+        evaluation's, unless the suite sets them."""
+        from hssl_cli.evaluate.measures.finetune_protocol import DEFAULT_LR, FinetuneProtocol
+
+        if self.protocol == "finetune":
+            if "epochs" not in self.model_fields_set:
+                self.epochs = FinetuneProtocol.epochs
+            if "lr" not in self.model_fields_set:
+                self.lr = DEFAULT_LR[self.optimizer]
+        return self
 
 
 class TransferProbe(ProbeSettings):

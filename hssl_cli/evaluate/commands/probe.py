@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from hssl_cli.evaluate.feature_cache import FeatureCache
-    from hssl_cli.evaluate.measures.finetune import FinetuneProtocol
+    from hssl_cli.evaluate.measures.finetune_protocol import FinetuneProtocol
     from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol
     from hssl_cli.evaluate.opening import EvaluationInputs, TrainedMethod
 
@@ -55,7 +55,7 @@ def training_protocols(protocol: str, epochs: int | None = None, lr: float | Non
                        ) -> tuple[SgdProtocol | None, FinetuneProtocol | None]:
     """(the standard protocol's SGD, fine-tuning's settings) from the options given (None: the protocol's
     default); settings that the chosen protocol does not read are refused, not ignored."""
-    from hssl_cli.evaluate.measures.finetune import FinetuneProtocol
+    from hssl_cli.evaluate.measures.finetune_protocol import FinetuneProtocol
     from hssl_cli.evaluate.measures.linear_sgd import SgdProtocol
 
     shared = {name: value for name, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size),
@@ -207,7 +207,8 @@ def _finetuned(opened: EvaluationInputs, splits: ProbeSplits, protocol: Finetune
     """(results, feature dimension, the cache's use: none) of fine-tuning: top-1/top-5 of the tuned classifier on
     the test images (and on each rotation of them)."""
     from hssl_cli.evaluate.features import extract_features
-    from hssl_cli.evaluate.measures.finetune import FinetuneProtocol, finetune, steps
+    from hssl_cli.evaluate.measures.finetune import finetune, steps
+    from hssl_cli.evaluate.measures.finetune_protocol import FinetuneProtocol
     from hssl_cli.evaluate.measures.frozen_probes import topk_accuracy
     from hssl_cli.render import progress_bar
 
