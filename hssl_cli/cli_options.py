@@ -39,9 +39,15 @@ Resume = Annotated[str | None, typer.Option(
     "complete run of this recipe under --output, or a new run when there is none yet: what a requeued "
     "job wants). The recipe must match the run's. Example: --resume auto")]
 InitFrom = Annotated[Path | None, typer.Option(
-    "--init-from", help="Start a new run from a checkpoint's weights (same architecture; the optimiser, the "
-    "schedule and the step start afresh): fine-tuning, or a longer run than the first. "
-    "Example: --init-from checkpoints/run/<run>/last.safetensors")]
+    "--init-from", help="Start a new run from weights; the optimiser, the schedule and the step start afresh. "
+    "Either an hssl checkpoint (the whole model; the recipe must build the same architecture): a longer run, or "
+    "the model under other training keys. Example: --init-from checkpoints/run/<run>/last.safetensors. "
+    "Or a library backbone's weights (a timm/torchvision model's state_dict as .safetensors, or .pth/.pt read "
+    "with torch.load(weights_only=True)): domain-adaptive pretraining from e.g. ImageNet weights; they fill "
+    "the backbone only (keys and shapes must match model.backbone; the library's classifier is left out) and "
+    "the heads start fresh. Example, with model.backbone: timm:resnet18 and a file written by "
+    "torch.save(timm.create_model('resnet18', pretrained=True).state_dict(), 'resnet18.pth'): "
+    "--init-from resnet18.pth")]
 CheckOnly = Annotated[bool, typer.Option(
     "--check", help="Validate the recipe (with --set) and print it resolved, every default filled in, "
     "as YAML; train nothing.")]

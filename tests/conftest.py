@@ -36,6 +36,18 @@ def tiny_recipe():
     return make
 
 
+@pytest.fixture
+def colour_folder(tmp_path):
+    """An image folder of 3-channel 16 px PNGs, two classes, 24 train and 8 test images."""
+    from tests.test_sources import random_image, write_image
+
+    root = tmp_path / "colour"
+    for index in range(32):
+        split = "train" if index < 24 else "test"
+        write_image(root / split / f"class{index % 2}" / f"{index}.png", random_image(3, 16, 16, seed=index))
+    return root
+
+
 def train_stopped_and_resumed(recipe, root, stop_step: int):
     """Train `recipe` once whole, once stopped at `stop_step` and resumed with --resume auto; returns the
     RunResults (whole, stopped, resumed), for bit-exact resume tests."""

@@ -34,13 +34,17 @@ BACKBONES = {
     "small_convnet": (lambda: build_backbone("small_convnet", 1), (1, 16),
                       BackboneCapabilities(spatial_map="features")),
     "resnet18_cifar": (lambda: build_backbone("resnet18_cifar", 1), (1, 16),
-                       BackboneCapabilities(spatial_map="resnet_stages", library_twins=("torchvision", "timm"))),
+                       BackboneCapabilities(spatial_map="resnet_stages", library_twins=("torchvision", "timm"),
+                                            library_classifier=("fc",))),
     "timm CNN": (lambda: build_backbone("timm:test_resnet", 1), (1, 32),
-                 BackboneCapabilities(spatial_map="forward_features", library_twins=("timm",))),
+                 BackboneCapabilities(spatial_map="forward_features", library_twins=("timm",),
+                                      library_classifier=("fc",))),
     "torchvision ResNet": (lambda: build_backbone("torchvision:resnet18", 3), (3, 32),
-                           BackboneCapabilities(spatial_map="resnet_stages", library_twins=("torchvision",))),
+                           BackboneCapabilities(spatial_map="resnet_stages", library_twins=("torchvision",),
+                                                library_classifier=("fc",))),
     "torchvision without a map": (lambda: build_backbone("torchvision:mobilenet_v3_small", 3), (3, 32),
-                                  BackboneCapabilities(library_twins=("torchvision",))),
+                                  BackboneCapabilities(library_twins=("torchvision",),
+                                                       library_classifier=("classifier.3",))),
     "e2_convnet": (lambda: build_backbone(ModelConfig(**E2_CONVNET), 1), (1, 16),
                    BackboneCapabilities(group=C4, equivariant=True, spatial_map="layer_outputs")),
     "e2_convnet plain twin": (lambda: build_backbone(ModelConfig(**E2_CONVNET), 1, plain=True), (1, 16),
@@ -79,6 +83,8 @@ def test_each_backbone_declares_what_it_has_and_has_what_it_declares(kind):
         elif capabilities.scale_levels is not None:
             assert backbone.lifted(images).shape == (2, capabilities.scale_levels, backbone.feature_dim)
     assert capabilities.lifted == (capabilities.group is not None or capabilities.scale_levels is not None)
+    removed = tuple(f"{name}." for name in capabilities.library_classifier)  # --init-from leaves these out
+    assert not any(key.startswith(removed) for key in backbone.state_dict())
 
 
 class Undeclared(nn.Module):

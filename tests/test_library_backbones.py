@@ -14,7 +14,6 @@ from hssl_cli.errors import HsslError
 from hssl_cli.evaluate.commands.export import export_backbone
 from hssl_cli.evaluate.opening import load_trained_method
 from hssl_cli.models.backbones import build_backbone
-from tests.test_sources import random_image, write_image
 
 FRESH_LOAD = """
 import sys, torch, timm, torchvision
@@ -30,16 +29,6 @@ m.eval()
 x = torch.load(sys.argv[2])
 torch.save(m(x).detach(), sys.argv[3])
 """
-
-
-@pytest.fixture
-def colour_folder(tmp_path):
-    """An image folder of 3-channel 16 px PNGs, two classes, 24 train and 8 test images."""
-    root = tmp_path / "colour"
-    for index in range(32):
-        split = "train" if index < 24 else "test"
-        write_image(root / split / f"class{index % 2}" / f"{index}.png", random_image(3, 16, 16, seed=index))
-    return root
 
 
 def exported_matches_in_a_fresh_process(checkpoint, tmp_path, format, channels):

@@ -21,6 +21,7 @@ from hssl_cli.data.views import ViewPipeline, build_pipelines
 from hssl_cli.engine import checkpoint as ckpt
 from hssl_cli.engine import distributed
 from hssl_cli.engine.device import seeded_generator, uses_bf16, uses_compile
+from hssl_cli.engine.initial_weights import load_initial_weights
 from hssl_cli.engine.optim import build_optimizer
 from hssl_cli.engine.run_writer import RunWriter, unwritable
 from hssl_cli.errors import CheckpointError, CheckpointNote, HsslError
@@ -80,8 +81,9 @@ def set_up_run(recipe: Recipe, output_root: Path, device: torch.device, context:
     torch.manual_seed(recipe.seed)  # the initial weights
     method = build_method(recipe, in_channels=images.sample_shape[0]).to(device)
     check_backbone_reads(method.backbone, images.sample_shape, device, recipe)
+    initial_weights = None
     if init_from is not None and state is None:
-        load_initial_weights(method, init_from)
+        initial_weights = load_initial_weights(method, init_from, recipe.model.backbone)
     if not method.closed_form and len(images) < recipe.train.batch_size:
         raise HsslError(f"train.batch_size={recipe.train.batch_size} exceeds the {len(images)} images of "
                         f"{recipe.data.dataset}/{recipe.data.train_split}; lower it")
@@ -93,8 +95,8 @@ def set_up_run(recipe: Recipe, output_root: Path, device: torch.device, context:
                        resumed_step=state.step if state is not None else 0)
     if state is None and storage is not None:
         writer.log({"step": 0, "data_storage": images.storage, "data_storage_reason": storage})
-    if init_from is not None and state is None:
-        writer.log({"step": 0, "init_from": str(init_from)})
+    if initial_weights is not None:
+        writer.log(initial_weights.log_row())
     return RunSetup(recipe, context, device, images, mean.to(device), std.to(device), method, writer, state)
 
 
@@ -137,8 +139,8 @@ def check_run_options(recipe: Recipe, context: distributed.Distributed, resume: 
         raise HsslError(f"train.batch_size={batch_size} (the global batch) must divide evenly over "
                         f"{context.world_size} processes")
     if resume is not None and init_from is not None:
-        raise HsslError("--resume continues a run, --init-from starts a new one from a checkpoint's weights; "
-                        "give one of them")
+        raise HsslError("--resume continues a run, --init-from starts a new one from a checkpoint's or a "
+                        "backbone's weights; give one of them")
 
 
 def resume_state(recipe: Recipe, output_root: Path, resume: str | None) -> ckpt.Checkpoint | None:
@@ -211,10 +213,3 @@ def check_backbone_reads(backbone: nn.Module, sample_shape: tuple[int, ...], dev
                         "set data.image_size to a size it takes, or choose another backbone") from None
     finally:
         backbone.train(training)
-
-
-def load_initial_weights(method: nn.Module, init_from: Path) -> None:
-    """A new run that starts from a checkpoint's weights (same architecture; optimiser and step start fresh)."""
-    source = ckpt.load_checkpoint(init_from, kind="model")
-    ckpt.load_module_state(method, {k: v for k, v in source.tensors.items() if not k.startswith("data.")},
-                           source.path, "model (--init-from)")

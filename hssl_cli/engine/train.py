@@ -63,7 +63,8 @@ def pretrain(
 ) -> RunResult:
     """Train `recipe` and write checkpoints; `progress` receives a dict per logged row; `diagnostics`
     (method, held normalised images) -> metrics runs every train.diagnostics_every epochs, in eval mode.
-    `init_from`: a model checkpoint whose weights a new run starts from. `monitor` (method, mean, std) ->
+    `init_from`: an hssl model checkpoint or a backbone weights file (engine/initial_weights.py) whose
+    weights a new run starts from. `monitor` (method, mean, std) ->
     metrics runs every train.monitor.every epochs on rank 0, in eval mode; its rows go to the log and to
     `progress`, its last values into the result. Under torchrun/srun every rank
     runs this; rank 0 alone writes files and reports progress."""

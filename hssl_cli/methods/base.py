@@ -39,6 +39,15 @@ class SSLMethod(nn.Module):
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def start_from_backbone_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the backbone's initial weights (`--init-from` a backbone weights file; `tensors` fit its
+        state_dict exactly). An EMA target's backbone (`target.`, a copy of the online one at initialisation:
+        methods/byol.py make_target) becomes a copy of them again, so the run starts as if built from them."""
+        self.backbone.load_state_dict(tensors, strict=True)
+        target = self._modules.get("target")
+        if target is not None:
+            target["backbone"].load_state_dict(self.backbone.state_dict(), strict=True)
+
     def after_optimizer_step(self, progress: float) -> None:
         """Called after each optimiser step with the fraction of training done (e.g. for EMA targets)."""
 

@@ -19,7 +19,8 @@ def resnet18_cifar(in_channels: int = 3) -> nn.Module:
     network.fc = nn.Identity()
     network.feature_dim = 512
     # its tensors carry torchvision's (and timm's) ResNet-18 names: hssl export writes them for either library
-    network.capabilities = BackboneCapabilities(spatial_map="resnet_stages", library_twins=("torchvision", "timm"))
+    network.capabilities = BackboneCapabilities(spatial_map="resnet_stages", library_twins=("torchvision", "timm"),
+                                                library_classifier=("fc",))
     return network
 
 

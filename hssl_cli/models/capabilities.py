@@ -28,6 +28,9 @@ class BackboneCapabilities:
     scale_levels: int | None = None  # lifted(images) -> (B, K, C) and stage_outputs(images, k): a scale lifting
     spatial_map: SpatialMap | None = None
     library_twins: tuple[str, ...] = ()  # libraries whose own model loads its state_dict strictly (hssl export)
+    # the library model's classifier, removed here (dotted module names): a library weights file carries it, and
+    # --init-from leaves its tensors out
+    library_classifier: tuple[str, ...] = ()
 
     @property
     def lifted(self) -> bool:

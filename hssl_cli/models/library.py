@@ -1,7 +1,8 @@
 """Backbones from timm and torchvision by name (`model.backbone: timm:<name>` / `torchvision:<name>`):
-untrained (SSL pretraining starts from scratch), classifier removed, so the model maps images to pooled
-features (B, feature_dim). Their state_dict keeps the library's names, so an exported backbone loads back
-into the library's own model (capabilities.library_twins)."""
+untrained (SSL pretraining starts from scratch, or from the library's weights with `--init-from`), classifier
+removed, so the model maps images to pooled features (B, feature_dim). Their state_dict keeps the library's
+names, so an exported backbone loads back into the library's own model (capabilities.library_twins), and the
+library's weights load into it (less the classifier: capabilities.library_classifier)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ def _timm(name: str, in_channels: int, spec: str) -> nn.Module:
     except (TypeError, ValueError, RuntimeError, AssertionError) as error:
         raise RecipeError(f"model.backbone: timm could not build {name} ({error})") from None
     network.feature_dim = network.num_features
-    network.capabilities = BackboneCapabilities(spatial_map="forward_features", library_twins=("timm",))
+    classifier = network.pretrained_cfg.get("classifier") or ()  # timm's name for it: "fc", "head", a tuple
+    network.capabilities = BackboneCapabilities(
+        spatial_map="forward_features", library_twins=("timm",),
+        library_classifier=(classifier,) if isinstance(classifier, str) else tuple(classifier))
     return network
 
 
@@ -54,7 +58,7 @@ def _torchvision(name: str, in_channels: int, spec: str) -> nn.Module:
     _replace(network, head_name, nn.Identity())
     network.feature_dim = head.in_features
     network.capabilities = BackboneCapabilities(spatial_map="resnet_stages" if isinstance(network, ResNet) else None,
-                                                library_twins=("torchvision",))
+                                                library_twins=("torchvision",), library_classifier=(head_name,))
     return network
 
 
