@@ -224,7 +224,7 @@ def _finetuned(opened: EvaluationInputs, splits: ProbeSplits, protocol: Finetune
         with clock.timing("test"):
             logits = extract_features(classifier, images, trained.mean, trained.std)
         results[f"finetune{suffix}"] = {**topk_accuracy(logits, splits.test_labels), "protocol": "finetune",
-                                        "detail": protocol.describe()}
+                                        "detail": protocol.describe(len(splits.train_labels))}
     return results, int(classifier.head.in_features), {"folder": None, "hits": 0, "misses": 0}
 
 

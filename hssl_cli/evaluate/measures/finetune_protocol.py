@@ -38,8 +38,10 @@ class FinetuneProtocol:
     def head_lr(self) -> float:
         return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
 
-    def describe(self) -> str:
+    def describe(self, image_count: int | None = None) -> str:
+        """The settings in a line; with `image_count`, the batch actually used (never more than the images)."""
         optimizer = "SGD (Nesterov 0.9)" if self.optimizer == "sgd" else "AdamW"
-        return (f"fine-tuned end to end: {optimizer} {self.epochs} epochs, batch {self.batch_size}, head lr "
+        batch = self.batch_size if image_count is None else min(self.batch_size, image_count)
+        return (f"fine-tuned end to end: {optimizer} {self.epochs} epochs, batch {batch}, head lr "
                 f"{self.head_lr:g} x batch/256, backbone lr x {self.backbone_lr_scale:g}, cosine, wd "
                 f"{self.weight_decay:g}, crop+flip")
