@@ -15,6 +15,7 @@ HOSTILE_VALUES = [
     "1:30", "true", "yes", "null", "''", "abc", "[]", "{}", "[1e14]", "[0, 0]", "[1, 2, 3]", "~", "'[/x]'",
     "'[link=http://x]y[/link]'", "[/x]", "!!python/object:os.system", "&a [1]", "*a", "\"\\x00\"", "-0.0",
     "1e-320", "99999999999", "'%s%s%s'", "\"é\"", "'a' * 300", "{name: kernel}", "{name: nope}",
+    "!!int abc", "!!bool maybe", "!!float [1]", "!!map [1]",
 ]  # fmt: skip
 HOSTILE_LINES = [
     "name: " + "n" * 300, "[/x]: 1", "a: &a [1, 2]\nb: *a", "seed: 1\nseed: 2", "data: {dataset: mnist}",

@@ -212,3 +212,31 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_clear_error(tmp_path, tiny
     monkeypatch.setattr(checkpoint, "save_safetensors_atomically", disk_full)
     with pytest.raises(HsslError, match="cannot write the run's files \\(No space left on device\\)"):
         pretrain(tiny_recipe("train.epochs=1"), tmp_path, device_name="cpu")
+
+
+@pytest.mark.parametrize("text, message", [
+    (BASE + "seed: !!int abc\n", r"x.yaml:2: refused: seed: the tag !!int does not fit 'abc'; remove the tag"),
+    (BASE + "seed: !!float x\n", "x.yaml:2: refused: seed: the tag !!float does not fit 'x'"),
+    (BASE + "train: {compile: !!bool maybe}\n", "x.yaml:2: refused: train.compile: the tag !!bool does not fit"),
+    (BASE + "seed: !!int [1, 2]\n", "x.yaml:2: refused: seed: the tag !!int does not fit a list"),
+    (BASE + "model:\n  projector: [64, !!int x]\n", "x.yaml:3: refused: model.projector.1: the tag !!int"),
+    (BASE + "optim: !!map [1]\n", "x.yaml:2: refused: optim: the tag !!map does not fit a list"),
+    (BASE + "seed: !!timestamp x\n", "x.yaml:2: refused: seed: the tag !!timestamp does not fit 'x'"),
+])  # fmt: skip
+def test_an_explicit_tag_that_does_not_fit_its_value_is_refused_naming_the_key(text, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(text, "x.yaml")
+
+
+def test_a_mistagged_value_in_a_suite_or_recipe_file_is_one_line_through_the_cli(tmp_path):
+    from hssl_cli.sweep.suite import load_suite
+
+    recipe = tmp_path / "tagged.yaml"
+    recipe.write_text(BASE + "seed: !!int abc\n")
+    result = CliRunner().invoke(app, ["pretrain", str(recipe), "--check"])
+    assert result.exit_code == 2, result.output
+    assert "tagged.yaml:2: refused: seed: the tag !!int does not fit 'abc'" in " ".join(result.output.split())
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: s\nseeds: [0, !!int abc]\nvariants: [{{name: a, recipe: {recipe.name}}}]\n")
+    with pytest.raises(RecipeError, match=r"suite.yaml:2: refused: seeds.1: the tag !!int does not fit 'abc'"):
+        load_suite(suite)
