@@ -69,7 +69,7 @@ def corrupted_checkpoint(rng: random.Random, source: bytes, path: Path) -> str:
     header_length = struct.unpack("<Q", source[:8])[0]
     header = json.loads(source[8:8 + header_length])
     data = source[8 + header_length:]
-    operation = rng.randrange(8)
+    operation = rng.randrange(10)
     if operation == 0:
         cut = rng.randrange(len(source))
         path.write_bytes(source[:cut])
@@ -86,6 +86,13 @@ def corrupted_checkpoint(rng: random.Random, source: bytes, path: Path) -> str:
     if operation == 3:  # a huge declared header
         path.write_bytes(struct.pack("<Q", rng.choice([2**40, 2**63, 10**8 + 1])) + source[8:])
         return "header length"
+    if operation == 8:  # a header of deeply nested JSON
+        nested = ("[" * 100_000 + "]" * 100_000).encode()
+        path.write_bytes(struct.pack("<Q", len(nested)) + nested + data)
+        return "nested header"
+    if operation == 9:  # bytes after the last tensor
+        path.write_bytes(source + bytes(rng.randint(1, 4096)))
+        return "padded"
     metadata = header.setdefault("__metadata__", {})
     if operation == 4:  # a metadata value replaced
         key = rng.choice(sorted(metadata) + ["format_version", "epoch", "step", "kind"])

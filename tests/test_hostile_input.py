@@ -240,3 +240,67 @@ def test_a_mistagged_value_in_a_suite_or_recipe_file_is_one_line_through_the_cli
     suite.write_text(f"name: s\nseeds: [0, !!int abc]\nvariants: [{{name: a, recipe: {recipe.name}}}]\n")
     with pytest.raises(RecipeError, match=r"suite.yaml:2: refused: seeds.1: the tag !!int does not fit 'abc'"):
         load_suite(suite)
+
+
+def _write_with_header(path, header: bytes, data: bytes = b""):
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+@pytest.mark.parametrize("command", ["probe", "collapse-report", "resume", "init-from"])
+def test_a_checkpoint_header_of_deeply_nested_json_is_one_clear_error(tmp_path, command):
+    path = tmp_path / ("last.state.safetensors" if command == "resume" else "nested.safetensors")
+    _write_with_header(path, b"[" * 100_000 + b"]" * 100_000)
+    recipe = tmp_path / "tiny.yaml"
+    from tests.conftest import TINY_RECIPE
+
+    recipe.write_text(TINY_RECIPE)
+    arguments = {"probe": ["probe", str(path)], "collapse-report": ["collapse-report", str(path)],
+                 "resume": ["pretrain", str(recipe), "--resume", str(path), "--output", str(tmp_path / "out")],
+                 "init-from": ["pretrain", str(recipe), "--init-from", str(path), "--output", str(tmp_path / "out")]}
+    result = CliRunner().invoke(app, [*arguments[command], "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert f"{path.name}: not a readable .safetensors file" in result.output
+    assert "its header is nested too deeply" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("kind", ["model", "training_state"])
+def test_a_checkpoint_cut_short_or_padded_is_refused_with_both_sizes(tmp_path, tiny_recipe, kind):
+    path = _model_file(tmp_path, tiny_recipe)
+    if kind == "training_state":
+        recipe, method = tiny_recipe(), build_method(tiny_recipe(), in_channels=1)
+        optimizer = torch.optim.AdamW(method.parameters())
+        method.projector(torch.randn(4, 256)).sum().backward()
+        optimizer.step()
+        path = tmp_path / "last.state.safetensors"
+        ckpt.save_training_state(path, method, optimizer, recipe, 1, 11, {"mean": torch.zeros(1), "std": torch.ones(1)})
+    assert ckpt.load_checkpoint(path, kind=kind).tensors  # the valid file loads
+    size = path.stat().st_size
+    os.truncate(path, size - 3)
+    with pytest.raises(CheckpointError, match=rf"not a readable .safetensors file \(truncated: the file has "
+                                              rf"{size - 3:,} bytes, its header describes {size:,}\)"):
+        ckpt.load_checkpoint(path, kind=kind)
+    os.truncate(path, 9 * 2**30)  # a 9 GB sparse file: no disk, but more than a 4 GB address space maps
+    with pytest.raises(CheckpointError, match=rf"\(padded: the file has 9,663,676,416 bytes, its header describes "
+                                              rf"{size:,}\)"):
+        ckpt.load_checkpoint(path, kind=kind)
+
+
+def test_a_9_gb_sparse_checkpoint_is_refused_before_it_is_mapped_under_an_address_space_limit(tmp_path, tiny_recipe):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    resource = pytest.importorskip("resource")  # setrlimit: POSIX only
+    path = _model_file(tmp_path, tiny_recipe)
+    os.truncate(path, 9 * 2**30)
+    limit = 6 * 2**30  # room to import torch (~3.5 GB of address space), not to map 9 GB
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "hssl_cli", "collapse-report", str(path), "--device", "cpu"],
+                            cwd=Path(__file__).resolve().parents[1], preexec_fn=limited, capture_output=True,
+                            text=True, timeout=120)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode == 2, output
+    assert "(padded: the file has 9,663,676,416 bytes" in output and "MemoryError" not in output
