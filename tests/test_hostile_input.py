@@ -3,6 +3,7 @@ clear HsslError (one line naming the file or key), never a traceback, a hang or 
 
 import json
 import os
+import re
 import signal
 import struct
 import time
@@ -304,3 +305,80 @@ def test_a_9_gb_sparse_checkpoint_is_refused_before_it_is_mapped_under_an_addres
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode == 2, output
     assert "(padded: the file has 9,663,676,416 bytes" in output and "MemoryError" not in output
+
+
+def test_one_forward_pass_is_measured_and_the_images_per_pass_follow_the_budget():
+    from hssl_cli.data.augment import normalize
+    from hssl_cli.evaluate.forward_memory import forward_bytes, images_per_pass
+    from hssl_cli.models.backbones import SmallConvNet
+
+    network = SmallConvNet(in_channels=1).eval()
+
+    def forward(batch):
+        return network(normalize(batch, torch.zeros(1), torch.ones(1)))
+
+    one_image = forward_bytes(forward, torch.zeros(1, 1, 64, 64, dtype=torch.uint8))
+    # float32 outputs of the four convolutions (stride 2 after the first), each once more for its BatchNorm
+    convolutions = sum(4 * width * (64 // stride) ** 2 for width, stride in ((32, 1), (64, 2), (128, 4), (256, 8)))
+    assert 2 * convolutions <= one_image <= 2.2 * convolutions  # ReLU is in place: it adds nothing
+    cpu = torch.device("cpu")
+    assert images_per_pass(forward, (1, 64, 64), cpu, 512, budget=(10 * one_image, "test")) == 10
+    assert images_per_pass(forward, (1, 64, 64), cpu, 512, budget=(10**6 * one_image, "test")) == 512
+    with pytest.raises(HsslError, match=r"at 64x64 px one image takes 1.9 MiB in a forward pass of this model, more "
+                                        r"than the evaluation's memory budget of 1.0 MiB \(a test budget\)"):
+        images_per_pass(forward, (1, 64, 64), cpu, 512, budget=(2**20, "a test budget"))
+
+
+@pytest.fixture
+def batch_sizes():
+    """The batch size of every (N, C, H, W) tensor a module is called with, while the test runs."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    sizes = []
+    handle = register_module_forward_hook(
+        lambda module, args, output: sizes.append(args[0].shape[0])
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4 else None)
+    yield sizes
+    handle.remove()
+
+
+def test_evaluations_run_in_the_batches_a_memory_budget_allows_with_the_same_results(tmp_path, tiny_recipe,
+                                                                                      monkeypatch, batch_sizes):
+    from hssl_cli.evaluate import forward_memory
+    from hssl_cli.evaluate.commands.augmentation_probe import augmentation_probe
+    from hssl_cli.evaluate.commands.collapse_report import collapse_report
+    from hssl_cli.evaluate.commands.probe import probe_checkpoint
+
+    path = _model_file(tmp_path, tiny_recipe)  # digits at 16 px
+
+    def evaluate() -> tuple[dict, dict, dict]:
+        return (collapse_report(path, samples=200, device_name="cpu", progress=False),
+                probe_checkpoint(path, device_name="cpu", progress=False, train_samples=200, test_samples=100,
+                                 cache=False),
+                augmentation_probe(path, samples=200, device_name="cpu"))
+
+    whole = evaluate()
+    assert max(batch_sizes) >= 200  # today's passes: every image at once (up to 512)
+    batch_sizes.clear()
+    monkeypatch.setattr(forward_memory, "memory_budget", lambda device: (2**20, "a test budget"))
+    bounded = evaluate()
+    assert max(batch_sizes) <= 8  # 1 MiB over 0.1-0.3 MiB an image (x2: the augmentation probe pairs its views)
+    for layer, spectrum in whole[0]["layers"].items():
+        assert bounded[0]["layers"][layer]["effective_rank"] == pytest.approx(spectrum["effective_rank"], rel=1e-4)
+    for name, result in whole[1]["results"].items():
+        assert bounded[1]["results"][name]["top1"] == pytest.approx(result["top1"], abs=1.0), name
+    assert bounded[2]["r2_by_parameter"] == pytest.approx(whole[2]["r2_by_parameter"], abs=1e-3)
+
+
+@pytest.mark.parametrize("command", ["probe", "collapse-report"])
+def test_an_image_too_large_for_the_memory_budget_is_one_clear_error(tmp_path, tiny_recipe, monkeypatch, command):
+    from hssl_cli.evaluate import forward_memory
+
+    path = _model_file(tmp_path, tiny_recipe)
+    monkeypatch.setattr(forward_memory, "memory_budget", lambda device: (10_000, "a test budget"))
+    no_cache = ["--no-cache"] if command == "probe" else []
+    result = CliRunner().invoke(app, [command, str(path), "--device", "cpu", *no_cache])
+    assert result.exit_code == 2, result.output
+    assert re.search(r"at 16x16 px one image takes 0\.\d MiB in a forward pass of this model, more than the "
+                     r"evaluation's memory budget of 0\.0 MiB \(a test budget\); evaluate on a machine \(or --device\) "
+                     r"with more memory", " ".join(result.output.split())), result.output
