@@ -382,3 +382,32 @@ def test_an_image_too_large_for_the_memory_budget_is_one_clear_error(tmp_path, t
     assert re.search(r"at 16x16 px one image takes 0\.\d MiB in a forward pass of this model, more than the "
                      r"evaluation's memory budget of 0\.0 MiB \(a test budget\); evaluate on a machine \(or --device\) "
                      r"with more memory", " ".join(result.output.split())), result.output
+
+
+def test_a_linear_probe_on_a_few_labels_per_class_holds_out_one_image_of_each():
+    from hssl_cli.evaluate.measures.frozen_probes import fit_linear_probe, stratified_holdout
+
+    labels = torch.arange(10).repeat(4)  # 4 images a class: 10% of each rounds to none
+    assert not stratified_holdout(labels, 0.1, seed=0).any()
+    held = stratified_holdout(labels, 0.1, seed=0, at_least=1)
+    assert torch.equal(labels[held].sort().values, torch.arange(10))
+    many = torch.arange(10).repeat(30)  # where 10% holds some out, at_least=1 changes nothing
+    assert torch.equal(stratified_holdout(many, 0.1, seed=0, at_least=1), stratified_holdout(many, 0.1, seed=0))
+    features = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)) + labels[:, None]
+    assert fit_linear_probe(features, labels, 10).weight_decay in (0, 1e-5, 1e-4, 1e-3, 1e-2)
+    with pytest.raises(ValueError, match="no class of the 10 train samples has two"):
+        fit_linear_probe(features[:10], labels[:10], 10)
+
+
+def test_probe_on_a_tenth_of_400_labels_works_and_on_one_a_class_is_one_clear_error(tmp_path, tiny_recipe):
+    path = _model_file(tmp_path, tiny_recipe)
+    result = CliRunner().invoke(app, ["probe", str(path), "--train-samples", "400", "--labels", "10%", "--json",
+                                      "--no-cache", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["train_size"] == 40 and report["results"]["linear"]["top1"] > 0
+    result = CliRunner().invoke(app, ["probe", str(path), "--train-samples", "10", "--labels", "10%", "--no-cache",
+                                      "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert re.search(r"\d train images, none of a class with two or more: the linear probe chooses its weight decay on "
+                     r"held-out images; keep more with --labels or --train-samples", " ".join(result.output.split()))
