@@ -146,11 +146,9 @@ def load_checkpoint(path: str | Path, kind: str = "model", verify: bool = True) 
         raise CheckpointError(f"{path}: not a .safetensors file ({foreign}); hssl reads the .safetensors "
                               "checkpoints that hssl pretrain writes")
     try:
-        metadata = _read_metadata(path)
+        metadata = read_header_metadata(path)
     except (ValueError, OSError, UnicodeDecodeError) as error:
         raise CheckpointError(unreadable.format(error)) from None
-    except RecursionError:  # a header of deeply nested JSON
-        raise CheckpointError(unreadable.format("its header is nested too deeply")) from None
     _check_metadata(path, metadata, kind)
     try:
         recipe = parse_recipe(metadata["recipe"], source=f"{path} (stored recipe)")
@@ -188,17 +186,21 @@ def foreign_format(path: Path) -> str | None:
     return None
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    """safetensors' header: 8-byte little-endian length, then JSON with an optional __metadata__ of strings and,
-    per tensor, its data_offsets [begin, end) in the bytes after the header. The file must end where the last
-    tensor does: a truncated file, or one padded (a sparse file of many GB), is refused here, before safetensors
-    maps it into memory."""
+def read_header_metadata(path: Path) -> dict[str, str]:
+    """The __metadata__ of a .safetensors file, from its header alone: 8-byte little-endian length, then JSON with
+    an optional __metadata__ of strings and, per tensor, its data_offsets [begin, end) in the bytes after the
+    header. The file must end where the last tensor does: a truncated file, or one padded (a sparse file of many
+    GB), is a CheckpointError naming both sizes, before safetensors maps it into memory. A header that is not
+    such JSON (nested too deeply included) is a ValueError."""
     with open(path, "rb") as handle:
         file_size = os.fstat(handle.fileno()).st_size
         header_length = int.from_bytes(handle.read(8), "little")
         if not 2 <= header_length <= min(MAX_HEADER_BYTES, file_size - 8):
             raise ValueError(f"a header of {header_length} bytes in a file of {file_size}")
-        header = json.loads(handle.read(header_length))
+        try:
+            header = json.loads(handle.read(header_length))
+        except RecursionError:
+            raise ValueError("its header is nested too deeply") from None
     metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("its __metadata__ is not a mapping of strings")
