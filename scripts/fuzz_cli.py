@@ -53,7 +53,8 @@ def run(arguments: list[str], timeout: int) -> tuple[str, str]:
 def source_checkpoint(folder: Path) -> bytes:
     recipe = folder / "fuzz.yaml"
     recipe.write_text("name: fuzz\ndata: {dataset: digits, image_size: 16}\nmodel: {backbone: small_convnet, "
-                      "projector: [64, 32]}\ntrain: {epochs: 1, batch_size: 256}\noptim: {name: adamw, lr: 0.001}\n")
+                      "projector: [64, 32]}\ntrain: {epochs: 1, batch_size: 256}\n"
+                      "optim: {name: adamw, lr: 0.001, warmup_epochs: 0}\n")
     result = CliRunner().invoke(app, ["pretrain", str(recipe), "--output", str(folder / "runs"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     return next((folder / "runs").glob("fuzz/*/last.safetensors")).read_bytes()

@@ -15,6 +15,7 @@ HOSTILE_VALUES = [
     "1:30", "true", "yes", "null", "''", "abc", "[]", "{}", "[1e14]", "[0, 0]", "[1, 2, 3]", "~", "'[/x]'",
     "'[link=http://x]y[/link]'", "[/x]", "!!python/object:os.system", "&a [1]", "*a", "\"\\x00\"", "-0.0",
     "1e-320", "99999999999", "'%s%s%s'", "\"é\"", "'a' * 300", "{name: kernel}", "{name: nope}",
+    "!!int abc", "!!bool maybe", "!!float [1]", "!!map [1]",
 ]  # fmt: skip
 HOSTILE_LINES = [
     "name: " + "n" * 300, "[/x]: 1", "a: &a [1, 2]\nb: *a", "seed: 1\nseed: 2", "data: {dataset: mnist}",
@@ -68,7 +69,7 @@ def corrupted_checkpoint(rng: random.Random, source: bytes, path: Path) -> str:
     header_length = struct.unpack("<Q", source[:8])[0]
     header = json.loads(source[8:8 + header_length])
     data = source[8 + header_length:]
-    operation = rng.randrange(8)
+    operation = rng.randrange(10)
     if operation == 0:
         cut = rng.randrange(len(source))
         path.write_bytes(source[:cut])
@@ -85,6 +86,13 @@ def corrupted_checkpoint(rng: random.Random, source: bytes, path: Path) -> str:
     if operation == 3:  # a huge declared header
         path.write_bytes(struct.pack("<Q", rng.choice([2**40, 2**63, 10**8 + 1])) + source[8:])
         return "header length"
+    if operation == 8:  # a header of deeply nested JSON
+        nested = ("[" * 100_000 + "]" * 100_000).encode()
+        path.write_bytes(struct.pack("<Q", len(nested)) + nested + data)
+        return "nested header"
+    if operation == 9:  # bytes after the last tensor
+        path.write_bytes(source + bytes(rng.randint(1, 4096)))
+        return "padded"
     metadata = header.setdefault("__metadata__", {})
     if operation == 4:  # a metadata value replaced
         key = rng.choice(sorted(metadata) + ["format_version", "epoch", "step", "kind"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ KINDS = ("model", "training_state")
 CHECKSUM = "tensor_sha256"  # metadata key: tensor_checksum() of the file's tensors
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 MAX_STEP = 10**12
+ANOTHER_CHECKPOINT = "use another checkpoint of the run, e.g. an epoch-NNNN.safetensors"
 
 
 @dataclass
@@ -138,14 +140,13 @@ def load_checkpoint(path: str | Path, kind: str = "model", verify: bool = True) 
         path = path / ("last.safetensors" if kind == "model" else "last.state.safetensors")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    unreadable = (f"{path}: not a readable .safetensors file (truncated or corrupt: {{}}); use another "
-                  "checkpoint of the run, e.g. an epoch-NNNN.safetensors")
+    unreadable = f"{path}: not a readable .safetensors file (truncated or corrupt: {{}}); {ANOTHER_CHECKPOINT}"
     foreign = foreign_format(path)
     if foreign is not None:
         raise CheckpointError(f"{path}: not a .safetensors file ({foreign}); hssl reads the .safetensors "
                               "checkpoints that hssl pretrain writes")
     try:
-        metadata = _read_metadata(path)
+        metadata = read_header_metadata(path)
     except (ValueError, OSError, UnicodeDecodeError) as error:
         raise CheckpointError(unreadable.format(error)) from None
     _check_metadata(path, metadata, kind)
@@ -185,17 +186,44 @@ def foreign_format(path: Path) -> str | None:
     return None
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    """safetensors' header: 8-byte little-endian length, then JSON with an optional __metadata__ of strings."""
+def read_header_metadata(path: Path) -> dict[str, str]:
+    """The __metadata__ of a .safetensors file, from its header alone: 8-byte little-endian length, then JSON with
+    an optional __metadata__ of strings and, per tensor, its data_offsets [begin, end) in the bytes after the
+    header. The file must end where the last tensor does: a truncated file, or one padded (a sparse file of many
+    GB), is a CheckpointError naming both sizes, before safetensors maps it into memory. A header that is not
+    such JSON (nested too deeply included) is a ValueError."""
     with open(path, "rb") as handle:
+        file_size = os.fstat(handle.fileno()).st_size
         header_length = int.from_bytes(handle.read(8), "little")
-        if not 2 <= header_length <= MAX_HEADER_BYTES:
-            raise ValueError(f"a header of {header_length} bytes")
-        header = json.loads(handle.read(header_length))
+        if not 2 <= header_length <= min(MAX_HEADER_BYTES, file_size - 8):
+            raise ValueError(f"a header of {header_length} bytes in a file of {file_size}")
+        try:
+            header = json.loads(handle.read(header_length))
+        except RecursionError:
+            raise ValueError("its header is nested too deeply") from None
     metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError("its __metadata__ is not a mapping of strings")
+    described = 8 + header_length + _data_end(header)
+    if file_size != described:
+        raise CheckpointError(f"{path}: not a readable .safetensors file ("
+                              f"{'truncated' if file_size < described else 'padded'}: the file has {file_size:,} "
+                              f"bytes, its header describes {described:,}); {ANOTHER_CHECKPOINT}")
     return metadata
+
+
+def _data_end(header: dict) -> int:
+    """Where the tensors' bytes end: the largest end of their data_offsets."""
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name[:40]!r} has no valid data_offsets [begin, end]")
+        end = max(end, offsets[1])
+    return end
 
 
 def _natural(path: Path, metadata: dict[str, str], key: str, limit: int) -> int:

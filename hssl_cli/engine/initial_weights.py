@@ -71,12 +71,9 @@ def is_hssl_checkpoint(path: Path) -> bool:
     state_dicts for other code, do not: they are backbone weights)."""
     if ckpt.foreign_format(path) is not None:
         return False
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, "pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
+    try:  # the header alone: a file padded to many GB is refused before anything maps it
+        metadata = ckpt.read_header_metadata(path)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
         raise CheckpointError(f"--init-from {path}: not a readable .safetensors file (truncated or corrupt: "
                               f"{first_line(error)[:200]}), nor a torch .pth/.pt file; give another hssl checkpoint "
                               "or backbone weights file") from None

@@ -7,6 +7,7 @@
   evaluation, spectra and the collapse verdict, equivariance, translation and scale errors); no files, no
   checkpoints;
 - the plumbing here: `opening` (checkpoint or recipe -> frozen method + evaluation data), `features` (batched
-  frozen features), `feature_cache`, `probe_data` (decoded or streamed splits), `subsets` (the fixed, seeded
-  subsets every checkpoint is evaluated on) and `monitor` (the probes run between training epochs).
+  frozen features), `forward_memory` (how many images one forward pass may take under a memory budget),
+  `feature_cache`, `probe_data` (decoded or streamed splits), `subsets` (the fixed, seeded subsets every
+  checkpoint is evaluated on) and `monitor` (the probes run between training epochs).
 """

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from hssl_cli.data.augment import normalize
+from hssl_cli.evaluate.forward_memory import images_per_pass
 from hssl_cli.evaluate.probe_data import LazyImages
 
 
@@ -26,7 +27,8 @@ def extract_features(
 ) -> Tensor:
     """Run `model` in eval mode on normalised uint8 images (N, C, H, W); return float32 (N, D).
 
-    Batches are moved to the model's device, under bf16 autocast on CUDA. Outputs with more than two
+    Batches of `batch_size` images, fewer where the memory budget asks for it (forward_memory.images_per_pass),
+    are moved to the model's device, under bf16 autocast on CUDA. Outputs with more than two
     dimensions are flattened after the batch dimension. `advance(n)` is told of every batch done (a
     progress bar). The train/eval mode of every submodule is
     restored afterwards, so a partly frozen model (e.g. eval-mode BatchNorm) comes back unchanged.
@@ -44,16 +46,19 @@ def extract_features(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
+
+    def forward(batch: Tensor) -> Tensor:
+        with autocast:
+            return model(normalize(batch.to(device, non_blocking=True), mean, std))
+
     try:
+        batch_size = images_per_pass(forward, tuple(images.shape[1:]), device, batch_size)
         chunks = []
         # streamed images decode batch by batch; a tensor is sliced
         batches = images.batches(batch_size) if isinstance(images, LazyImages) else (
             images[start : start + batch_size] for start in range(0, images.shape[0], batch_size))
         for batch in batches:
-            batch = batch.to(device, non_blocking=True)
-            with autocast:
-                output = model(normalize(batch, mean, std))
-            chunks.append(output.float().flatten(1))
+            chunks.append(forward(batch).float().flatten(1))
             if advance is not None:
                 advance(batch.shape[0])
         return torch.cat(chunks)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from hssl_cli.evaluate.opening import TrainedMethod
     from hssl_cli.recipe import ResolvedView
 
-CHUNK = 256  # images per forward pass
+CHUNK = 256  # images per forward pass, at most (fewer where the memory budget asks: forward_memory)
 RIDGES = tuple(10.0 ** exponent for exponent in range(-2, 6))
 # parameters reported together (the mean R² of the group's varying parameters)
 PARAMETER_GROUPS = {
@@ -101,24 +101,39 @@ def augmentation_probe(path: Path, samples: int = 4096, device_name: str = "auto
 def _paired_features(trained: TrainedMethod, view: ResolvedView, images: torch.Tensor, chosen: torch.Tensor,
                      seed: int):
     """(x, y) as float64 numpy arrays: x = [f(x), f(t(x))] per chosen image, y = the parameter vector a_t of its
-    draw t (a generator seeded with `seed`), CHUNK images per forward pass."""
+    draw t (a generator seeded with `seed`, one draw per CHUNK images), CHUNK images per forward pass at most."""
     import torch
 
     from hssl_cli.data.augment import Augmenter, ViewParams, normalize
+    from hssl_cli.evaluate.forward_memory import images_per_pass
 
     device = trained.mean.device
     augmenter = Augmenter(view.augment, view.size, trained.mean, trained.std)
-    generator = torch.Generator(device).manual_seed(seed)
+    input_size = tuple(images.shape[-2:])
+
+    def paired(batch: torch.Tensor, params: ViewParams) -> torch.Tensor:
+        """[f(x), f(t(x))] of uint8 images x and their draws t."""
+        batch = batch.to(device)
+        original = (normalize(batch, trained.mean, trained.std) if view.size == batch.shape[-1]
+                    else augmenter.apply(batch, ViewParams.identity(len(batch), device)))
+        pair = trained.method.backbone(torch.cat([original, augmenter.apply(batch, params)])).float().chunk(2)
+        return torch.cat(pair, dim=1)
+
+    def measured(batch: torch.Tensor) -> torch.Tensor:  # a generator of its own: the probe's draws stay its own
+        return paired(batch, augmenter.sample(len(batch), torch.Generator(device).manual_seed(seed), device,
+                                              input_size))
+
     features, parameters = [], []
     with torch.no_grad():
+        per_pass = images_per_pass(measured, tuple(images.shape[1:]), device, CHUNK)
+        generator = torch.Generator(device).manual_seed(seed)
         for start in range(0, len(chosen), CHUNK):
-            batch = images[chosen[start:start + CHUNK]].to(device)
-            views, params = augmenter(batch, generator, with_params=True)
-            original = (normalize(batch, trained.mean, trained.std) if view.size == batch.shape[-1]
-                        else augmenter.apply(batch, ViewParams.identity(len(batch), device)))
-            pair = trained.method.backbone(torch.cat([original, views])).float().chunk(2)
-            features.append(torch.cat(pair, dim=1).cpu())
-            parameters.append(params.as_vector().cpu())
+            group = chosen[start:start + CHUNK]
+            drawn = augmenter.sample(len(group), generator, device, input_size).as_vector()
+            for part in range(0, len(group), per_pass):
+                params = ViewParams.from_vector(drawn[part:part + per_pass])
+                features.append(paired(images[group[part:part + per_pass]], params).cpu())
+            parameters.append(drawn.cpu())
     return torch.cat(features).double().numpy(), torch.cat(parameters).double().numpy()
 
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from hssl_cli.evaluate.opening import TrainedMethod
 
-CHUNK = 512  # images per forward pass
+CHUNK = 512  # images per forward pass, at most (fewer where the memory budget asks: forward_memory)
 
 
 def collapse_report(path: Path, dataset: str | None = None, data_root: str | None = None, split: str | None = None,
@@ -65,17 +65,23 @@ are in the report; plot_spectra draws one or several reports."""
 
 
 def _layer_outputs(trained: TrainedMethod, images: torch.Tensor, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every layer's outputs (spectrum.layer_outputs) on the chosen images, CHUNK images per forward pass."""
+    """Every layer's outputs (spectrum.layer_outputs) on the chosen images, CHUNK images per forward pass at most."""
     import torch
 
     from hssl_cli.data.augment import normalize
+    from hssl_cli.evaluate.forward_memory import images_per_pass
     from hssl_cli.evaluate.measures.spectrum import layer_outputs
+
+    device = trained.mean.device
+
+    def forward(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        return layer_outputs(trained.method, normalize(batch.to(device), trained.mean, trained.std))
 
     chunks: dict[str, list] = {}
     with torch.no_grad():
-        for start in range(0, len(chosen), CHUNK):
-            batch = normalize(images[chosen[start:start + CHUNK]].to(trained.mean.device), trained.mean, trained.std)
-            for name, output in layer_outputs(trained.method, batch).items():
+        per_pass = images_per_pass(forward, tuple(images.shape[1:]), device, CHUNK)
+        for start in range(0, len(chosen), per_pass):
+            for name, output in forward(images[chosen[start:start + per_pass]]).items():
                 chunks.setdefault(name, []).append(output.cpu())
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 

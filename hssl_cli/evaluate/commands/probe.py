@@ -282,6 +282,10 @@ def _fit_linear(model: nn.Module, trained: TrainedMethod, splits: ProbeSplits, t
     from hssl_cli.render import progress_bar
 
     if protocol == "fast":
+        if splits.train_labels.bincount().max() < 2:  # fit_linear_probe holds out one image of a class
+            raise HsslError(f"{len(splits.train_labels)} train images, none of a class with two or more: the linear "
+                            "probe chooses its weight decay on held-out images; keep more with --labels or "
+                            "--train-samples (probe.train_samples in a suite)")
         classifier = fit_linear_probe(train_features, splits.train_labels, splits.num_classes)
         return LinearFit(classifier.scores, protocol, f"L-BFGS, weight decay {classifier.weight_decay:g}")
     sgd = sgd or SgdProtocol()

@@ -48,8 +48,9 @@ def _check_split(features: Tensor, labels: Tensor, num_classes: int, name: str) 
         )
 
 
-def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> Tensor:
-    """Boolean mask holding out round(fraction * count) samples of each class, at least one sample kept.
+def stratified_holdout(labels: Tensor, fraction: float, seed: int, at_least: int = 0) -> Tensor:
+    """Boolean mask holding out max(round(fraction * count), at_least) samples of each class, at least one sample
+    kept.
 
     Deterministic given `seed`: a seeded permutation, then a stable sort by class, then the first
     samples of each class in that order are held out.
@@ -62,7 +63,7 @@ def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> Tensor:
     class_starts = counts.cumsum(0) - counts
     # rank of each sample inside its class; the first `held` ranks go to the hold-out part
     rank = torch.arange(labels.numel(), device=labels.device) - class_starts[sorted_labels]
-    held = (counts * fraction).round().long().clamp(max=(counts - 1).clamp_min(0))
+    held = torch.minimum((counts * fraction).round().long().clamp_min(at_least), (counts - 1).clamp_min(0))
     mask = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
     mask[order] = rank < held[sorted_labels]
     return mask
@@ -137,7 +138,9 @@ def fit_linear_probe(
 ) -> LinearClassifier:
     """Softmax regression on standardised frozen features. The weight decay is chosen by top-1 on a
     stratified held-out part of train (ties go to the larger value), then the classifier is refit on the
-    whole train split with it. `steps` caps the L-BFGS iterations per fit."""
+    whole train split with it. `steps` caps the L-BFGS iterations per fit. Where `holdout_fraction` of every
+    class rounds to none (classes of a few images), one image of each class that has two or more is held out;
+    a ValueError where no class has two."""
     _check_split(train_features, train_labels, num_classes, "train")
     if not weight_decays:
         raise ValueError("weight_decays must name at least one candidate")
@@ -150,9 +153,11 @@ def fit_linear_probe(
     if len(weight_decays) > 1:
         held_out = stratified_holdout(train_labels, holdout_fraction, seed)
         if not held_out.any():
+            held_out = stratified_holdout(train_labels, holdout_fraction, seed, at_least=1)
+        if not held_out.any():
             raise ValueError(
-                f"holdout_fraction={holdout_fraction} holds out no samples of {train_labels.numel()}; "
-                "raise it or pass a single weight decay"
+                f"no class of the {train_labels.numel()} train samples has two to hold one out; "
+                "pass a single weight decay"
             )
         fit, held = ~held_out, held_out
         best = None
