@@ -309,6 +309,7 @@ def equivariance_check(
     checkpoint: options.OptionalCheckpointArgument = None,
     recipe_path: options.CheckRecipe = None,
     group: options.TestGroup = None,
+    expect_invariant: options.ExpectInvariant = False,
     samples: options.EquivarianceSamples = 64,
     tolerance: options.Tolerance = 1e-4,
     data_root: options.RecipeDataRoot = None,
@@ -316,22 +317,28 @@ def equivariance_check(
     device: options.Device = "auto",
     verify: options.Verify = True,
 ) -> None:
-    """How equivariant is each layer, how invariant are the features, under a rotation/flip group?
+    """Does a model have the symmetries its backbone promises: rotations/flips, translations, scale levels?
 
-    Equivariant (e2_*) backbones: per layer ||f(T_g x) - L_g f(x)|| / ||f(x)|| for every element g of the \
-test group (L_g moves the map and permutes the fibres). Any backbone: the invariance error of the pooled \
-features and of the embedding under the group, and under one draw of the recipe's augmentations. Multiples \
-of 90 degrees and flips are exact pixel permutations; other angles interpolate, so their errors are shown \
-but not gated.
+    Rotations/flips of a test group (--group): per layer of an e2_* backbone ||f(T_g x) - L_g f(x)|| / ||f(x)||; \
+for any backbone the invariance of the pooled features and the embedding, per element and under augmentations. \
+Translations: any CNN's last map shifted by its stride (whole cells) and half of it (images over 96 px: their \
+96-px centre). Scale levels: each stage of a lifting (model.scales), the image average-pooled and bilinearly resized.
 
-    Exit code 0 when every error at an exact element is within --tolerance, 1 otherwise (scripts can gate on it).
+    Exact elements (multiples of 90 degrees, flips, whole cells, average pooling) move pixels without \
+interpolation; others (45 degrees, half a cell, bilinear) are reported, never gated. Gated, at exact elements, \
+is what the backbone promises: an e2_* backbone's own group, shifts of any CNN map, a lifting's levels; not a \
+plain CNN's rotation invariance, unless --expect-invariant asserts it. Every row says if it is gated and why. \
+Exit code 1 when a gated error exceeds --tolerance, else 0.
 
-    Example: hssl equivariance-check --recipe recipes/hssl_rotmnist_c8.yaml --group C4 --tolerance 1e-5
+    Examples: rotations: hssl equivariance-check --recipe recipes/hssl_rotmnist_c8.yaml --group D4; translations: \
+hssl equivariance-check --recipe recipes/hssl_translation_cifar10_cpu.yaml; scales: hssl equivariance-check \
+--recipe recipes/hssl_scales_cifar10_cpu.yaml; a plain CNN you assert invariant: CKPT --expect-invariant
     """
     from hssl_cli.evaluate.commands.equivariance_check import check_equivariance
 
     report = check_equivariance(checkpoint, recipe_path, group=group, samples=samples, tolerance=tolerance,
-                                device_name=device, data_root=data_root, verify=verify)
+                                device_name=device, data_root=data_root, verify=verify,
+                                expect_invariant=expect_invariant)
     show(report, as_json, render.print_equivariance)
     if not report["passed"]:
         raise typer.Exit(1)

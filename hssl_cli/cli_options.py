@@ -192,13 +192,20 @@ CheckRecipe = Annotated[Path | None, typer.Option(
     "--recipe", help="Check the untrained model that a recipe builds instead of a checkpoint: an architecture "
     "check before spending GPU time. Example: --recipe recipes/hssl_rotmnist_c8.yaml")]
 TestGroup = Annotated[str | None, typer.Option(
-    "--group", help="Test group C<N> or D<N> (default: the model's group; C4 for ordinary backbones). "
-    "Example: --group D4")]
+    "--group", help="The rotations/flips to measure, C<N> or D<N> (default: the backbone's group; C4 for others). "
+    "It chooses what is measured, not what is gated: an e2_* backbone's own group is gated whatever is tested, "
+    "and only --expect-invariant gates other elements. Example: --group D4")]
+ExpectInvariant = Annotated[bool, typer.Option(
+    "--expect-invariant", help="Gate the pooled features' invariance under every exact element of the test group "
+    "(rotations by multiples of 90 degrees, flips), for a backbone that does not promise it: you assert it, e.g. "
+    "of a plain CNN trained to be invariant; without it those rows are measured and never fail. "
+    "Example: --expect-invariant --group D4")]
 EquivarianceSamples = Annotated[int, typer.Option(
     "--samples", help="Test images: a fixed random subset of the test split. Example: --samples 256")]
 Tolerance = Annotated[float, typer.Option(
-    "--tolerance", help="Exit code 1 when an error at an exact element (multiples of 90 degrees, flips) "
-    "exceeds this. Example: --tolerance 1e-5")]
+    "--tolerance", help="Exit code 1 when a gated error (a promised property at an exact element: multiples of "
+    "90 degrees and flips, shifts by whole map cells, average-pooled scale levels) exceeds this. "
+    "Example: --tolerance 1e-5")]
 RecipeDataRoot = Annotated[str | None, typer.Option(
     "--data-root", help="Folder of the dataset files (default: the recipe's data.root).")]
 EquivarianceJson = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the tables.")]

@@ -270,91 +270,94 @@ def print_shards(output: Console, folder: Path, out: Path, manifest: dict, manif
                  soft_wrap=True, highlight=False, markup=False)
 
 
+def _error_cell(error: float | None, gated: bool, tolerance: float) -> str:
+    """A gated error green or red against the tolerance, a measured one dim."""
+    if error is None:
+        return "[dim]-[/]"
+    colour = ("green" if error <= tolerance else "red") if gated else "dim"
+    return f"[{colour}]{error:.1e}[/]"
+
+
+def _gate_cell(row: dict) -> str:
+    return escape(row["why"]) if row["gated"] else f"[dim]{escape(row['why'])}[/]"
+
+
+def _group_table(title: str, rows: list[dict], tolerance: float, augmentations: bool = False) -> Table:
+    """Rows: layers or feature kinds; columns: the worst gated and the worst measured error with its element
+    (every element's value is in --json), the augmentations' error (measured) and why the row is gated or not."""
+    table = Table(title=title)
+    for column in ("", "max, gated g", "at g", "max, measured g", "at g"):
+        table.add_column(column, justify="left" if column == "" else "right")
+    if augmentations:
+        table.add_column("augmentations", justify="right")
+    table.add_column("gate")
+    for row in rows:
+        cells = [row["name"]]
+        for gated in (True, False):
+            chosen = {label: error for label, error in row["errors"].items()
+                      if (label in row["gated_elements"]) == gated and error is not None}
+            label = max(chosen, key=chosen.get, default=None)
+            cells += ["-", "-"] if label is None else [_error_cell(chosen[label], gated, tolerance), label]
+        if augmentations:
+            cells.append(f"[dim]{row['augmentation']:.3f}[/]")
+        table.add_row(*cells, _gate_cell(row))
+    return table
+
+
 def _scale_table(scales: dict, tolerance: float) -> Table:
-    """Rows: the stages of the lifted network; a column per down-scaling S^j (exact ones gated)."""
+    """Rows: the stages of the lifted network; a column per down-scaling S^j (exact ones gated for a lifting)."""
     table = Table(title=f"scale |f_k(S^j x) - f_(k+j)(x)| / |f_(k+j)(x)|: {scales['levels']} levels, factor "
                   f"{scales['factor']}, levels k < K - j")
     table.add_column("layer")
     for element in scales["elements"]:
-        table.add_column(element["label"] + ("" if element["exact"] else ", not gated"), justify="right")
+        table.add_column(element["label"] + ("" if element["exact"] else ", interpolated"), justify="right")
+    table.add_column("gate")
     for row in scales["layers"]:
         cells = [row["name"]]
         for element in scales["elements"]:
             error = row["errors"][element["label"]]
-            if error is None:
-                cells.append("[dim]sizes differ[/]")
-                continue
-            colour = ("green" if error <= tolerance else "red") if element["exact"] else "dim"
-            cells.append(f"[{colour}]{error:.1e}[/]")
-        table.add_row(*cells)
+            cells.append("[dim]sizes differ[/]" if error is None else
+                         _error_cell(error, element["label"] in row["gated_elements"], tolerance))
+        table.add_row(*cells, _gate_cell(row))
     return table
 
 
 def _translation_table(translations: dict, tolerance: float) -> Table:
     """Rows: shifts of the input; the error of the last map against the map shifted by shift / stride cells."""
+    reduced = f"; {translations['reduced']}" if translations["reduced"] else ""
     shifts = Table(title=f"translation |map(T_s x) - S map(x)| / |map(x)|: last map, stride "
                    f"{translations['stride']}, {translations['positions']} positions out of the canvas "
-                   f"border's reach ({translations['canvas']} px canvas)")
-    for column in ("shift", "moves the map by", "error"):
-        shifts.add_column(column, justify="left" if column == "shift" else "right")
+                   f"border's reach ({translations['canvas']} px canvas){reduced}")
+    for column in ("shift", "moves the map by", "error", "gate"):
+        shifts.add_column(column, justify="right" if column in ("moves the map by", "error") else "left")
     for shift in translations["shifts"]:
         dy, dx = shift["pixels"]
         cells = f"({dy / translations['stride']:g}, {dx / translations['stride']:g}) cells"
-        if shift["error"] is None:
-            cell = "[dim]no position far enough from the border[/]"
-        else:
-            colour = ("green" if shift["error"] <= tolerance else "red") if shift["exact"] else "dim"
-            cell = f"[{colour}]{shift['error']:.1e}[/]"
-        shifts.add_row(shift["label"], cells + ("" if shift["exact"] else " (interpolated)"), cell)
+        shifts.add_row(shift["label"], cells + ("" if shift["exact"] else " (interpolated)"),
+                       _error_cell(shift["error"], shift["gated"], tolerance), _gate_cell(shift))
     return shifts
 
 
 def print_equivariance(output: Console, report: dict) -> None:
-    """Rows: layers (or feature kinds); columns: the worst error over exact and over interpolated elements
-    (every element's value is in --json). Gated values are green or red, the others dim."""
-    exact = {element["label"]: element["exact"] for element in report["elements"]}
+    """The tables of `hssl equivariance-check` (rotations/flips, translations, scales) and its verdict."""
     tolerance = report["tolerance"]
-
-    def table(title: str, rows: list[tuple[str, dict, bool]], augmentations: dict[str, float] | None = None
-              ) -> Table:
-        result = Table(title=title)
-        for column in ("", "max, exact g", "at g", "max, interpolated g", "at g"):
-            result.add_column(column, justify="left" if column == "" else "right")
-        if augmentations is not None:
-            result.add_column("augmentations", justify="right")
-        for name, errors, gated in rows:
-            cells = [name]
-            for want_exact in (True, False):
-                chosen = {label: error for label, error in errors.items() if exact[label] == want_exact}
-                if not chosen:
-                    cells += ["-", "-"]
-                    continue
-                label = max(chosen, key=chosen.get)
-                colour = ("green" if chosen[label] <= tolerance else "red") if want_exact and gated else "dim"
-                cells += [f"[{colour}]{chosen[label]:.1e}[/]", label]
-            if augmentations is not None:
-                cells.append(f"{augmentations[name]:.3f}" if name in augmentations else "-")
-            result.add_row(*cells)
-        return result
-
     if report["layers"]:
-        output.print(table(f"equivariance |f(T_g x) - L_g f(x)| / |f(x)|: {report['model_group']} backbone, "
-                           f"test group {report['test_group']}",
-                           [(row["name"], row["errors"], True) for row in report["layers"]]))
-    gated = report.get("rotations_gated", True)
-    output.print(table(f"invariance |f(T_g x) - f(x)| / |f(x)|: test group {report['test_group']}"
-                       + ("" if gated else " (not gated: the model claims no rotation symmetry; --group gates it)"),
-                       [(name, errors, gated and name == "pooled features")
-                        for name, errors in report["invariance"].items()],
-                       report["augmentation_invariance"]))
-    translations = report.get("translations")
-    if translations is not None:
+        output.print(_group_table(f"equivariance |f(T_g x) - L_g f(x)| / |f(x)|: {report['model_group']} "
+                                  f"backbone, test group {report['test_group']}", report["layers"], tolerance))
+    output.print(_group_table(f"invariance |f(T_g x) - f(x)| / |f(x)|: test group {report['test_group']}",
+                              report["invariance"], tolerance, augmentations=True))
+    translations = report["translations"]
+    if translations is not None and "skipped" in translations:
+        output.print(f"translation check skipped: {translations['skipped']}", soft_wrap=True, markup=False)
+    elif translations is not None:
         output.print(_translation_table(translations, tolerance))
-    scales = report.get("scales")
-    if scales is not None:
-        output.print(_scale_table(scales, tolerance))
+    if report["scales"] is not None:
+        output.print(_scale_table(report["scales"], tolerance))
+    worst = report["worst_gated_error"]
     verdict = "[green]passed[/]" if report["passed"] else "[bold red]failed[/]"
-    output.print(f"{verdict}: worst error at exact elements {report['worst_exact_error']:.2e} (tolerance "
-                 f"{tolerance:g}; interpolated elements are shown, not gated); {report['samples']} "
-                 f"{report['dataset']} images; {report['source']} ({report['method']}, {report['backbone']}"
-                 f"{'' if report['trained'] else ', untrained'}); {report['seconds']:.1f} s", soft_wrap=True)
+    summary = ("nothing gated: the backbone promises nothing this check measures" if worst is None else
+               f"worst of {report['gated_errors']} gated errors {worst:.2e} (tolerance {tolerance:g})")
+    output.print(f"{verdict}: {summary}; measured rows are shown, never failing; {report['samples']} "
+                 f"{report['dataset']} images; {escape(str(report['source']))} ({report['method']}, "
+                 f"{report['backbone']}{'' if report['trained'] else ', untrained'}); {report['seconds']:.1f} s",
+                 soft_wrap=True)

@@ -50,13 +50,13 @@ BACKBONES = {
     "e2_convnet plain twin": (lambda: build_backbone(ModelConfig(**E2_CONVNET), 1, plain=True), (1, 16),
                               BackboneCapabilities(group=C4, equivariant=False, spatial_map="layer_outputs")),
     "scale lifting": (lambda: build_backbone(_model(backbone="small_convnet", scales={"levels": 2}), 1), (1, 16),
-                      BackboneCapabilities(scale_levels=2, spatial_map="full_size_level")),
+                      BackboneCapabilities(scale_levels=2, equivariant=True, spatial_map="full_size_level")),
     "scale lifting plain twin": (
         lambda: build_backbone(_model(backbone="small_convnet", scales={"levels": 3}), 1, plain=True), (1, 16),
         BackboneCapabilities(scale_levels=3, spatial_map="full_size_level")),
     "scale lifting without a map": (
         lambda: build_backbone(_model(backbone="torchvision:mobilenet_v3_small", scales={"levels": 2}), 3), (3, 32),
-        BackboneCapabilities(scale_levels=2)),
+        BackboneCapabilities(scale_levels=2, equivariant=True)),
     "kernel feature map": (lambda: KernelFeatureMap(RBFKernel(16, 1.0), (1, 4, 4), 0, 4, 2, 8), (1, 4),
                            BackboneCapabilities()),
 }

@@ -2,6 +2,8 @@
 lifting's identity z_k(S^j x) = z_(k+j)(x) stage by stage (and its failure for bilinear resizing and for the
 structure-removed twin), the level pairs, training, the recipe checks, and `hssl equivariance-check`."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -128,14 +130,26 @@ def test_recipe_checks_for_scale_fibres_name_the_keys():
     parse_recipe(SCALES + "method: {name: simclr}\n", "x.yaml")  # any method may use the lifted backbone
 
 
-def test_equivariance_check_reports_and_gates_the_scale_identity(tmp_path):
+def test_equivariance_check_reports_and_gates_the_scale_identity(tmp_path, monkeypatch):
+    from hssl_cli.evaluate.commands import equivariance_check
     from hssl_cli.evaluate.commands.equivariance_check import check_equivariance
 
     recipe = tmp_path / "scales.yaml"
     recipe.write_text("name: scales\n" + SCALES + "method: {name: hssl, fibres: scales}\n")
     report = check_equivariance(recipe_path=recipe, samples=6, tolerance=1e-4)
     assert report["scales"]["levels"] == 3 and report["passed"]
+    pooled_levels = report["scales"]["layers"][-1]
+    assert pooled_levels["gated_elements"] == ["x1/2 (average pooling)", "x1/4 (average pooling)"]
     assert report["translations"] is not None  # the full-size level's map is checked too
+    rotations = next(row for row in report["invariance"] if row["name"] == "pooled features")
+    assert not rotations["gated"] and "promises no rotation invariance" in rotations["why"]
     removed = tmp_path / "removed.yaml"
     removed.write_text("name: removed\n" + SCALES + "method: {name: hssl, fibres: scales, structure: removed}\n")
+    twin = check_equivariance(recipe_path=removed, samples=6, tolerance=1e-4)
+    twin_levels = twin["scales"]["layers"][-1]  # K unshared networks on the full-size image: no scale identity
+    assert twin["passed"] and not twin_levels["gated"] and twin_levels["errors"]["x1/2 (average pooling)"] > 1e-2
+    assert twin_levels["why"] == "measured: the structure-removed twin promises no scale equivariance"
+    declared = equivariance_check.capabilities_of  # the twin declared a lifting: the gate catches the broken identity
+    monkeypatch.setattr(equivariance_check, "capabilities_of",
+                        lambda backbone: dataclasses.replace(declared(backbone), equivariant=True))
     assert not check_equivariance(recipe_path=removed, samples=6, tolerance=1e-4)["passed"]

@@ -24,7 +24,9 @@ class BackboneCapabilities:
     """One backbone's declaration; the defaults are a backbone that has none of these."""
 
     group: Group | None = None  # lifted(images) -> (B, |G|, C), fibre g = field g; maps field-major (C |G| channels)
-    equivariant: bool = False  # its layers commute with `group` (not the structure-removed twin); layer_outputs()
+    # its layers commute with its lifting: with `group`'s elements (then layer_outputs()) or with the down-scalings
+    # between its scale levels; False for a structure-removed twin, which has the layout without the symmetry
+    equivariant: bool = False
     scale_levels: int | None = None  # lifted(images) -> (B, K, C) and stage_outputs(images, k): a scale lifting
     spatial_map: SpatialMap | None = None
     library_twins: tuple[str, ...] = ()  # libraries whose own model loads its state_dict strictly (hssl export)

@@ -34,7 +34,7 @@ class ScaleLiftedBackbone(nn.Module):
         # its K levels as lifted fibres, the full-size level's map where the CNN has one; no library model lifts
         # scales (hssl export --format plain only)
         has_map = capabilities_of(base).spatial_map is not None
-        self.capabilities = BackboneCapabilities(scale_levels=levels,
+        self.capabilities = BackboneCapabilities(scale_levels=levels, equivariant=not plain,
                                                  spatial_map="full_size_level" if has_map else None)
 
     def level_input(self, images: torch.Tensor, level: int) -> torch.Tensor:

@@ -139,9 +139,10 @@ def flat_metrics(evaluations: dict[str, dict | None], training: dict) -> dict[st
         metrics |= {f"collapse/{layer}/{key}": value for key, value in values.items()
                     if isinstance(value, int | float) and key != "eigenvalues"}
     if equivariance is not None:
-        metrics["equivariance/worst_exact_error"] = equivariance["worst_exact_error"]
-        for name, errors in equivariance["invariance"].items():
-            metrics[f"equivariance/{name.replace(' ', '_')}_invariance"] = max(errors.values())
+        if equivariance["worst_gated_error"] is not None:
+            metrics["equivariance/worst_gated_error"] = equivariance["worst_gated_error"]
+        for row in equivariance["invariance"]:
+            metrics[f"equivariance/{row['name'].replace(' ', '_')}_invariance"] = max(row["errors"].values())
     return metrics
 
 

@@ -1,9 +1,13 @@
 """Translation equivariance of a backbone's last spatial map, the identity translation H-SSL rests on:
 map(T_s x)[p] = map(x)[p - s / stride]. The images are set in the middle of a blank canvas (wide enough
-for the receptive field, up to 512 px), so shifted content never leaves it; positions whose receptive
-field reaches the canvas border (where the map of a blank canvas differs from its centre) are left out.
-Shifts by multiples of the stride move the map by whole cells and are exact; a shift by half the stride
-moves it by half a cell, which only an interpolation of the map approximates: reported, never gated."""
+for the receptive field, widened no further once about 512 px), so shifted content never leaves it; positions
+whose receptive field reaches the canvas border (where the map of a blank canvas differs from its centre) are
+left out. Shifts by multiples of the stride move the map by whole cells and are exact; a shift by half the
+stride moves it by half a cell, which only an interpolation of the map approximates: reported, never gated.
+
+Images wider than 96 px are centre-cropped to 96 px first: the identity holds for any content, and the canvas
+(a few times the content's width) would otherwise grow with the image, 1,536 px wide for 512-px images, and
+take minutes on a CPU; the result says so (`reduced`)."""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from torch import nn
 
 from hssl_cli.models.spatial import feature_map
 
-MAX_CANVAS = 512  # pixels: the widest canvas tried for a backbone with a large receptive field
+MAX_CANVAS = 512  # pixels: the canvas widens no further once it and two more content widths pass this
+MAX_CONTENT = 96  # pixels: wider images are centre-cropped to this before they are set on the canvas
+STRIDE_PROBE = 64  # pixels: the stride is read from how many cells the map grows by per this many pixels
 BORDER_TOLERANCE = 1e-6  # relative change of a blank canvas's map that marks a position as border-affected
 
 
@@ -40,38 +46,74 @@ def _moved(maps: torch.Tensor, cells: tuple[float, float]) -> torch.Tensor:
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def map_stride(backbone: nn.Module, images: torch.Tensor) -> int | None:
+    """Pixels per cell of the last map, or None where it is no whole number up to STRIDE_PROBE. Read from
+    growth, not from size // map size: the map of a 28-px image through three stride-2 stages is 4 cells wide
+    (28 -> 14 -> 7 -> 4), which says 7 where the stride is 8; any stack of strided layers, padded or not,
+    grows by one cell per stride pixels."""
+    channels, size = images.shape[1], images.shape[-1]
+    widths = [feature_map(backbone, images.new_zeros(1, channels, size + extra, size + extra)).shape[-1]
+              for extra in (0, STRIDE_PROBE, 2 * STRIDE_PROBE)]
+    growth = widths[1] - widths[0]
+    if growth <= 0 or STRIDE_PROBE % growth or widths[2] - widths[1] != growth:
+        return None
+    return STRIDE_PROBE // growth
+
+
+def centre_crop(images: torch.Tensor, side: int) -> torch.Tensor:
+    top, left = (images.shape[-2] - side) // 2, (images.shape[-1] - side) // 2
+    return images[..., top:top + side, left:left + side]
+
+
 @torch.no_grad()
 def translation_equivariance(backbone: nn.Module, images: torch.Tensor) -> dict:
-    """{stride, grid, positions (unaffected by the border), shifts: [{label, pixels, exact, error}]}; error is
-    ||map(T_s x) - moved map(x)|| / ||map(x)|| over the unaffected positions (those whose source is too)."""
-    probe = feature_map(backbone, images[:1])
-    stride = images.shape[-1] // probe.shape[-1]
+    """{stride, canvas, grid, positions (unaffected by the border), image_size, content, reduced,
+    shifts: [{label, pixels, exact, error}]}; error is ||map(T_s x) - moved map(x)|| / ||map(x)|| over the
+    unaffected positions (those whose source is too). {skipped: why} where the stride cannot be read."""
+    image_size = images.shape[-1]
+    images = centre_crop(images, min(image_size, MAX_CONTENT))
     size = images.shape[-1]
-    # a wider canvas until the content's cells (and two strides around them) lie out of the border's reach
+    stride = map_stride(backbone, images)
+    if stride is None:
+        return {"skipped": f"the last map's stride is not a whole number of pixels that divides {STRIDE_PROBE}"}
+    canvas, mask = _canvas_out_of_reach(backbone, images, stride)
+    reference = feature_map(backbone, canvas)
+    rows = [_shift_row(backbone, canvas, reference, mask, stride, shift) for shift in _shifts(stride)]
+    reduced = None if size == image_size else (f"on the {size}-px centre of each {image_size}-px image: whole "
+                                               f"images would need a canvas {3 * image_size:,} px wide or more")
+    return {"stride": stride, "canvas": canvas.shape[-1], "grid": [reference.shape[-2], reference.shape[-1]],
+            "positions": int(mask.sum()), "image_size": image_size, "content": size, "reduced": reduced,
+            "shifts": rows}
+
+
+def _canvas_out_of_reach(backbone: nn.Module, images: torch.Tensor, stride: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A canvas widened until the content's cells (and two strides around them) lie out of the border's
+    reach, or until it passes MAX_CANVAS, and its mask of unaffected positions."""
+    size = images.shape[-1]
     needed = (size // stride + 4) ** 2
     for band in (max(size, 4 * stride), 2 * size, 4 * size, 8 * size):
         canvas = _canvas(images, band)
         mask = _unaffected(backbone, canvas)
         if mask.sum() >= needed or canvas.shape[-1] + 2 * size > MAX_CANVAS:
             break
-    reference = feature_map(backbone, canvas)
-    height = reference.shape[-1]
+    return canvas, mask
+
+
+def _shifts(stride: int) -> list[tuple[int, int]]:
     shifts = [(stride, 0), (0, stride), (stride, stride), (2 * stride, -stride)]
-    if stride > 1:
-        shifts += [(stride // 2, 0), (stride // 2, stride // 2)]
-    rows = []
-    for dy, dx in shifts:
-        cells = (dy / stride, dx / stride)
-        exact = dy % stride == 0 and dx % stride == 0
+    return shifts + ([(stride // 2, 0), (stride // 2, stride // 2)] if stride > 1 else [])
+
+
+def _shift_row(backbone: nn.Module, canvas: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,
+               stride: int, shift: tuple[int, int]) -> dict:
+    dy, dx = shift
+    cells = (dy / stride, dx / stride)
+    row = {"label": f"shift ({dy}, {dx}) px", "pixels": [dy, dx], "exact": dy % stride == 0 and dx % stride == 0,
+           "error": None}
+    keep = mask & (_moved(mask[None, None].float(), cells)[0, 0] > 1 - 1e-6)
+    if keep.any():
         measured = feature_map(backbone, torch.roll(canvas, (dy, dx), dims=(2, 3)))
         expected = _moved(reference, cells)
-        source_ok = _moved(mask[None, None].float(), cells)[0, 0] > 1 - 1e-6
-        keep = mask & source_ok
-        label = f"shift ({dy}, {dx}) px"
-        if not keep.any():
-            rows.append({"label": label, "pixels": [dy, dx], "exact": exact, "error": None})
-            continue
-        error = (measured - expected)[..., keep].norm() / expected[..., keep].norm().clamp_min(1e-12)
-        rows.append({"label": label, "pixels": [dy, dx], "exact": exact, "error": float(error)})
-    return {"stride": stride, "canvas": canvas.shape[-1], "grid": [height, reference.shape[-2]],
-            "positions": int(mask.sum()), "shifts": rows}
+        row["error"] = float((measured - expected)[..., keep].norm() / expected[..., keep].norm().clamp_min(1e-12))
+    return row
