@@ -69,7 +69,7 @@ Protocol = Annotated[str, typer.Option(
     "--protocol", help="fast: L-BFGS softmax regression on standardised features of unaugmented images (one "
     "backbone pass; seconds). standard: the papers' linear evaluation, SGD on features of crop+flip views drawn "
     "every epoch (one backbone pass per image per epoch). finetune: the backbone and a linear head trained end to "
-    "end on crop+flip views (SimCLR/BYOL's semi-supervised protocol; with --labels 1% or 10%); not comparable "
+    "end on crop+flip views (after SimCLR/BYOL's semi-supervised protocol; with --labels 1% or 10%); not comparable "
     "with the frozen protocols. standard and finetune read --epochs, --lr, --batch-size, --weight-decay.")]
 Epochs = Annotated[int | None, typer.Option(
     "--epochs", help="--protocol standard / finetune: epochs of training (default 100 / 30).")]

@@ -218,5 +218,24 @@ def test_the_stride_is_read_from_how_the_map_grows_not_from_a_rounded_size_ratio
     strided.features = torch.nn.Conv2d(1, 2, 3, stride=3)
     strided.capabilities = BackboneCapabilities(spatial_map="features")
     assert map_stride(strided, images) is None
-    assert translation_equivariance(strided, images) == {
-        "skipped": "the last map's stride is not a whole number of pixels that divides 64"}
+    skipped = {"skipped": "the last map's stride could not be read (not a divisor of 64 px, or the backbone refuses "
+                          "other input sizes)"}
+    assert translation_equivariance(strided, images) == skipped
+
+    class OneSize(torch.nn.Conv2d):  # a map only at the size it was built for, as a timm transformer's
+        def forward(self, images):
+            assert images.shape[-1] == 28, f"Input height ({images.shape[-1]}) doesn't match model (28)"
+            return super().forward(images)
+
+    sized = torch.nn.Module()
+    sized.features = OneSize(1, 2, 4, stride=4)
+    sized.capabilities = BackboneCapabilities(spatial_map="features")
+    assert map_stride(sized, images) is None and translation_equivariance(sized, images) == skipped
+
+
+def test_a_nan_gated_error_fails_the_check_wherever_it_comes(tmp_path, monkeypatch):
+    from hssl_cli.evaluate.commands import equivariance_check
+
+    monkeypatch.setattr(equivariance_check, "_gated_errors", lambda *rows: [1e-7, float("nan"), 1e-8])
+    result, report = _check("--recipe", str(_write(tmp_path, PLAIN_RECIPE, "plain")), "--json")
+    assert result.exit_code == 1 and report["passed"] is False and report["worst_gated_error"] != 0

@@ -131,3 +131,31 @@ def test_a_suites_finetune_probe_takes_finetunings_defaults_unless_it_sets_them(
                                                                                       lr=0.2).lr) == (5, 0.2)
     stored = ProbeSettings(protocol="finetune").model_dump(mode="json")
     assert ProbeSettings.model_validate(stored) == ProbeSettings(protocol="finetune")  # a stored cell matches
+
+
+def test_a_kernel_regime_feature_map_is_not_fine_tuned():
+    """Its network kernels have parameters, but they are the fixed kernel's: training them is another protocol."""
+    from hssl_cli.methods.kernel import KernelFeatureMap
+    from hssl_cli.models.kernels import NetworkFeatureKernel
+
+    images, labels = _bright_and_dark()
+    network = _backbone()
+    network.feature_dim = 8
+    kernel = NetworkFeatureKernel(network)  # a random network's features: parameters, fixed by definition
+    feature_map = KernelFeatureMap(kernel, (1, 12, 12), num_support=0, num_basis=8, embedding_dim=4, block_size=64)
+    assert any(True for _ in feature_map.parameters())
+    with pytest.raises(HsslError, match="kernel-regime feature map"):
+        finetune(feature_map, images, labels, 2, MEAN, STD, FinetuneProtocol(epochs=1))
+
+
+def test_a_suites_probe_refuses_before_any_cell_runs_what_the_probe_would_refuse_after():
+    from pydantic import ValidationError
+
+    from hssl_cli.sweep.suite import ProbeSettings
+
+    for settings, message in (({"labels": "0%"}, "labels: 0%"), ({"labels": "150%"}, "labels: 150%"),
+                              ({"protocol": "finetune", "features": "projector"}, "frozen-feature evaluations"),
+                              ({"protocol": "finetune", "exact_kernel_knn": True}, "frozen-feature evaluations")):
+        with pytest.raises(ValidationError, match=message):
+            ProbeSettings(**settings)
+    assert ProbeSettings(labels="10%").labels == "10%"

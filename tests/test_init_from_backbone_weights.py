@@ -151,6 +151,11 @@ def test_a_pickle_with_code_is_refused_without_running_it(tmp_path, tiny_recipe)
     (tmp_path / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
     with pytest.raises(CheckpointError, match="truncated.safetensors: not a readable .safetensors file"):
         load_initial_weights(build_method(recipe, in_channels=1), tmp_path / "truncated.safetensors", "small_convnet")
+    # sizes and offsets agree, but the shape asks for 16 bytes where the offsets give 8: safetensors refuses it
+    header = json.dumps({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "misshapen.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointError, match="misshapen.safetensors: not a readable .safetensors file"):
+        load_initial_weights(build_method(recipe, in_channels=1), tmp_path / "misshapen.safetensors", "small_convnet")
 
 
 def test_a_training_script_s_checkpoint_gives_its_state_dict_without_the_ddp_prefix(tmp_path, tiny_recipe):

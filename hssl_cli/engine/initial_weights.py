@@ -89,9 +89,14 @@ def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """A backbone weights file's tensors, and where in the file they were (for the note)."""
     foreign = ckpt.foreign_format(path)
     if foreign is None:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path), ""
+        try:
+            return load_file(path), ""
+        except (SafetensorError, ValueError, OSError, RuntimeError) as error:  # e.g. a shape its bytes do not fit
+            raise CheckpointError(f"--init-from {path}: not a readable .safetensors file ({first_line(error)}); "
+                                  "give an intact copy of the weights") from None
     if foreign.startswith("a text file"):
         raise CheckpointError(f"--init-from {path}: {foreign}; --init-from takes an hssl checkpoint or a backbone's "
                               "weights (.safetensors, .pth, .pt)")

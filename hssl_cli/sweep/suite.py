@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from hssl_cli.errors import RecipeError
+from hssl_cli.errors import HsslError, RecipeError
 from hssl_cli.recipe import (
     DatasetName,
     Recipe,
@@ -73,13 +73,20 @@ class ProbeSettings(Section):
     dataset: str | None = Field(None, description="probe on another dataset than the recipe's")
     data_root: str | None = Field(None, description="its folder")
 
-
     @model_validator(mode="after")
-    def _finetune_defaults(self) -> ProbeSettings:
-        """finetune trains the backbone: its epochs and lr default to its own (30; 0.05 or 1e-3), not the linear
-        evaluation's, unless the suite sets them."""
+    def _checked_with_protocol_defaults(self) -> ProbeSettings:
+        """labels is a percentage in (0, 100]; finetune takes no frozen-feature evaluation, and its epochs and lr
+        default to its own (30; 0.05 or 1e-3), not the linear evaluation's, unless the suite sets them."""
+        from hssl_cli.evaluate.commands.probe import label_fraction
         from hssl_cli.evaluate.measures.finetune_protocol import DEFAULT_LR, FinetuneProtocol
 
+        try:
+            label_fraction(self.labels)
+        except HsslError as error:
+            raise ValueError(str(error).replace("--labels", "labels:", 1)) from None
+        if self.protocol == "finetune" and (self.features != "backbone" or self.exact_kernel_knn):
+            raise ValueError("protocol finetune tunes the backbone and its own head: features: projector and "
+                             "exact_kernel_knn are frozen-feature evaluations; use protocol fast for them")
         if self.protocol == "finetune":
             if "epochs" not in self.model_fields_set:
                 self.epochs = FinetuneProtocol.epochs

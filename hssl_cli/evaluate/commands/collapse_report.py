@@ -105,6 +105,7 @@ def collapse_reports(paths: list[Path], dataset: str | None = None, data_root: s
             report["plot"] = str(plot)
     return reports
 
+
 def plot_spectra(reports: list[dict], path: Path, labels: list[str] | None = None, shared_axes: bool = True) -> None:
     """Correlation spectra of one or several collapse reports, overlaid: one log-scale panel per layer
     (eigenvalue / the largest, by rank), a line per checkpoint with its effective rank in the legend, the

@@ -39,7 +39,7 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
                        samples: int = 64, tolerance: float = 1e-4, device_name: str = "auto",
                        data_root: str | None = None, verify: bool = True, expect_invariant: bool = False) -> dict:
     """Measure everything in the module docstring on a checkpoint or on a recipe's freshly initialised model;
-    `passed` is False when a gated error exceeds `tolerance`."""
+    `passed` is False when a gated error exceeds `tolerance` or is NaN."""
     from hssl_cli.data.augment import normalize
     from hssl_cli.engine.device import resolve_device
     from hssl_cli.evaluate.opening import open_for_evaluation
@@ -69,7 +69,8 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
     _gate_translations(translations)
     _gate_scales(scales, capabilities)
     gated = _gated_errors(layers, invariance, translations, scales)
-    worst = max(gated, default=None)
+    # a NaN error is the worst of all (max() would drop it unless it came first)
+    worst = float("nan") if any(error != error for error in gated) else max(gated, default=None)
     recipe = opened.recipe
     return {
         "source": opened.source,
@@ -91,7 +92,7 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
         "tolerance": tolerance,
         "gated_errors": len(gated),
         "worst_gated_error": worst,
-        "passed": worst is None or worst <= tolerance,
+        "passed": worst is None or worst <= tolerance,  # False for NaN
         "seconds": round(time.perf_counter() - started, 2),
     }
 

@@ -292,7 +292,7 @@ def _fit_linear(model: nn.Module, trained: TrainedMethod, splits: ProbeSplits, t
     with progress_bar(progress, "linear SGD (epochs)", sgd.epochs) as advance:
         layer = train_linear_sgd(model, splits.train_images, splits.train_labels, splits.num_classes, trained.mean,
                                  trained.std, sgd, advance)
-    return LinearFit(layer, protocol, sgd.describe())
+    return LinearFit(layer, protocol, sgd.describe(len(splits.train_labels)))
 
 
 def _scores(suffix: str, test_features: torch.Tensor, train_features: torch.Tensor, splits: ProbeSplits,

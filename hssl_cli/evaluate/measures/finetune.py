@@ -44,11 +44,14 @@ def finetune(backbone: nn.Module, images: Tensor | LazyImages, labels: Tensor, n
     """A copy of `backbone` (left untouched) and a zero-initialised linear head, trained end to end on augmented
     `images` (uint8, decoded or streamed) as `protocol` says; returned in eval mode, frozen. Every draw (order,
     crops, flips) comes from one generator seeded by protocol.seed. `advance(1)` after every step."""
+    from hssl_cli.methods.kernel import KernelFeatureMap
+
+    # a kernel-regime feature map is a closed-form solution; its network kernels' weights are the kernel's, fixed
+    if isinstance(backbone, KernelFeatureMap) or not any(True for _ in backbone.parameters()):
+        raise HsslError("--protocol finetune: this backbone is a kernel-regime feature map (a closed-form solution "
+                        "over a fixed kernel), with nothing to fine-tune; use --protocol fast or standard")
     device = model_device(backbone)
     tuned = copy.deepcopy(backbone).requires_grad_(True)
-    if not any(parameter.requires_grad for parameter in tuned.parameters()):
-        raise HsslError("--protocol finetune: this backbone has no trainable parameters (a kernel-regime feature "
-                        "map is a closed-form solution); use --protocol fast or standard")
     with torch.no_grad():
         feature_dim = extract_features(backbone, images[:2], mean, std).shape[1]
     head = nn.Linear(feature_dim, num_classes).to(device)

@@ -44,8 +44,10 @@ class SgdProtocol:
             raise HsslError(f"--lr {self.lr:g} / --weight-decay {self.weight_decay:g}: give 0 < lr <= 100 and "
                             "0 <= weight decay <= 10")
 
-    def describe(self) -> str:
-        return (f"SGD (Nesterov 0.9) {self.epochs} epochs, batch {self.batch_size}, lr {self.lr:g} x batch/256, "
+    def describe(self, image_count: int | None = None) -> str:
+        """The settings in a line; with `image_count`, the batch actually used (never more than the images)."""
+        batch = self.batch_size if image_count is None else min(self.batch_size, image_count)
+        return (f"SGD (Nesterov 0.9) {self.epochs} epochs, batch {batch}, lr {self.lr:g} x batch/256, "
                 f"cosine, wd {self.weight_decay:g}, crop+flip")
 
 
@@ -63,10 +65,10 @@ def train_linear_sgd(backbone: nn.Module, images: Tensor, labels: Tensor, num_cl
     classifier = nn.Linear(feature_dim, num_classes).to(device)
     torch.manual_seed(protocol.seed)
     classifier.reset_parameters()
-    base_lr = protocol.lr * protocol.batch_size / 256
+    batch_size = min(protocol.batch_size, len(images))
+    base_lr = protocol.lr * batch_size / 256  # scaled with the batch actually used
     optimizer = torch.optim.SGD(classifier.parameters(), lr=base_lr, momentum=protocol.momentum, nesterov=True,
                                 weight_decay=protocol.weight_decay)
-    batch_size = min(protocol.batch_size, len(images))
     steps_per_epoch = max(len(images) // batch_size, 1)
     total = protocol.epochs * steps_per_epoch
     labels = labels.to(device)

@@ -47,13 +47,16 @@ def _moved(maps: torch.Tensor, cells: tuple[float, float]) -> torch.Tensor:
 
 
 def map_stride(backbone: nn.Module, images: torch.Tensor) -> int | None:
-    """Pixels per cell of the last map, or None where it is no whole number up to STRIDE_PROBE. Read from
-    growth, not from size // map size: the map of a 28-px image through three stride-2 stages is 4 cells wide
-    (28 -> 14 -> 7 -> 4), which says 7 where the stride is 8; any stack of strided layers, padded or not,
-    grows by one cell per stride pixels."""
+    """Pixels per cell of the last map, or None where it is not a divisor of STRIDE_PROBE, or where the backbone
+    refuses inputs of other sizes (a transformer built for one size). Read from growth, not from size // map
+    size: the map of a 28-px image through three stride-2 stages is 4 cells wide (28 -> 14 -> 7 -> 4), which says
+    7 where the stride is 8; any stack of strided layers, padded or not, grows by one cell per stride pixels."""
     channels, size = images.shape[1], images.shape[-1]
-    widths = [feature_map(backbone, images.new_zeros(1, channels, size + extra, size + extra)).shape[-1]
-              for extra in (0, STRIDE_PROBE, 2 * STRIDE_PROBE)]
+    try:
+        widths = [feature_map(backbone, images.new_zeros(1, channels, size + extra, size + extra)).shape[-1]
+                  for extra in (0, STRIDE_PROBE, 2 * STRIDE_PROBE)]
+    except (RuntimeError, AssertionError, ValueError):  # e.g. timm: "Input height (96) doesn't match model (224)"
+        return None
     growth = widths[1] - widths[0]
     if growth <= 0 or STRIDE_PROBE % growth or widths[2] - widths[1] != growth:
         return None
@@ -71,11 +74,13 @@ def translation_equivariance(backbone: nn.Module, images: torch.Tensor) -> dict:
     shifts: [{label, pixels, exact, error}]}; error is ||map(T_s x) - moved map(x)|| / ||map(x)|| over the
     unaffected positions (those whose source is too). {skipped: why} where the stride cannot be read."""
     image_size = images.shape[-1]
+    feature_map(backbone, images[:1])  # at the backbone's own size: an HsslError where it has no spatial map
     images = centre_crop(images, min(image_size, MAX_CONTENT))
     size = images.shape[-1]
     stride = map_stride(backbone, images)
     if stride is None:
-        return {"skipped": f"the last map's stride is not a whole number of pixels that divides {STRIDE_PROBE}"}
+        return {"skipped": f"the last map's stride could not be read (not a divisor of {STRIDE_PROBE} px, or the "
+                           "backbone refuses other input sizes)"}
     canvas, mask = _canvas_out_of_reach(backbone, images, stride)
     reference = feature_map(backbone, canvas)
     rows = [_shift_row(backbone, canvas, reference, mask, stride, shift) for shift in _shifts(stride)]
