@@ -357,7 +357,8 @@ def print_equivariance(output: Console, report: dict) -> None:
     verdict = "[green]passed[/]" if report["passed"] else "[bold red]failed[/]"
     summary = ("nothing gated: the backbone promises nothing this check measures" if worst is None else
                f"worst of {report['gated_errors']} gated errors {worst:.2e} (tolerance {tolerance:g})")
+    reduced = f" ({report['samples_reduced']})" if report.get("samples_reduced") else ""
     output.print(f"{verdict}: {summary}; measured rows are shown, never failing; {report['samples']} "
-                 f"{report['dataset']} images; {escape(str(report['source']))} ({report['method']}, "
+                 f"{report['dataset']} images{reduced}; {escape(str(report['source']))} ({report['method']}, "
                  f"{report['backbone']}{'' if report['trained'] else ', untrained'}); {report['seconds']:.1f} s",
                  soft_wrap=True)

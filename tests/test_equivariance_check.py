@@ -239,3 +239,19 @@ def test_a_nan_gated_error_fails_the_check_wherever_it_comes(tmp_path, monkeypat
     monkeypatch.setattr(equivariance_check, "_gated_errors", lambda *rows: [1e-7, float("nan"), 1e-8])
     result, report = _check("--recipe", str(_write(tmp_path, PLAIN_RECIPE, "plain")), "--json")
     assert result.exit_code == 1 and report["passed"] is False and report["worst_gated_error"] != 0
+
+
+def test_the_memory_budget_bounds_the_images_checked_at_once_and_says_so(tmp_path, monkeypatch):
+    from hssl_cli.evaluate import forward_memory
+
+    recipe = str(_write(tmp_path, PLAIN_RECIPE, "plain"))
+    _, full = _check("--recipe", recipe, "--json")
+    assert full["samples"] == 16 and full["samples_reduced"] is None
+    measured = {}
+    real = forward_memory.forward_bytes
+    monkeypatch.setattr(forward_memory, "forward_bytes", lambda *args: measured.setdefault("bytes", real(*args)))
+    _check("--recipe", recipe, "--json")
+    monkeypatch.setattr(forward_memory, "memory_budget", lambda device: (3 * measured["bytes"], "a test budget"))
+    result, small = _check("--recipe", recipe, "--json")
+    assert result.exit_code == 0 and small["samples"] == 3
+    assert small["samples_reduced"] == "--samples 16 reduced to 3 by the memory budget"

@@ -57,7 +57,8 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
     model_group = capabilities.group
     test_group = Group.parse(group or (model_group.name if model_group is not None else DEFAULT_TEST_GROUP))
     split = opened.read_split(opened.data.test_split)
-    raw = split.images[fixed_sample(len(split.labels), samples)].to(opened.trained.mean.device)
+    count, reduced = _samples_in_budget(opened, tuple(split.images.shape[1:]), samples)
+    raw = split.images[fixed_sample(len(split.labels), count)].to(opened.trained.mean.device)
     images = normalize(raw, opened.trained.mean, opened.trained.std)
 
     equivariant_group = model_group is not None and capabilities.equivariant
@@ -82,6 +83,7 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
         "test_group": test_group.name,
         "elements": _elements(test_group, capabilities),
         "samples": len(raw),
+        "samples_reduced": reduced,
         "image_size": opened.data.image_size,
         "dataset": opened.data.dataset,
         "expect_invariant": expect_invariant,
@@ -120,6 +122,20 @@ def _invariances(opened: EvaluationInputs, raw: torch.Tensor, images: torch.Tens
         rows.append({"name": name, "errors": group_invariance(function, images, test_group),
                      "augmentation": augmentation})
     return rows
+
+
+def _samples_in_budget(opened: EvaluationInputs, image_shape: tuple[int, ...], samples: int) -> tuple[int, str | None]:
+    """The images the check passes through the backbone at once (every group element, every scale level): at
+    most what the memory budget allows (forward_memory.images_per_pass), at least 2; and why, when fewer."""
+    from hssl_cli.data.augment import normalize
+    from hssl_cli.evaluate.forward_memory import images_per_pass
+
+    trained = opened.trained
+    fits = images_per_pass(lambda batch: trained.method.backbone(normalize(batch, trained.mean, trained.std)),
+                           image_shape, trained.mean.device, samples)
+    if fits >= samples:
+        return samples, None
+    return max(fits, 2), f"--samples {samples} reduced to {max(fits, 2)} by the memory budget"
 
 
 def translation_rows(backbone: nn.Module, images: torch.Tensor) -> dict | None:

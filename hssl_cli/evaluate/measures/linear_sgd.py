@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hssl_cli.data.augment import Augmenter
+from hssl_cli.data.augment import Augmenter, normalize
 from hssl_cli.errors import HsslError
 from hssl_cli.evaluate.features import extract_features
+from hssl_cli.evaluate.forward_memory import images_per_pass
 from hssl_cli.recipe import AugmentConfig
 
 # Random resized crop and flip only, as in the papers' linear evaluation (no colour jitter, grey or blur)
@@ -74,6 +75,9 @@ def train_linear_sgd(backbone: nn.Module, images: Tensor, labels: Tensor, num_cl
     labels = labels.to(device)
     modes = [(module, module.training) for module in backbone.modules()]
     backbone.eval()
+    # views have the images' size: one normalised image measures what one view costs
+    per_pass = images_per_pass(lambda batch: backbone(normalize(batch, mean, std)),
+                               (images.shape[1], image_size, image_size), device, batch_size)
     try:
         for epoch in range(protocol.epochs):
             order = torch.randperm(len(images), generator=generator)
@@ -84,8 +88,8 @@ def train_linear_sgd(backbone: nn.Module, images: Tensor, labels: Tensor, num_cl
                 chosen = order[index * batch_size:(index + 1) * batch_size]
                 batch = images[chosen].to(device)
                 views = augmenter(batch, generator_on(device, generator))
-                with torch.no_grad():
-                    features = backbone(views).float().flatten(1)
+                with torch.no_grad():  # per_pass views at a time: the memory budget's, exact in eval mode
+                    features = torch.cat([backbone(chunk).float().flatten(1) for chunk in views.split(per_pass)])
                 loss = F.cross_entropy(classifier(features), labels[chosen.to(device)])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
