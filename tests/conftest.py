@@ -64,7 +64,8 @@ def train_stopped_and_resumed(recipe, root, stop_step: int):
 C4_BACKBONE = "model={backbone: e2_convnet, group: {name: C, order: 4}, widths: [2, 3], projector: [16, 8]}"
 
 # --set overrides of TINY_RECIPE that train each method name of the registry (and the variants whose
-# protocol differs: EquiMod reads x0, multi-crop reads local views, H-SSL's fibres read only x0).
+# protocol differs: EquiMod reads x0, multi-crop reads local views, H-SSL's fibres read only x0; E-SSL rotates
+# its own local views, or x0 with one rotation drawn per image).
 METHOD_OVERRIDES = {
     "simclr": [],
     "simclr+equimod": ["method.equimod={projector: [32, 16], param_embedding: 8}"],
@@ -72,6 +73,8 @@ METHOD_OVERRIDES = {
     "simclr+multicrop": ["views=[{}, {}, {size: 8, count: 3, crop_scale: [0.1, 0.4]}]"],
     "byol": ["method={name: byol, predictor: [64, 32]}"],
     "byol+simsiam": ["method={name: byol, predictor: [64, 32], ema: false}"],
+    "simclr+essl": ["views=[{}, {}, {size: 8}]", "method.essl={head: [16]}"],
+    "byol+essl": ["method={name: byol, predictor: [64, 32], essl: {head: [16], views: original, rotations: one}}"],
     "vicreg": ["method={name: vicreg}"],
     "barlow_twins": ["method={name: barlow_twins}"],
     "mocov3": ["method={name: mocov3, temperature: 0.5, predictor: [64, 32]}"],

@@ -1,11 +1,12 @@
 """World size 2 with per-rank batch B must give the same loss and gradients as world size 1 with 2B, for
-every method name of the registry (and EquiMod, multi-crop, H-SSL's fibres).
+every method name of the registry (and EquiMod, E-SSL, multi-crop, H-SSL's fibres).
 
 Two gloo processes on the CPU. torch's SyncBatchNorm runs only on GPUs, so BatchNorm layers (escnn's
 inner ones too) are replaced by identities here, and the methods' random draws (group elements, pairs,
-EquiMod's permuted parameters) are replaced by a deterministic function of each image's global index: the test
-isolates what hssl owns (losses over the global batch through hssl_cli.collectives, whose backward sums gradients
-across ranks, the per-rank loss scaling under DDP's gradient averaging, DirectPred's all-reduced correlation).
+EquiMod's permuted parameters, E-SSL's rotations) are replaced by a deterministic function of each image's global
+index: the test isolates what hssl owns (losses over the global batch through hssl_cli.collectives, whose backward
+sums gradients across ranks, the per-rank loss scaling under DDP's gradient averaging, DirectPred's all-reduced
+correlation).
 """
 
 import torch
@@ -38,6 +39,7 @@ def _draws_by_global_index(first_image: int) -> None:
     permuted parameters swap neighbours (2i <-> 2i + 1), a permutation that stays within each rank's share."""
     import hssl_cli.methods.equimod as equimod
     import hssl_cli.methods.equivariant_heads as heads
+    import hssl_cli.methods.essl as essl
     import hssl_cli.methods.fibres as fibres
 
     equimod.random_permutation = lambda count, generator, device: torch.arange(count, device=device) ^ 1
@@ -49,7 +51,7 @@ def _draws_by_global_index(first_image: int) -> None:
         index = torch.arange(first_image, first_image + count, device=device)
         return low + (3 * index + calls[0]) % (high - low)
 
-    fibres.random_integers = heads.random_integers = draw
+    fibres.random_integers = heads.random_integers = essl.random_integers = draw
 
 
 def _recipe(case: str):

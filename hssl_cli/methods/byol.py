@@ -17,6 +17,7 @@ from hssl_cli.data.views import Views
 from hssl_cli.losses import byol_cosine
 from hssl_cli.methods.base import SSLMethod, ViewFeatures
 from hssl_cli.methods.equimod import EquiModBranch
+from hssl_cli.methods.essl import RotationPredictionBranch
 from hssl_cli.models.heads import mlp
 from hssl_cli.recipe import Recipe
 
@@ -72,17 +73,22 @@ class BYOL(OnlineAndTarget):
         super().__init__(backbone, recipe, with_target=recipe.method.ema)
         equimod = recipe.method.equimod
         self.equimod = EquiModBranch.from_recipe(backbone.feature_dim, recipe) if equimod else None
+        essl = recipe.method.essl
+        self.essl = RotationPredictionBranch(backbone.feature_dim, essl) if essl else None
 
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        features = ViewFeatures(self.backbone, views)
+        base_views = views if self.essl is None else self.essl.base_views(views, self.equimod is not None)
+        features = ViewFeatures(self.backbone, base_views)
         z = self.projector(torch.cat(features.global_features))
         p1, p2 = self.predictor(z).chunk(2)
         if self.target is None:  # SimSiam: sg(z) of the other view
             t1, t2 = z.detach().chunk(2)
         else:
             t1, t2 = self.target_embeddings(torch.cat(views.global_views)).chunk(2)
-        loss = byol_cosine(p1, t2) + byol_cosine(p2, t1)
-        if self.equimod is None:
-            return {"loss": loss}
-        return self.equimod.add_to(loss, features.global_features, features.original, views.global_params,
-                                   generator)
+        losses = {"loss": byol_cosine(p1, t2) + byol_cosine(p2, t1)}
+        if self.equimod is not None:
+            losses = self.equimod.add_to(losses["loss"], features.global_features, features.original,
+                                         views.global_params, generator)
+        if self.essl is not None:
+            losses = self.essl.add_to(losses, self.backbone, views, generator)
+        return losses

@@ -8,12 +8,15 @@ import torch
 from torch import nn
 
 
-def mlp(in_dim: int, widths: Sequence[int], last_batchnorm: bool = False) -> nn.Sequential:
-    """Linear-BN-ReLU for every hidden width, then a plain Linear (optionally a BN without affine)."""
+def mlp(in_dim: int, widths: Sequence[int], last_batchnorm: bool = False, layer_norm: bool = False
+        ) -> nn.Sequential:
+    """Linear-BN-ReLU for every hidden width (Linear-LayerNorm-ReLU with layer_norm), then a plain Linear
+    (optionally a BN without affine)."""
     layers: list[nn.Module] = []
     previous = in_dim
     for width in widths[:-1]:
-        layers += [nn.Linear(previous, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        norm = nn.LayerNorm(width) if layer_norm else nn.BatchNorm1d(width)
+        layers += [nn.Linear(previous, width, bias=False), norm, nn.ReLU(inplace=True)]
         previous = width
     layers.append(nn.Linear(previous, widths[-1], bias=not last_batchnorm))
     if last_batchnorm:

@@ -14,6 +14,7 @@ from hssl_cli.recipe.equivariant_methods import (
     HSSLConfig,
     InvariantContrastiveConfig,
 )
+from hssl_cli.recipe.essl import EsslConfig, essl_heads, essl_reads
 from hssl_cli.recipe.method_base import Consumes, MethodSection, check_predictor_width
 from hssl_cli.recipe.sections import Section, Width
 
@@ -41,14 +42,24 @@ class SimCLRConfig(MethodSection):
     name: Literal["simclr"] = "simclr"
     temperature: float = Field(0.5, gt=0, description="NT-Xent temperature tau")
     equimod: EquiModConfig | None = Field(None, description="add EquiMod's equivariance branch (null: off)")
+    essl: EsslConfig | None = Field(None, description="add E-SSL's rotation prediction (null: off); it composes "
+                                    "with equimod: both terms are added to the loss")
 
     @property
     def consumes(self) -> Consumes:
-        # multi-crop: NT-Xent on every (global, other view) pair; EquiMod also reads x0
-        return Consumes(local_views=self.equimod is None, original=self.equimod is not None)
+        # multi-crop: NT-Xent on every (global, other view) pair; EquiMod also reads x0; E-SSL reads its views
+        return Consumes(local_views=self.equimod is None or essl_reads(self.essl, "local"),
+                        original=self.equimod is not None or essl_reads(self.essl, "original"))
 
     def extra_heads(self, projector_width: int, feature_width: int) -> dict[str, list[int]]:
-        return {} if self.equimod is None else {"method.equimod.projector": [feature_width, *self.equimod.projector]}
+        heads = essl_heads(self.essl, feature_width)
+        if self.equimod is not None:
+            heads["method.equimod.projector"] = [feature_width, *self.equimod.projector]
+        return heads
+
+    def check(self, recipe: Recipe) -> None:
+        if self.essl is not None:
+            self.essl.check(recipe)
 
 
 class BYOLConfig(MethodSection):
@@ -62,19 +73,24 @@ class BYOLConfig(MethodSection):
                       "(recipes/simsiam_cifar10.yaml scales lr and weight decay)")
     ema_start: float = Field(0.99, ge=0, lt=1, description="tau_0 of the target EMA, raised to 1 by a cosine")
     equimod: EquiModConfig | None = Field(None, description="add EquiMod's equivariance branch (null: off)")
+    essl: EsslConfig | None = Field(None, description="add E-SSL's rotation prediction (null: off); it composes "
+                                    "with equimod: both terms are added to the loss")
 
     @property
     def consumes(self) -> Consumes:
-        return Consumes(original=self.equimod is not None)
+        return Consumes(local_views=essl_reads(self.essl, "local"),
+                        original=self.equimod is not None or essl_reads(self.essl, "original"))
 
     def extra_heads(self, projector_width: int, feature_width: int) -> dict[str, list[int]]:
-        heads = {"method.predictor": [projector_width, *self.predictor]}
+        heads = {"method.predictor": [projector_width, *self.predictor], **essl_heads(self.essl, feature_width)}
         if self.equimod is not None:
             heads["method.equimod.projector"] = [feature_width, *self.equimod.projector]
         return heads
 
     def check(self, recipe: Recipe) -> None:
         check_predictor_width(self.predictor, recipe)
+        if self.essl is not None:
+            self.essl.check(recipe)
 
 
 class VICRegConfig(MethodSection):
