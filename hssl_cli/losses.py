@@ -190,3 +190,27 @@ def momentum_contrast(queries: torch.Tensor, keys: torch.Tensor, temperature: fl
     offset = first_row(len(queries)) if gather_distributed else 0
     labels = torch.arange(len(queries), device=queries.device) + offset
     return 2 * temperature * F.cross_entropy(logits, labels)
+
+
+@full_precision
+def dino_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, centre: torch.Tensor,
+                       student_temperature: float, teacher_temperature: float | torch.Tensor) -> torch.Tensor:
+    """DINO (Caron et al. 2021): the mean over pairs (teacher view i, student view v != i) of the cross-entropy
+    H(P_t, P_s) = -sum_k P_t log P_s, averaged over the batch; P_t = softmax((g_t(x) - c) / tau_t) (centred,
+    sharpened, detached), P_s = softmax(g_s(x) / tau_s).
+
+    student_logits (V, B, K) holds every view, its first G the views the teacher saw; teacher_logits (G, B, K);
+    centre c (K,). Each rank's loss is the mean over its own rows (the centre is what spans the ranks)."""
+    if (student_logits.ndim != 3 or teacher_logits.ndim != 3 or student_logits.shape[1:] != teacher_logits.shape[1:]
+            or not 1 <= len(teacher_logits) <= len(student_logits) or len(student_logits) < 2
+            or centre.shape != student_logits.shape[-1:]):
+        raise ValueError(f"dino_cross_entropy: expected student (V, B, K), teacher (G, B, K) with 1 <= G <= V, "
+                         f"V >= 2, and centre (K,), got {tuple(student_logits.shape)}, {tuple(teacher_logits.shape)}"
+                         f" and {tuple(centre.shape)}")
+    teacher_probabilities = F.softmax((teacher_logits.detach() - centre) / teacher_temperature, dim=-1)
+    student_log_probabilities = F.log_softmax(student_logits / student_temperature, dim=-1)
+    # cross[i, v] = mean_b H(P_t(view i), P_s(view v)): one contraction over (b, k)
+    cross = -torch.einsum("ibk,vbk->iv", teacher_probabilities, student_log_probabilities) / student_logits.shape[1]
+    teachers, students = cross.shape
+    other_view = torch.arange(teachers, device=cross.device)[:, None] != torch.arange(students, device=cross.device)
+    return (cross * other_view).sum() / (teachers * students - teachers)  # each teacher view skips its own

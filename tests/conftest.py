@@ -92,6 +92,11 @@ METHOD_OVERRIDES = {
     "equivariant_pretext+rotnet_plain": [C4_BACKBONE, "method={name: equivariant_pretext, head: flattened, "
                                          "structure: removed}"],
     "invariant_contrastive": [C4_BACKBONE, "method={name: invariant_contrastive}"],
+    # the prototypes freeze for the first half epoch and tau_t warms up over 2: both change within a run
+    "dino": ["method={name: dino, prototypes: 48, freeze_last_layer: 0.5, teacher_temperature: 0.07, "
+             "warmup_teacher_temperature_epochs: 2}"],
+    "dino+multicrop": ["method={name: dino, prototypes: 48, norm_last_layer: false, head_batchnorm: true}",
+                       "views=[{}, {}, {size: 8, count: 3, crop_scale: [0.1, 0.4]}]"],
 }
 
 

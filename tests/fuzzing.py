@@ -22,6 +22,7 @@ HOSTILE_LINES = [
     "method: {name: hssl}", "model: {backbone: e2_convnet}", "\t- tab", "%YAML 1.1", "--- \n---", "? [a]\n: b",
     "x: " + "[" * 1000 + "]" * 1000, "lol: &l [&k [1, 1], *k]", "!!binary aGVsbG8=", "train: {epochs: 1e22}",
     "optim: {betas: [2, 3]}", "views: [{size: 3}]", "views: [{blur: {p: 2}}]",
+    "method: {name: dino, prototypes: 1e14, freeze_last_layer: -1}",
 ]  # fmt: skip
 
 
@@ -56,7 +57,8 @@ def mutated_recipe(rng: random.Random) -> tuple[str, list[str]]:
             lines[where] = " " * rng.randint(0, 5) + lines[where].lstrip()
         elif operation == 7:
             key = rng.choice(["optim.lr", "seed", "train.epochs", "model.projector", "name", "method.temperature",
-                              "data.image_size", "views", "method", "augment.blur.sigma", "x.y", "train", "a..b"])
+                              "data.image_size", "views", "method", "augment.blur.sigma", "x.y", "train", "a..b",
+                              "method.prototypes", "method.teacher_temperature"])
             overrides.append(f"{key}={rng.choice(HOSTILE_VALUES)}")
         else:  # truncated
             lines = lines[:where]

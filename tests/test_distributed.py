@@ -6,7 +6,7 @@ inner ones too) are replaced by identities here, and the methods' random draws (
 EquiMod's permuted parameters, E-SSL's rotations) are replaced by a deterministic function of each image's global
 index: the test isolates what hssl owns (losses over the global batch through hssl_cli.collectives, whose backward
 sums gradients across ranks, the per-rank loss scaling under DDP's gradient averaging, DirectPred's all-reduced
-correlation).
+correlation, DINO's all-reduced centre).
 """
 
 import torch
@@ -93,7 +93,7 @@ def _loss_and_gradients(case: str, rows: slice, wrap=lambda m: m) -> dict[str, t
     finally:
         torch.set_default_dtype(torch.float32)
     result = {f"grad.{key}": p.grad.clone() for key, p in method.named_parameters() if p.grad is not None}
-    result |= {key: buffer.clone() for key, buffer in method.named_buffers() if key.endswith("correlation")}
+    result |= {key: buffer.clone() for key, buffer in method.named_buffers() if key.endswith(("correlation", "centre"))}
     return result | {"loss": loss.detach().reshape(1)}
 
 

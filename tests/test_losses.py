@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from hssl_cli.losses import barlow_twins, byol_cosine, info_nce, invariant_info_nce, iso_loss, momentum_contrast, vicreg
+from hssl_cli.losses import (
+    barlow_twins,
+    byol_cosine,
+    dino_cross_entropy,
+    info_nce,
+    invariant_info_nce,
+    iso_loss,
+    momentum_contrast,
+    vicreg,
+)
 
 
 def test_info_nce_matches_hand_computed_value():
@@ -98,7 +107,9 @@ SYMMETRIC_WEIGHT = torch.eye(16) + torch.arange(16.0).outer(torch.arange(16.0)) 
     lambda a, b: info_nce(a, b, 0.1), byol_cosine, lambda a, b: vicreg(a, b)["loss"],
     lambda a, b: iso_loss(a, b, SYMMETRIC_WEIGHT), lambda a, b: barlow_twins(a, b)["loss"],
     lambda a, b: momentum_contrast(a, b, 0.2),
-], ids=["info_nce", "byol_cosine", "vicreg", "iso_loss", "barlow_twins", "momentum_contrast"])  # fmt: skip
+    lambda a, b: dino_cross_entropy(a.view(2, 16, 16), b.view(2, 16, 16), torch.zeros(16), 0.1, 0.04),
+], ids=["info_nce", "byol_cosine", "vicreg", "iso_loss", "barlow_twins", "momentum_contrast",
+        "dino_cross_entropy"])  # fmt: skip
 def test_losses_compute_in_float32_under_bf16_autocast(loss):
     """The GPU path runs the model under bf16 autocast; the losses must not inherit its 8-bit mantissa."""
     generator = torch.Generator().manual_seed(0)

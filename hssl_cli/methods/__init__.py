@@ -5,6 +5,7 @@ from __future__ import annotations
 from hssl_cli.methods.barlow_twins import BarlowTwins
 from hssl_cli.methods.base import SSLMethod
 from hssl_cli.methods.byol import BYOL
+from hssl_cli.methods.dino import DINO
 from hssl_cli.methods.directpred import DirectPred
 from hssl_cli.methods.equivariant_heads import EquivariantPretext, InvariantContrastive
 from hssl_cli.methods.hssl import HSSL
@@ -18,6 +19,7 @@ METHODS: dict[str, type[SSLMethod]] = {
     "simclr": SimCLR, "byol": BYOL, "vicreg": VICReg, "barlow_twins": BarlowTwins, "mocov3": MoCoV3,
     "directpred": DirectPred, "directcopy": DirectPred, "kernel": KernelMethod, "hssl": HSSL,
     "equivariant_pretext": EquivariantPretext, "invariant_contrastive": InvariantContrastive,
+    "dino": DINO,
 }
 
 

@@ -247,9 +247,41 @@ class MoCoV3Config(MethodSection):
         check_predictor_width(self.predictor, recipe)
 
 
+class DINOConfig(MethodSection):
+    """DINO (Caron et al. 2021): a student f, head and a teacher (their EMA); the teacher's output over the
+    global views, centred and sharpened, is the target of the student's on every other view (multi-crop).
+    model.projector is the head's MLP (the paper: [2048, 2048, 256]), followed by the K prototypes."""
+
+    name: Literal["dino"] = "dino"
+    prototypes: Width = Field(65_536, description="K: output width of the head's weight-normalised last layer")
+    student_temperature: float = Field(0.1, gt=0, description="tau_s of the student's softmax")
+    teacher_temperature: float = Field(0.04, gt=0, description="tau_t of the teacher's softmax after the warm-up "
+                                       "(the paper: 0.04 to 0.07)")
+    warmup_teacher_temperature: float = Field(0.04, gt=0, description="tau_t at epoch 0, raised linearly to "
+                                              "teacher_temperature")
+    warmup_teacher_temperature_epochs: float = Field(30.0, ge=0, le=100_000, description="epochs of the linear "
+                                                     "tau_t warm-up (per step, fractional epochs), then constant")
+    centre_momentum: float = Field(0.9, ge=0, lt=1, description="m in c <- m c + (1 - m) mean of the teacher's "
+                                   "outputs over the global batch")
+    ema_start: float = Field(0.996, ge=0, lt=1, description="tau_0 of the teacher EMA, raised to 1 by a cosine")
+    norm_last_layer: bool = Field(True, description="the last layer's weight-norm g fixed to 1 (the paper's "
+                                  "default, which stabilises training); false: g learned")
+    freeze_last_layer: float = Field(1.0, ge=0, le=100_000, description="epochs during which the last layer "
+                                     "(the prototypes) receives no gradient")
+    head_batchnorm: bool = Field(False, description="BatchNorm in the head's hidden layers (the authors' choice "
+                                 "for ResNet-50; ViTs: none)")
+
+    @property
+    def consumes(self) -> Consumes:
+        return Consumes(local_views=True)  # the teacher reads the 2 global views, the student every view
+
+    def extra_heads(self, projector_width: int, feature_width: int) -> dict[str, list[int]]:
+        return {"method.prototypes": [projector_width, self.prototypes]}
+
+
 MethodConfig = Annotated[SimCLRConfig | BYOLConfig | VICRegConfig | DirectPredConfig | DirectCopyConfig | KernelConfig
                          | HSSLConfig | EquivariantPretextConfig | InvariantContrastiveConfig | BarlowTwinsConfig
-                         | MoCoV3Config,
+                         | MoCoV3Config | DINOConfig,
                          Field(discriminator="name")]
 
 
