@@ -66,7 +66,7 @@ def finetune(backbone: nn.Module, images: Tensor | LazyImages, labels: Tensor, n
     labels = labels.to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.train()
-    total = protocol.epochs * steps_per_epoch
+    total = steps(len(images), protocol)
     for epoch in range(protocol.epochs):
         order = torch.randperm(len(images), generator=generator)[:steps_per_epoch * batch_size]
         for index, batch in enumerate(_batches(images, order, batch_size)):

@@ -11,6 +11,13 @@ OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}  # for batch 256: SimCLR's 0.05 x batch/256; AdamW's usual 1e-3
 
 
+def check_training_ranges(epochs: int, batch_size: int) -> None:
+    """The epochs and batch size every trained protocol (standard, finetune) accepts."""
+    for name, value, low in (("--epochs", epochs, 1), ("--batch-size", batch_size, 2)):
+        if value < low:
+            raise HsslError(f"{name} {value}: give at least {low}")
+
+
 @dataclass(frozen=True)
 class FinetuneProtocol:
     epochs: int = 30                 # SimCLR: 30 epochs on 10% of the labels, 60 on 1%
@@ -24,9 +31,7 @@ class FinetuneProtocol:
 
     def __post_init__(self) -> None:
         """The ranges `hssl probe --protocol finetune` and a suite's probe accept."""
-        for name, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 2)):
-            if value < low:
-                raise HsslError(f"{name} {value}: give at least {low}")
+        check_training_ranges(self.epochs, self.batch_size)
         if self.optimizer not in OPTIMIZERS:
             raise HsslError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
         if not (0 < self.head_lr <= 100 and 0 <= self.weight_decay <= 10 and 0 <= self.backbone_lr_scale <= 10):

@@ -18,6 +18,7 @@ from hssl_cli.data.augment import Augmenter, normalize
 from hssl_cli.errors import HsslError
 from hssl_cli.evaluate.features import extract_features
 from hssl_cli.evaluate.forward_memory import images_per_pass
+from hssl_cli.evaluate.measures.finetune_protocol import check_training_ranges
 from hssl_cli.recipe import AugmentConfig
 
 # Random resized crop and flip only, as in the papers' linear evaluation (no colour jitter, grey or blur)
@@ -38,9 +39,7 @@ class SgdProtocol:
 
     def __post_init__(self) -> None:
         """The ranges `hssl probe` (--epochs, --batch-size, --lr, --weight-decay) and a suite's probe accept."""
-        for name, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 2)):
-            if value < low:
-                raise HsslError(f"{name} {value}: give at least {low}")
+        check_training_ranges(self.epochs, self.batch_size)
         if not (0 < self.lr <= 100 and 0 <= self.weight_decay <= 10):
             raise HsslError(f"--lr {self.lr:g} / --weight-decay {self.weight_decay:g}: give 0 < lr <= 100 and "
                             "0 <= weight decay <= 10")
