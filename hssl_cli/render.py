@@ -325,9 +325,11 @@ def _scale_table(scales: dict, tolerance: float) -> Table:
 def _translation_table(translations: dict, tolerance: float) -> Table:
     """Rows: shifts of the input; the error of the last map against the map shifted by shift / stride cells."""
     reduced = f"; {translations['reduced']}" if translations["reduced"] else ""
-    shifts = Table(title=f"translation |map(T_s x) - S map(x)| / |map(x)|: last map, stride "
-                   f"{translations['stride']}, {translations['positions']} positions out of the canvas "
-                   f"border's reach ({translations['canvas']} px canvas){reduced}")
+    where = (f"token grid {translations['grid'][0]} x {translations['grid'][1]}, patch {translations['stride']} px, "
+             "shifted cyclically" if translations["cyclic"] else
+             f"last map, stride {translations['stride']}, {translations['positions']} positions out of the canvas "
+             f"border's reach ({translations['canvas']} px canvas){reduced}")
+    shifts = Table(title=f"translation |map(T_s x) - S map(x)| / |map(x)|: {where}")
     for column in ("shift", "moves the map by", "error", "gate"):
         shifts.add_column(column, justify="right" if column in ("moves the map by", "error") else "left")
     for shift in translations["shifts"]:

@@ -34,7 +34,7 @@ class SSLMethod(nn.Module):
         """The method around a freshly initialised backbone (the caller seeds torch for the weights)."""
         from hssl_cli.models.backbones import build_backbone
 
-        return cls(build_backbone(recipe.model, in_channels), recipe)
+        return cls(build_backbone(recipe.model, in_channels, image_size=recipe.data.image_size), recipe)
 
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError

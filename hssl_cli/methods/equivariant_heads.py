@@ -58,7 +58,8 @@ class EquivariantPretext(SSLMethod):
     def from_recipe(cls, recipe: Recipe, in_channels: int) -> EquivariantPretext:
         from hssl_cli.models.backbones import build_backbone
 
-        return cls(build_backbone(recipe.model, in_channels, plain=recipe.method.structure == "removed"), recipe)
+        return cls(build_backbone(recipe.model, in_channels, plain=recipe.method.structure == "removed",
+                                   image_size=recipe.data.image_size), recipe)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, |G|) rotation/flip logits; equivariant head: logits(T_g x) = P_g logits(x)."""

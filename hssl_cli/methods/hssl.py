@@ -104,7 +104,8 @@ class HSSL(SSLMethod):
         from hssl_cli.models.backbones import build_backbone
 
         # structure removed: the ablation's backbone, the layout without equivariance
-        backbone = build_backbone(recipe.model, in_channels, plain=recipe.method.structure == "removed")
+        backbone = build_backbone(recipe.model, in_channels, plain=recipe.method.structure == "removed",
+                                  image_size=recipe.data.image_size)
         return cls(backbone, recipe, in_channels)
 
     def fibres(self, backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:

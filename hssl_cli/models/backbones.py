@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hssl_cli.models.capabilities import BackboneCapabilities
-from hssl_cli.recipe import ModelConfig
+from hssl_cli.recipe import ModelConfig, ViTConfig
 
 
 def resnet18_cifar(in_channels: int = 3) -> nn.Module:
@@ -51,10 +51,12 @@ class SmallConvNet(nn.Module):
 BACKBONES = {"resnet18_cifar": resnet18_cifar, "small_convnet": SmallConvNet}
 
 
-def build_backbone(model: ModelConfig | str, in_channels: int, plain: bool = False) -> nn.Module:
+def build_backbone(model: ModelConfig | str, in_channels: int, plain: bool = False,
+                   image_size: int | None = None) -> nn.Module:
     """The recipe's backbone (`model`, or just a plain backbone's name); it exposes `feature_dim` and
     `capabilities` (models/capabilities.py).
-    timm:<name> and torchvision:<name> come from those libraries (models/library.py).
+    timm:<name> and torchvision:<name> come from those libraries (models/library.py); vit is built for
+    `image_size` (the recipe's data.image_size), sized by model.vit (models/vit.py).
 
     e2_* backbones (escnn, imported only for them) need model.group; `plain` builds their
     structure-removed twin (same layout, ordinary layers, |G| pseudo-fibres). model.scales wraps a plain CNN
@@ -68,6 +70,13 @@ def build_backbone(model: ModelConfig | str, in_channels: int, plain: bool = Fal
         return ScaleLiftedBackbone(build_backbone(name, in_channels), scales.levels, plain=plain)
     if name in BACKBONES:
         return BACKBONES[name](in_channels=in_channels)
+    if name == "vit":
+        from hssl_cli.models.vit import vision_transformer
+
+        if image_size is None:
+            raise ValueError("backbone 'vit' is built for an image size; pass image_size")
+        return vision_transformer(ViTConfig() if isinstance(model, str) else model.vit or ViTConfig(),
+                                  in_channels, image_size)
     if name.startswith(("timm:", "torchvision:")):
         from hssl_cli.models.library import library_backbone
 

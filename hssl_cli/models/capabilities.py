@@ -15,8 +15,9 @@ from hssl_cli.errors import RecipeError
 # Where models/spatial.py reads the unpooled map (B, C, h, w): resnet_stages, a torchvision ResNet's stages
 # (layer3, layer4 = last); features, SmallConvNet's conv stack; layer_outputs, an e2_* backbone's last stage;
 # forward_features, timm's (a map for CNNs, tokens for transformers, which spatial.py refuses); full_size_level,
-# the level-0 network of a multi-scale lifting.
-SpatialMap = Literal["resnet_stages", "features", "layer_outputs", "forward_features", "full_size_level"]
+# the level-0 network of a multi-scale lifting; token_grid, the patch tokens of a block of hssl's vit (models/vit.py).
+SpatialMap = Literal["resnet_stages", "features", "layer_outputs", "forward_features", "full_size_level",
+                     "token_grid"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class BackboneCapabilities:
     equivariant: bool = False
     scale_levels: int | None = None  # lifted(images) -> (B, K, C) and stage_outputs(images, k): a scale lifting
     spatial_map: SpatialMap | None = None
+    # a transformer whose tokens carry absolute position embeddings: its token grid promises no translation
+    position_embedding: bool = False
     library_twins: tuple[str, ...] = ()  # libraries whose own model loads its state_dict strictly (hssl export)
     # the library model's classifier, removed here (dotted module names): a library weights file carries it, and
     # --init-from leaves its tensors out

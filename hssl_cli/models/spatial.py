@@ -13,8 +13,6 @@ from torch import nn
 from hssl_cli.errors import RecipeError
 from hssl_cli.models.capabilities import capabilities_of
 
-MAP_LAYERS = ("last", "layer3", "layer4")
-
 
 def feature_map(backbone: nn.Module, images: torch.Tensor, layer: str = "last") -> torch.Tensor:
     """The map (B, C, h, w) of `layer` ("last": the last map before pooling; layer3/layer4: those stages of a
@@ -25,9 +23,13 @@ def feature_map(backbone: nn.Module, images: torch.Tensor, layer: str = "last") 
         return feature_map(backbone.network(0), images, layer)
     if source == "resnet_stages":
         return _resnet_map(backbone, images, "layer4" if layer == "last" else layer)
+    if source == "token_grid":
+        from hssl_cli.models.vit import token_grid
+
+        return token_grid(backbone, images, -1 if layer == "last" else _block_index(backbone, layer))
     if layer != "last":
-        raise RecipeError(f"method.fibres_from: {layer} names a ResNet stage; {type(backbone).__name__} has only "
-                          "its last map (fibres_from: last)")
+        raise RecipeError(f"method.fibres_from: {layer} names a ResNet stage or a vit block; "
+                          f"{type(backbone).__name__} has only its last map (fibres_from: last)")
     if source == "features":
         return backbone.features(images)
     if source == "layer_outputs":
@@ -37,7 +39,15 @@ def feature_map(backbone: nn.Module, images: torch.Tensor, layer: str = "last") 
         if maps.ndim == 4:
             return maps
     raise RecipeError(f"model.backbone: {type(backbone).__name__} gives no spatial map to take position fibres from; "
-                      "use small_convnet, resnet18_cifar, an e2_* backbone or a timm CNN")
+                      "use small_convnet, resnet18_cifar, vit, an e2_* backbone or a timm CNN")
+
+
+def _block_index(network: nn.Module, layer: str) -> int:
+    index = int(layer.removeprefix("block")) if layer.startswith("block") and layer[5:].isdigit() else None
+    if index is None or index >= len(network.blocks):
+        raise RecipeError(f"method.fibres_from: {layer} is not a block of this vit; use last or block0 .. "
+                          f"block{len(network.blocks) - 1}")
+    return index
 
 
 def _resnet_map(network: nn.Module, images: torch.Tensor, layer: str) -> torch.Tensor:

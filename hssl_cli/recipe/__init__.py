@@ -62,6 +62,7 @@ from hssl_cli.recipe.sections import (
     Section,
     TrainConfig,
     ViewSpec,
+    ViTConfig,
 )
 
 __all__ = [
@@ -92,6 +93,7 @@ __all__ = [
     "MethodSection",
     "MoCoV3Config",
     "ModelConfig",
+    "ViTConfig",
     "MonitorConfig",
     "OptimConfig",
     "parse_recipe",

@@ -13,7 +13,7 @@ from hssl_cli.recipe.method_base import (
     check_predictor_width,
     require_equivariant_backbone,
 )
-from hssl_cli.recipe.sections import Section, Width
+from hssl_cli.recipe.sections import Section, ViTConfig, Width
 
 if TYPE_CHECKING:
     from hssl_cli.recipe.schema import Recipe
@@ -61,9 +61,11 @@ class HSSLConfig(MethodSection):
         "the h x w positions of a convolutional map (translation H-SSL, any CNN backbone: the homomorphic "
         "counterpart of random crops); group_and_positions: both (roto-translations, e2_* backbones); scales: the "
         "K levels of model.scales (the image down-scaled by 2^k, shared weights)")
-    fibres_from: Literal["last", "layer3", "layer4"] = Field(
-        "last", description="position fibres: the map they are read from; last: the last map before pooling "
-        "(resnet18_cifar: layer4); layer3: ResNet's third stage (twice the grid)")
+    fibres_from: str = Field(
+        "last", pattern=r"^(last|layer3|layer4|block\d{1,2})$", description="position fibres: the map they are "
+        "read from; last: the last map before pooling (resnet18_cifar: layer4; vit: the last block's patch "
+        "tokens); layer3: ResNet's third stage (twice the grid); block<k>: the patch tokens after block k of a vit "
+        "(0-based), the class token left out")
     predictor: list[Width] = Field(
         [512, 128], min_length=1, description="loss byol: widths of the predictor q; the last equals the projector's")
     ema_start: float = Field(0.99, ge=0, lt=1, description="loss byol: tau_0 of the target EMA, raised to 1")
@@ -144,11 +146,21 @@ class HSSLConfig(MethodSection):
         if self.pairs.distribution == "subset":
             raise ValueError("method.pairs.distribution: subset names group elements; position pairs are uniform "
                              "or neighbourhood")
-        if self.fibres_from != "last" and not recipe.model.backbone.startswith(("resnet", "torchvision:resnet")):
-            raise ValueError(f"method.fibres_from: {self.fibres_from} is a ResNet stage; {recipe.model.backbone} has "
-                             "only its last map (fibres_from: last)")
+        self._check_fibres_from(recipe)
         if self.loss == "byol":
             check_predictor_width(self.predictor, recipe)
+
+    def _check_fibres_from(self, recipe: Recipe) -> None:
+        backbone, source = recipe.model.backbone, self.fibres_from
+        if source.startswith("block"):
+            depth = (recipe.model.vit or ViTConfig()).depth
+            if backbone != "vit" or int(source[5:]) >= depth:
+                raise ValueError(f"method.fibres_from: {source} is a block of a vit; model.backbone {backbone} "
+                                 + (f"has blocks block0 .. block{depth - 1}" if backbone == "vit" else
+                                    "has no blocks (fibres_from: last)"))
+        elif source != "last" and not backbone.startswith(("resnet", "torchvision:resnet")):
+            raise ValueError(f"method.fibres_from: {source} is a ResNet stage; {backbone} has only its last map "
+                             "(fibres_from: last)")
 
 
 class EquivariantPretextConfig(MethodSection):

@@ -18,6 +18,7 @@ from hssl_cli.recipe.sections import (
     Section,
     TrainConfig,
     ViewSpec,
+    ViTConfig,
 )
 
 MAX_FEATURES = 2048  # the widest backbone output (e2_resnet18 at |G| = 16); bounds a head's first layer
@@ -54,6 +55,7 @@ class Recipe(Section):
             raise ValueError(f"model.widths: only e2_* backbones take widths, not '{model.backbone}'; remove it")
         if model.backbone == "e2_resnet18" and model.widths is not None and len(model.widths) != 4:
             raise ValueError(f"model.widths: e2_resnet18 has 4 stages, got {len(model.widths)} widths")
+        self._vit_fits(model)
         if 0 < self.train.epochs < self.optim.warmup_epochs:
             raise ValueError(f"optim.warmup_epochs={self.optim.warmup_epochs:g} exceeds train.epochs="
                              f"{self.train.epochs}: the learning rate would never reach optim.lr; shorten the warm-up")
@@ -61,6 +63,19 @@ class Recipe(Section):
         self._views_fit_the_method()
         self._heads_fit_in_memory()
         return self
+
+    def _vit_fits(self, model: ModelConfig) -> None:
+        if model.vit is not None and model.backbone != "vit":
+            raise ValueError(f"model.vit sizes the vit backbone, not '{model.backbone}'; remove it or set "
+                             "model.backbone: vit")
+        patch = (model.vit or ViTConfig()).patch_size
+        if model.backbone != "vit":
+            return
+        for name, size in [("data.image_size", self.data.image_size), *(
+                ("views: size", view.size) for view in self.views or [] if view.size is not None)]:
+            if size % patch:
+                raise ValueError(f"model.vit.patch_size={patch} must divide {name}={size}: the token grid covers "
+                                 "the whole image")
 
     def _scales_fit(self, model: ModelConfig) -> None:
         if model.backbone not in ("small_convnet", "resnet18_cifar") and not model.backbone.startswith(

@@ -22,7 +22,7 @@ FloatPair = Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)]
 
 AUGMENT_SECTIONS = ("color_jitter", "blur")  # the nested sections of augment:, which a view overrides key by key
 DatasetName = Literal["digits", "mnist", "cifar10", "cifar100", "cifar100_coarse", "stl10", "imagefolder", "shards"]
-BUILT_IN_BACKBONES = ("resnet18_cifar", "small_convnet", "e2_convnet", "e2_resnet18")
+BUILT_IN_BACKBONES = ("resnet18_cifar", "small_convnet", "vit", "e2_convnet", "e2_resnet18")
 
 
 class Section(BaseModel):
@@ -163,10 +163,36 @@ class ScalesConfig(Section):
                         "down-scaled by 1, 2, ..., 2^(K-1) (average pooling); its K pooled outputs are scale fibres")
 
 
+class ViTConfig(Section):
+    """model.backbone: vit, a vision transformer (timm's VisionTransformer) built to the recipe's image size."""
+
+    patch_size: int = Field(4, ge=1, le=64, description="P: pixels per side of a patch; the token grid is "
+                            "data.image_size / P on a side (8 x 8 for 32-px images)")
+    width: Width = Field(192, description="token width D (ViT-Ti: 192, ViT-S: 384)")
+    depth: int = Field(12, ge=1, le=48, description="transformer blocks")
+    heads: int = Field(3, ge=1, le=64, description="attention heads; width must be a multiple")
+    position_embedding: Literal["absolute", "none"] = Field(
+        "absolute", description="absolute: learned embeddings added to the patch tokens (ViT; resampled for views "
+        "of other sizes), which make the token grid depend on where a patch is; none: no position information, so "
+        "attention and the per-token layers commute with shifts of the image by whole patches")
+    pool: Literal["token", "avg"] = Field(
+        "token", description="pooled features f(x): token, the class token after the last block (ViT, DINO); avg, "
+        "the mean of the patch tokens (what H-SSL on tokens trains)")
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_divide_width(cls, heads: int, info: Any) -> int:
+        width = info.data.get("width")
+        if width is not None and width % heads:
+            raise ValueError(f"model.vit.heads={heads} must divide model.vit.width={width}")
+        return heads
+
+
 class ModelConfig(Section):
     backbone: str = Field(
         "resnet18_cifar", max_length=100, description="feature extractor f: resnet18_cifar, small_convnet (quick "
-        "CPU runs), e2_convnet or e2_resnet18 (equivariant to model.group, escnn), or any model of timm or "
+        "CPU runs), vit (a vision transformer sized by model.vit), e2_convnet or e2_resnet18 (equivariant to "
+        "model.group, escnn), or any model of timm or "
         "torchvision by name, untrained, classifier removed: timm:<name> (e.g. timm:resnet50, timm:vit_small_patch16_"
         "224), torchvision:<name> (e.g. torchvision:resnet50)"
     )
@@ -181,6 +207,9 @@ class ModelConfig(Section):
     sync_bn: Literal["heads", "all", "none"] = Field(
         "heads", description="multi-GPU runs: which BatchNorm layers become SyncBatchNorm; heads: those outside "
         "the backbone (projector, predictor), whose batch statistics the losses need global; all: every one; none")
+    vit: ViTConfig | None = Field(
+        None, description="backbone vit: its patch size, width, depth, heads, position embedding and pooling (unset: "
+        "ViT-Ti/4 with absolute position embeddings and the class token)")
     scales: ScalesConfig | None = Field(
         None, description="multi-scale lifting of a plain CNN backbone (scale equivariance, H-SSL's "
         "method.fibres: scales): e.g. {levels: 3}; the probe reads the max over levels")

@@ -141,6 +141,10 @@ def flat_metrics(evaluations: dict[str, dict | None], training: dict) -> dict[st
     if equivariance is not None:
         if equivariance["worst_gated_error"] is not None:
             metrics["equivariance/worst_gated_error"] = equivariance["worst_gated_error"]
+        shifts = [row["error"] for row in (equivariance["translations"] or {}).get("shifts", [])
+                  if row["exact"] and row["error"] is not None]
+        if shifts:  # gated or not: how far whole-cell shifts of the input are from moving the map
+            metrics["equivariance/translation"] = max(shifts)
         for row in equivariance["invariance"]:
             metrics[f"equivariance/{row['name'].replace(' ', '_')}_invariance"] = max(row["errors"].values())
     return metrics

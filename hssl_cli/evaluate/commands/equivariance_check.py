@@ -6,7 +6,8 @@ the whole batch:
   (e2_*) backbone and its pooled lifted fibres, ||f(T_g x) - L_g f(x)|| / ||f(x)|| (measures/equivariance.py),
   and for any backbone the invariance of the pooled features and of the embedding, ||f(T_g x) - f(x)|| / ||f(x)||,
   and the same under one draw of the recipe's augmentations;
-- translations of the last spatial map of any convolutional backbone (measures/translation.py);
+- translations of the last spatial map of any convolutional backbone, and cyclic shifts by whole patches of a
+  vit's token grid (measures/translation.py);
 - the scale levels of a multi-scale lifting (model.scales, measures/scales.py), stage by stage.
 
 Gated (a row that can fail the check) is only what the backbone promises, at elements that act exactly on the
@@ -67,7 +68,7 @@ def check_equivariance(checkpoint: Path | None = None, recipe_path: Path | None 
     translations = translation_rows(backbone, images[:TRANSLATION_SAMPLES])
     scales = scale_equivariance(backbone, images) if capabilities.scale_levels is not None else None
     _gate_rotations(layers, invariance, test_group, capabilities, _subject(opened, capabilities), expect_invariant)
-    _gate_translations(translations)
+    _gate_translations(translations, capabilities)
     _gate_scales(scales, capabilities)
     gated = _gated_errors(layers, invariance, translations, scales)
     # a NaN error is the worst of all (max() would drop it unless it came first)
@@ -190,10 +191,15 @@ def _gate_rotations(layers: list[dict], invariance: list[dict], test_group: Grou
             _gate(row, [], f"measured: {subject} promises no rotation invariance (--expect-invariant gates it)")
 
 
-def _gate_translations(translations: dict | None) -> None:
-    """Shifts by whole cells are gated for every convolutional map; half a cell is interpolated."""
+def _gate_translations(translations: dict | None, capabilities: BackboneCapabilities) -> None:
+    """Shifts by whole cells are gated for every convolutional map; half a cell is interpolated. A token grid's
+    cyclic shifts are gated without position embeddings, measured with them."""
     for row in (translations or {}).get("shifts", []):
-        if not row["exact"]:
+        if translations["cyclic"]:
+            row |= ({"gated": False, "why": "measured: absolute position embeddings promise no translation"}
+                    if capabilities.position_embedding else
+                    {"gated": True, "why": "gated: without position embeddings the blocks permute with the patches"})
+        elif not row["exact"]:
             row |= {"gated": False, "why": "measured: half a cell, interpolated"}
         elif row["error"] is None:
             row |= {"gated": False, "why": "not measured: no position far enough from the canvas border"}

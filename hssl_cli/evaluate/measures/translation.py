@@ -7,7 +7,10 @@ stride moves it by half a cell, which only an interpolation of the map approxima
 
 Images wider than 96 px are centre-cropped to 96 px first: the identity holds for any content, and the canvas
 (a few times the content's width) would otherwise grow with the image, 1,536 px wide for 512-px images, and
-take minutes on a CPU; the result says so (`reduced`)."""
+take minutes on a CPU; the result says so (`reduced`).
+
+A transformer's token grid (models/vit.py) has no border to keep away from (attention reaches every token): it is
+measured under cyclic shifts of the image by whole patches, which permute the patches exactly."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hssl_cli.models.capabilities import capabilities_of
 from hssl_cli.models.spatial import feature_map
 
 MAX_CANVAS = 512  # pixels: the canvas widens no further once it and two more content widths pass this
@@ -70,11 +74,14 @@ def centre_crop(images: torch.Tensor, side: int) -> torch.Tensor:
 
 @torch.no_grad()
 def translation_equivariance(backbone: nn.Module, images: torch.Tensor) -> dict:
-    """{stride, canvas, grid, positions (unaffected by the border), image_size, content, reduced,
+    """{stride, canvas, grid, positions (unaffected by the border), image_size, content, reduced, cyclic,
     shifts: [{label, pixels, exact, error}]}; error is ||map(T_s x) - moved map(x)|| / ||map(x)|| over the
-    unaffected positions (those whose source is too). {skipped: why} where the stride cannot be read."""
+    unaffected positions (those whose source is too). {skipped: why} where the stride cannot be read.
+    A transformer's token grid is measured under cyclic shifts instead (token_grid_equivariance)."""
     image_size = images.shape[-1]
-    feature_map(backbone, images[:1])  # at the backbone's own size: an HsslError where it has no spatial map
+    first = feature_map(backbone, images[:1])  # at the backbone's own size: an HsslError where it has no spatial map
+    if capabilities_of(backbone).spatial_map == "token_grid":
+        return token_grid_equivariance(backbone, images, image_size // first.shape[-1])
     images = centre_crop(images, min(image_size, MAX_CONTENT))
     size = images.shape[-1]
     stride = map_stride(backbone, images)
@@ -88,6 +95,23 @@ def translation_equivariance(backbone: nn.Module, images: torch.Tensor) -> dict:
                                                f"images would need a canvas {3 * image_size:,} px wide or more")
     return {"stride": stride, "canvas": canvas.shape[-1], "grid": [reference.shape[-2], reference.shape[-1]],
             "positions": int(mask.sum()), "image_size": image_size, "content": size, "reduced": reduced,
+            "cyclic": False, "shifts": rows}
+
+
+def token_grid_equivariance(backbone: nn.Module, images: torch.Tensor, patch: int) -> dict:
+    """The token grid under cyclic shifts of the image by whole patches: a shift by s permutes the patches,
+    so tokens(T_s x) = roll(tokens(x), s / P) exactly where no layer reads a token's place (no position
+    embeddings); no canvas (attention reaches every token, there is no border to keep away from)."""
+    reference = feature_map(backbone, images)
+    rows = []
+    for dy, dx in _shifts(patch)[:4]:  # whole patches only: half a patch changes what each token sees
+        measured = feature_map(backbone, torch.roll(images, (dy, dx), dims=(2, 3)))
+        expected = torch.roll(reference, (dy // patch, dx // patch), dims=(2, 3))
+        rows.append({"label": f"cyclic shift ({dy}, {dx}) px", "pixels": [dy, dx], "exact": True,
+                     "error": float((measured - expected).norm() / expected.norm().clamp_min(1e-12))})
+    grid = [reference.shape[-2], reference.shape[-1]]
+    return {"stride": patch, "canvas": None, "grid": grid, "positions": grid[0] * grid[1],
+            "image_size": images.shape[-1], "content": images.shape[-1], "reduced": None, "cyclic": True,
             "shifts": rows}
 
 
