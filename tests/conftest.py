@@ -61,6 +61,7 @@ def train_stopped_and_resumed(recipe, root, stop_step: int):
     return whole, stopped, resumed
 
 
+TINY_VIT = "{patch_size: 4, width: 16, depth: 2, heads: 2, position_embedding: none, pool: avg}"
 C4_BACKBONE = "model={backbone: e2_convnet, group: {name: C, order: 4}, widths: [2, 3], projector: [16, 8]}"
 
 # --set overrides of TINY_RECIPE that train each method name of the registry (and the variants whose
@@ -95,6 +96,11 @@ METHOD_OVERRIDES = {
     # the prototypes freeze for the first half epoch and tau_t warms up over 2: both change within a run
     "dino": ["method={name: dino, prototypes: 48, freeze_last_layer: 0.5, teacher_temperature: 0.07, "
              "warmup_teacher_temperature_epochs: 2}"],
+    # a vit: H-SSL on the patch tokens of its first block; DINO with local crops (position embeddings resampled)
+    "hssl+vit_tokens": [f"model={{backbone: vit, vit: {TINY_VIT}, projector: [64, 32]}}",
+                        "method={name: hssl, fibres: positions, fibres_from: block0}"],
+    "dino+vit": ["model={backbone: vit, vit: {patch_size: 4, width: 16, depth: 2, heads: 2}, projector: [64, 32]}",
+                 "method={name: dino, prototypes: 48}", "views=[{}, {}, {size: 8, count: 2, crop_scale: [0.1, 0.4]}]"],
     "dino+multicrop": ["method={name: dino, prototypes: 48, norm_last_layer: false, head_batchnorm: true}",
                        "views=[{}, {}, {size: 8, count: 3, crop_scale: [0.1, 0.4]}]"],
 }

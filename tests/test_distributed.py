@@ -9,6 +9,7 @@ sums gradients across ranks, the per-rank loss scaling under DDP's gradient aver
 correlation, DINO's all-reduced centre).
 """
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -153,3 +154,15 @@ def test_sync_bn_converts_the_heads_by_default_the_backbones_only_when_asked():
         "backbone": {"SyncBatchNorm"}, "heads": {"SyncBatchNorm"}}
     assert kinds(sync_batchnorm(build_method(recipe, in_channels=1), "none")) == {
         "backbone": {"BatchNorm2d"}, "heads": {"BatchNorm1d"}}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_parameter_that_requires_a_gradient_gets_one(case):
+    """DDP (find_unused_parameters off) waits for a gradient of every parameter that requires one: one the loss
+    never reaches (a vit's blocks after the block H-SSL reads) would leave its bucket un-averaged on every rank."""
+    recipe = _recipe(case)
+    torch.manual_seed(0)
+    method = build_method(recipe, in_channels=1)
+    loss = method(_views(recipe, slice(0, 2 * PER_RANK_BATCH)), torch.Generator().manual_seed(0))["loss"]
+    loss.backward()
+    assert [name for name, p in method.named_parameters() if p.requires_grad and p.grad is None] == []

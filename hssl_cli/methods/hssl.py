@@ -39,7 +39,7 @@ from hssl_cli.methods.fibres import (
 )
 from hssl_cli.models.capabilities import capabilities_of
 from hssl_cli.models.heads import mlp
-from hssl_cli.models.spatial import map_size
+from hssl_cli.models.spatial import layers_after_map, map_size
 from hssl_cli.recipe import ModelConfig, Recipe
 
 IDENTITY = 0  # index of the identity element in every group of data/groups.py
@@ -68,6 +68,8 @@ class HSSL(SSLMethod):
             steps = config.pairs.max_steps if config.pairs.distribution == "neighbourhood" else None
             self._pair_table(*grid_neighbours(height, width, steps))
             fibres = height * width * (self.group.size if self.group is not None else 1)
+            for layer in layers_after_map(backbone, self.layer):  # no gradient reaches them: say so (DDP waits
+                layer.requires_grad_(False)  # for every parameter that requires one)
             if config.structure == "mixed":
                 self.mixer = PositionMixer(fibres)
         self.projector = mlp(fibre_dim, model.projector)  # the shared head h

@@ -42,6 +42,19 @@ def feature_map(backbone: nn.Module, images: torch.Tensor, layer: str = "last") 
                       "use small_convnet, resnet18_cifar, vit, an e2_* backbone or a timm CNN")
 
 
+def layers_after_map(backbone: nn.Module, layer: str = "last") -> list[nn.Module]:
+    """The layers between `layer`'s map and the pooled features: a loss on the map gives them no gradient (a
+    ResNet's layer4 after layer3; a vit's later blocks and final norm)."""
+    source = capabilities_of(backbone).spatial_map
+    if source == "resnet_stages" and layer == "layer3":
+        return [backbone.layer4]
+    if source == "token_grid":
+        from hssl_cli.models.vit import after_block
+
+        return after_block(backbone, -1 if layer == "last" else _block_index(backbone, layer))
+    return []
+
+
 def _block_index(network: nn.Module, layer: str) -> int:
     index = int(layer.removeprefix("block")) if layer.startswith("block") and layer[5:].isdigit() else None
     if index is None or index >= len(network.blocks):

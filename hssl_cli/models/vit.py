@@ -36,3 +36,9 @@ def token_grid(network: nn.Module, images: torch.Tensor, block: int) -> torch.Te
     (tokens,) = network.forward_intermediates(images, indices=[block % len(network.blocks)], output_fmt="NCHW",
                                               intermediates_only=True)
     return tokens
+
+
+def after_block(network: nn.Module, block: int) -> list[nn.Module]:
+    """What reads the tokens after block `block` (the later blocks, the final norms): nothing a loss on that
+    block's token grid trains."""
+    return [*network.blocks[block % len(network.blocks) + 1:], network.norm, network.fc_norm]
