@@ -29,6 +29,7 @@ def _model(**fields) -> ModelConfig:
 
 E2_MODEL = "{backbone: e2_convnet, group: {name: C, order: 4}, widths: [2, 3], projector: [8]}"
 
+VIT = {"patch_size": 4, "width": 8, "depth": 1, "heads": 2}
 # kind: (how to build it, (channels, side) of its test images, its declaration)
 BACKBONES = {
     "small_convnet": (lambda: build_backbone("small_convnet", 1), (1, 16),
@@ -57,6 +58,11 @@ BACKBONES = {
     "scale lifting without a map": (
         lambda: build_backbone(_model(backbone="torchvision:mobilenet_v3_small", scales={"levels": 2}), 3), (3, 32),
         BackboneCapabilities(scale_levels=2, equivariant=True)),
+    "vit": (lambda: build_backbone(_model(backbone="vit", vit=VIT), 1, image_size=16), (1, 16),
+            BackboneCapabilities(spatial_map="token_grid", position_embedding=True)),
+    "vit without position embeddings": (
+        lambda: build_backbone(_model(backbone="vit", vit=VIT | {"position_embedding": "none"}), 1, image_size=16),
+        (1, 16), BackboneCapabilities(spatial_map="token_grid")),
     "kernel feature map": (lambda: KernelFeatureMap(RBFKernel(16, 1.0), (1, 4, 4), 0, 4, 2, 8), (1, 4),
                            BackboneCapabilities()),
 }
