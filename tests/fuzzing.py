@@ -23,6 +23,9 @@ HOSTILE_LINES = [
     "x: " + "[" * 1000 + "]" * 1000, "lol: &l [&k [1, 1], *k]", "!!binary aGVsbG8=", "train: {epochs: 1e22}",
     "optim: {betas: [2, 3]}", "views: [{size: 3}]", "views: [{blur: {p: 2}}]",
     "method: {name: dino, prototypes: 1e14, freeze_last_layer: -1}",
+    "views: [{}, {}, {size: 8, count: 64, crop_scale: [0.05, 0.4]}]", "views: [{}, {}, {size: 8}, {size: 12}]",
+    "method: {name: byol, predictor: [8], ema: false, equimod: {}}", "method: {name: mocov3, predictor: [1e9]}",
+    "method: {name: directpred, loss: iso, ema: false}", "method: {name: simclr, essl: {views: local, head: []}}",
 ]  # fmt: skip
 
 
@@ -58,7 +61,8 @@ def mutated_recipe(rng: random.Random) -> tuple[str, list[str]]:
         elif operation == 7:
             key = rng.choice(["optim.lr", "seed", "train.epochs", "model.projector", "name", "method.temperature",
                               "data.image_size", "views", "method", "augment.blur.sigma", "x.y", "train", "a..b",
-                              "method.prototypes", "method.teacher_temperature"])
+                              "method.prototypes", "method.teacher_temperature", "method.essl", "method.equimod",
+                              "views.2.count", "method.ema"])
             overrides.append(f"{key}={rng.choice(HOSTILE_VALUES)}")
         else:  # truncated
             lines = lines[:where]

@@ -12,7 +12,7 @@ from hssl_cli.data.views import build_pipelines, draw_views
 from hssl_cli.errors import RecipeError
 from hssl_cli.methods import METHODS, build_method
 from hssl_cli.recipe import parse_recipe
-from tests.conftest import METHOD_OVERRIDES, TINY_RECIPE, train_stopped_and_resumed
+from tests.conftest import C4_BACKBONE, METHOD_OVERRIDES, TINY_RECIPE, train_stopped_and_resumed
 
 CLOSED_FORM = {"kernel"}  # one solve, no steps: nothing to stop and resume
 
@@ -91,7 +91,14 @@ def test_without_views_the_pipeline_draws_what_one_augmenter_drew_before(tiny_re
 
 @pytest.mark.parametrize("overrides, message", [
     (["views=[{}]"], "views: method simclr reads 2 global view"),
-    (["method={name: byol, predictor: [64, 32]}", "views=[{}, {}, {size: 8}]"], "takes no local"),
+    ([C4_BACKBONE, "method={name: hssl}", "views=[{}, {}, {size: 8}]"],
+     r"method hssl takes no local \(multi-crop\) views, the views list has 1; remove them or use a multi-crop "
+     r"method \(simclr, vicreg, barlow_twins, byol, directpred, directcopy, mocov3, dino\)"),
+    (["method={name: byol, predictor: [64, 32], equimod: {projector: [32, 16]}}", "views=[{}, {}, {size: 8}]"],
+     r"method.equimod takes no local \(multi-crop\) views, the views list has 1; remove them from views: or set "
+     r"method.equimod: null"),
+    (["method.equimod={projector: [32, 16]}", "views=[{}, {}, {size: 8, count: 2}]"],
+     "method.equimod takes no local"),
     (["views=[{}, {}, {blur: {p: 2.0}}]"], r"views.2.blur.p: Input should be less than or equal to 1"),
     (["views=[{}, {}, {blur: {q: 1}}]"], r"views.2.blur.q: Extra inputs are not permitted"),
     (["views=[{}, {sizes: 3}]"], "unknown key 'views.1.sizes'; did you mean 'views.1.size'"),

@@ -106,6 +106,14 @@ class ViewFeatures:
                                if views.local_views else [])
 
 
+def project_views(projector: nn.Module, features: ViewFeatures) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """g of every global and local view in one pass (one set of BatchNorm statistics), split back."""
+    everything = [*features.global_features, *features.local_features]
+    embeddings = list(projector(torch.cat(everything)).chunk(len(everything)))
+    count = len(features.global_features)
+    return embeddings[:count], embeddings[count:]
+
+
 def mean_over_view_pairs(global_embeddings: list[torch.Tensor], local_embeddings: list[torch.Tensor],
                          pair_loss: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
                          ) -> dict[str, torch.Tensor]:
@@ -118,3 +126,17 @@ def mean_over_view_pairs(global_embeddings: list[torch.Tensor], local_embeddings
     if len(terms) == 1:
         return terms[0]
     return {name: torch.stack([term[name] for term in terms]).mean() for name in terms[0]}
+
+
+def loss_over_target_pairs(online: list[torch.Tensor], targets: list[torch.Tensor],
+                           pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Multi-crop for the methods whose online view predicts a target (BYOL, SimSiam, DirectPred, MoCo v3):
+    `pair_loss(online[v], targets[i])` for every online view v (the G global views first, then the local ones)
+    and the target of every global view i != v (`targets`: G, the global views' only)."""
+    if not 1 <= len(targets) <= len(online) or len(online) < 2:
+        raise ValueError(f"loss_over_target_pairs: expected G >= 1 targets and V >= max(G, 2) online views, got "
+                         f"G = {len(targets)}, V = {len(online)}")
+    terms = [pair_loss(view, target) for v, view in enumerate(online) for i, target in enumerate(targets) if i != v]
+    # L = (2 / P) sum_{v, i != v} l(o_v, t_i) over the P pairs: their mean, scaled so that 2 views give
+    # l(o_1, t_2) + l(o_2, t_1), the symmetrised loss of the papers (and of hssl before multi-crop), exactly
+    return torch.stack(terms).sum() * (2 / len(terms))

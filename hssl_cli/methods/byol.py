@@ -1,8 +1,10 @@
 """BYOL (Grill et al. 2020): online f, g, q; target = EMA of f, g; symmetrised 2 - 2 cos. Without the EMA
-target (`ema: false`) it is SimSiam (Chen & He 2021).
+target (`ema: false`) it is SimSiam (Chen & He 2021). With local views (multi-crop, as DINO's) the target reads
+the global views only, the online networks every view; each view's prediction meets the target of every other
+global view (base.loss_over_target_pairs).
 
-The target network's pieces (make_target, target_momentum, update_target) are shared with DirectPred and
-H-SSL, the whole online/target architecture (OnlineAndTarget) with MoCo v3.
+The target network's pieces (make_target, target_momentum, update_target, global_targets) are shared with
+DirectPred and H-SSL, the whole online/target architecture (OnlineAndTarget) with MoCo v3.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 from hssl_cli.data.views import Views
 from hssl_cli.losses import byol_cosine
-from hssl_cli.methods.base import SSLMethod, ViewFeatures
+from hssl_cli.methods.base import SSLMethod, ViewFeatures, loss_over_target_pairs, project_views
 from hssl_cli.methods.equimod import EquiModBranch
 from hssl_cli.methods.essl import RotationPredictionBranch
 from hssl_cli.models.heads import mlp
@@ -45,6 +47,17 @@ def update_target(target: nn.ModuleDict, backbone: nn.Module, projector: nn.Modu
     torch._foreach_copy_(target_buffers, online_buffers)  # one fused call, not a Python loop of copies
 
 
+@torch.no_grad()
+def global_targets(target: nn.ModuleDict | None, views: Views, global_embeddings: list[torch.Tensor]
+                   ) -> list[torch.Tensor]:
+    """The target of each global view: the target network's g(f(x_i)), or without one (SimSiam) the online
+    embedding z_i under stop-gradient. No local view is ever a target."""
+    if target is None:
+        return [z.detach() for z in global_embeddings]
+    embeddings = target["projector"](target["backbone"](torch.cat(views.global_views)))
+    return list(embeddings.chunk(len(views.global_views)))
+
+
 class OnlineAndTarget(SSLMethod):
     """BYOL's architecture, shared with MoCo v3: online f, g and predictor q; a target f, g (the EMA of the
     online ones, its rate raised from method.ema_start to 1 by a cosine) that receives no gradient."""
@@ -56,9 +69,14 @@ class OnlineAndTarget(SSLMethod):
         self.target = make_target(backbone, self.projector) if with_target else None
         self.ema_start = recipe.method.ema_start
 
-    @torch.no_grad()
-    def target_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        return self.target["projector"](self.target["backbone"](images))
+    def predictions_and_targets(self, features: ViewFeatures, views: Views
+                                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """q(g(f(x_v))) of every view, the global ones first (one pass of g and q over all of them), and the
+        target of each global view."""
+        global_z, local_z = project_views(self.projector, features)
+        every_view = [*global_z, *local_z]
+        predictions = list(self.predictor(torch.cat(every_view)).chunk(len(every_view)))
+        return predictions, global_targets(self.target, views, global_z)
 
     def after_optimizer_step(self, progress: float) -> None:
         if self.target is not None:
@@ -66,8 +84,8 @@ class OnlineAndTarget(SSLMethod):
 
 
 class BYOL(OnlineAndTarget):
-    """`ema: false` is SimSiam: the target of each view's prediction is the online embedding of the other view,
-    under stop-gradient, from the same forward pass."""
+    """`ema: false` is SimSiam: the target of each view's prediction is the online embedding of the other
+    global view (of each global view, for a local view), under stop-gradient, from the same forward pass."""
 
     def __init__(self, backbone: nn.Module, recipe: Recipe):
         super().__init__(backbone, recipe, with_target=recipe.method.ema)
@@ -79,13 +97,8 @@ class BYOL(OnlineAndTarget):
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
         base_views = views if self.essl is None else self.essl.base_views(views, self.equimod is not None)
         features = ViewFeatures(self.backbone, base_views)
-        z = self.projector(torch.cat(features.global_features))
-        p1, p2 = self.predictor(z).chunk(2)
-        if self.target is None:  # SimSiam: sg(z) of the other view
-            t1, t2 = z.detach().chunk(2)
-        else:
-            t1, t2 = self.target_embeddings(torch.cat(views.global_views)).chunk(2)
-        losses = {"loss": byol_cosine(p1, t2) + byol_cosine(p2, t1)}
+        predictions, targets = self.predictions_and_targets(features, base_views)
+        losses = {"loss": loss_over_target_pairs(predictions, targets, byol_cosine)}  # 2 views: l(p1, t2) + l(p2, t1)
         if self.equimod is not None:
             losses = self.equimod.add_to(losses["loss"], features.global_features, features.original,
                                          views.global_params, generator)

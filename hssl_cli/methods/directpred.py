@@ -2,7 +2,9 @@
 
 BYOL's online/target networks, but the predictor is not learned: it is set every step from the EMA
 correlation C of the online embeddings. With `loss: iso` the BYOL gradient w.r.t. the prediction is
-applied to z directly (losses.iso_loss). `ema: false` drops the target network (SimSiam-style).
+applied to z directly (losses.iso_loss). `ema: false` drops the target network (SimSiam-style). With local
+views (multi-crop) the target reads the global views only; every view's W_P z meets the target of every other
+global view (base.loss_over_target_pairs), and C is still the correlation of the global views' z alone.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from torch import nn
 from hssl_cli.collectives import sum_over_ranks, world_size
 from hssl_cli.data.views import Views
 from hssl_cli.losses import byol_cosine, iso_loss
-from hssl_cli.methods.base import SSLMethod
-from hssl_cli.methods.byol import make_target, target_momentum, update_target
+from hssl_cli.methods.base import SSLMethod, ViewFeatures, loss_over_target_pairs, project_views
+from hssl_cli.methods.byol import global_targets, make_target, target_momentum, update_target
 from hssl_cli.models.heads import mlp
 from hssl_cli.recipe import Recipe
 
@@ -90,22 +92,20 @@ class DirectPred(SSLMethod):
         self.loss_name = config.loss
 
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        both = torch.cat(views.global_views)
-        z = self.projector(self.backbone(both))
-        if self.training:
-            self.predictor.update(z)
+        global_z, local_z = project_views(self.projector, ViewFeatures(self.backbone, views))
+        if self.training:  # C from the global views' z only (as without local views); local views only meet W_P
+            self.predictor.update(torch.cat(global_z))
             weight = self.predictor.training_weight()
         else:
             weight = self.predictor.weight()
-        with torch.no_grad():
-            targets = z.detach() if self.target is None else self.target["projector"](self.target["backbone"](both))
-        z1, z2 = z.to(weight.dtype).chunk(2)
-        t1, t2 = targets.to(weight.dtype).chunk(2)
-        if self.loss_name == "byol":
-            return {"loss": byol_cosine(z1 @ weight, t2) + byol_cosine(z2 @ weight, t1)}
+        online = [z.to(weight.dtype) for z in (*global_z, *local_z)]
+        targets = [target.to(weight.dtype) for target in global_targets(self.target, views, global_z)]
+        if self.loss_name == "byol":  # 2 views: l(W_P z1, t2) + l(W_P z2, t1)
+            return {"loss": loss_over_target_pairs([z @ weight for z in online], targets, byol_cosine)}
         with torch.no_grad():  # the BYOL value is logged too, so runs with either loss compare on one scale
-            cosine = byol_cosine(z1 @ weight, t2) + byol_cosine(z2 @ weight, t1)
-        return {"loss": iso_loss(z1, t2, weight) + iso_loss(z2, t1, weight), "loss/cosine": cosine}
+            cosine = loss_over_target_pairs([z @ weight for z in online], targets, byol_cosine)
+        iso = loss_over_target_pairs(online, targets, lambda z, target: iso_loss(z, target, weight))
+        return {"loss": iso, "loss/cosine": cosine}
 
     def after_optimizer_step(self, progress: float) -> None:
         if self.target is not None:

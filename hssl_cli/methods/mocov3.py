@@ -1,6 +1,8 @@
 """MoCo v3 (Chen, Xie & He 2021): online f, g, q give the queries q(g(f(x))); a momentum encoder (EMA of f
 and g, checkpoint prefix `target.`) gives the keys; L = ctr(q1, k2) + ctr(q2, k1), the other images' keys of
-every rank as negatives. BYOL's architecture with a contrastive loss instead of the cosine."""
+every rank as negatives. BYOL's architecture with a contrastive loss instead of the cosine; with local views
+(multi-crop) the keys come from the global views only and every view's query meets the key of every other
+global view (base.loss_over_target_pairs)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from torch import nn
 
 from hssl_cli.data.views import Views
 from hssl_cli.losses import momentum_contrast
+from hssl_cli.methods.base import ViewFeatures, loss_over_target_pairs
 from hssl_cli.methods.byol import OnlineAndTarget
 from hssl_cli.recipe import Recipe
 
@@ -19,9 +22,6 @@ class MoCoV3(OnlineAndTarget):
         self.temperature = recipe.method.temperature
 
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        both = torch.cat(views.global_views)
-        q1, q2 = self.predictor(self.projector(self.backbone(both))).chunk(2)
-        k1, k2 = self.target_embeddings(both).chunk(2)
-        loss = (momentum_contrast(q1, k2, self.temperature, gather_distributed=True)
-                + momentum_contrast(q2, k1, self.temperature, gather_distributed=True))
-        return {"loss": loss}
+        queries, keys = self.predictions_and_targets(ViewFeatures(self.backbone, views), views)
+        return {"loss": loss_over_target_pairs(queries, keys, lambda query, key: momentum_contrast(
+            query, key, self.temperature, gather_distributed=True))}  # 2 views: ctr(q1, k2) + ctr(q2, k1)

@@ -9,19 +9,11 @@ from torch import nn
 
 from hssl_cli.data.views import Views
 from hssl_cli.losses import info_nce
-from hssl_cli.methods.base import SSLMethod, ViewFeatures, mean_over_view_pairs
+from hssl_cli.methods.base import SSLMethod, ViewFeatures, mean_over_view_pairs, project_views
 from hssl_cli.methods.equimod import EquiModBranch
 from hssl_cli.methods.essl import RotationPredictionBranch
 from hssl_cli.models.heads import mlp
 from hssl_cli.recipe import Recipe
-
-
-def project_views(projector: nn.Module, features: ViewFeatures) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """g of every global and local view in one pass (one set of BatchNorm statistics), split back."""
-    everything = [*features.global_features, *features.local_features]
-    embeddings = list(projector(torch.cat(everything)).chunk(len(everything)))
-    count = len(features.global_features)
-    return embeddings[:count], embeddings[count:]
 
 
 class SimCLR(SSLMethod):

@@ -8,8 +8,7 @@ from torch import nn
 
 from hssl_cli.data.views import Views
 from hssl_cli.losses import vicreg
-from hssl_cli.methods.base import SSLMethod, ViewFeatures, mean_over_view_pairs
-from hssl_cli.methods.simclr import project_views
+from hssl_cli.methods.base import SSLMethod, ViewFeatures, mean_over_view_pairs, project_views
 from hssl_cli.models.heads import mlp
 from hssl_cli.recipe import Recipe
 

@@ -38,6 +38,17 @@ class EquiModConfig(Section):
         "image's a_t: the ablation that removes only the equivariance (same passes, heads, loss and negatives)")
 
 
+def check_equimod_views(equimod: EquiModConfig | None, essl: EsslConfig | None, recipe: Recipe) -> None:
+    """EquiMod pairs x0 with the global views; a local view would join the invariance term only, a mix neither
+    paper defines: refused, unless the local views are E-SSL's own (method.essl.views: local)."""
+    if equimod is None or essl_reads(essl, "local"):
+        return
+    local_count = sum(view.count for view in recipe.resolved_views() if view.role == "local")
+    if local_count:
+        raise ValueError(f"method.equimod takes no local (multi-crop) views, the views list has {local_count}; "
+                         "remove them from views: or set method.equimod: null")
+
+
 class SimCLRConfig(MethodSection):
     name: Literal["simclr"] = "simclr"
     temperature: float = Field(0.5, gt=0, description="NT-Xent temperature tau")
@@ -58,6 +69,7 @@ class SimCLRConfig(MethodSection):
         return heads
 
     def check(self, recipe: Recipe) -> None:
+        check_equimod_views(self.equimod, self.essl, recipe)
         if self.essl is not None:
             self.essl.check(recipe)
 
@@ -68,7 +80,7 @@ class BYOLConfig(MethodSection):
         [4096, 256], min_length=1, description="widths of the predictor q's layers; the last equals z's size"
     )
     ema: bool = Field(True, description="EMA target network; false: the target is the online embedding of the other "
-                      "view under stop-gradient, i.e. SimSiam (Chen & He 2021) with BYOL's loss 2 - 2 cos per "
+                      "global view under stop-gradient, i.e. SimSiam (Chen & He 2021) with BYOL's loss 2 - 2 cos per "
                       "direction: summed over both, 4 + 4 L with SimSiam's L = -(cos_1 + cos_2) / 2 "
                       "(recipes/simsiam_cifar10.yaml scales lr and weight decay)")
     ema_start: float = Field(0.99, ge=0, lt=1, description="tau_0 of the target EMA, raised to 1 by a cosine")
@@ -78,7 +90,9 @@ class BYOLConfig(MethodSection):
 
     @property
     def consumes(self) -> Consumes:
-        return Consumes(local_views=essl_reads(self.essl, "local"),
+        # multi-crop: the target reads the global views, the online networks every view; EquiMod reads x0 (and no
+        # local views); E-SSL reads its views
+        return Consumes(local_views=self.equimod is None or essl_reads(self.essl, "local"),
                         original=self.equimod is not None or essl_reads(self.essl, "original"))
 
     def extra_heads(self, projector_width: int, feature_width: int) -> dict[str, list[int]]:
@@ -89,6 +103,7 @@ class BYOLConfig(MethodSection):
 
     def check(self, recipe: Recipe) -> None:
         check_predictor_width(self.predictor, recipe)
+        check_equimod_views(self.equimod, self.essl, recipe)
         if self.essl is not None:
             self.essl.check(recipe)
 
@@ -116,7 +131,7 @@ class DirectPredConfig(MethodSection):
     eps: float = Field(0.1, ge=0, description="added to the eigenvalues after dividing by the largest")
     rho: float = Field(0.998, ge=0, lt=1, description="EMA rate of the correlation C <- rho C + (1-rho) z^T z / B")
     ema: bool = Field(True, description="EMA target network (BYOL); false: the target is the online "
-                      "embedding under stop-gradient (SimSiam)")
+                      "embedding of the other global view under stop-gradient (SimSiam)")
     ema_start: float = Field(0.99, ge=0, lt=1, description="tau_0 of the target EMA, raised to 1 by a cosine")
     loss: Literal["byol", "iso"] = Field("byol", description="byol: 2 - 2 cos(W_P z, z'); iso: IsoLoss "
                                          "(Halvagal et al. 2023), the same gradient applied to z directly")
@@ -127,6 +142,10 @@ class DirectPredConfig(MethodSection):
     eps_convention: Literal["inside", "outside"] = Field(
         "inside", description="inside: W_P = U diag((s/max + eps)^alpha) U^T (the paper's equation, the default); "
         "outside: U diag((s/max)^alpha + eps) U^T (the authors' released code)")
+
+    @property
+    def consumes(self) -> Consumes:
+        return Consumes(local_views=True)  # multi-crop: the target reads the global views, W_P z every view
 
     @property
     def loss_variant(self) -> str | None:
@@ -231,7 +250,8 @@ class BarlowTwinsConfig(MethodSection):
 
 class MoCoV3Config(MethodSection):
     """MoCo v3 (Chen, Xie & He 2021): a momentum encoder (EMA of f and g) gives the keys, the online
-    f, g, q the queries; symmetrised InfoNCE with the other images' keys (of every rank) as negatives."""
+    f, g, q the queries; symmetrised InfoNCE with the other images' keys (of every rank) as negatives. With
+    local views (multi-crop) the keys come from the global views only, the queries from every view."""
 
     name: Literal["mocov3"] = "mocov3"
     temperature: float = Field(1.0, gt=0, description="tau of the InfoNCE (the paper: 1.0 for ResNets, "
@@ -239,6 +259,10 @@ class MoCoV3Config(MethodSection):
     predictor: list[Width] = Field(
         [4096, 256], min_length=1, description="widths of the predictor q's layers; the last equals z's size")
     ema_start: float = Field(0.99, ge=0, lt=1, description="m_0 of the momentum encoder, raised to 1 by a cosine")
+
+    @property
+    def consumes(self) -> Consumes:
+        return Consumes(local_views=True)  # multi-crop: keys from the global views, queries from every view
 
     def extra_heads(self, projector_width: int, feature_width: int) -> dict[str, list[int]]:
         return {"method.predictor": [projector_width, *self.predictor]}
@@ -284,4 +308,5 @@ MethodConfig = Annotated[SimCLRConfig | BYOLConfig | VICRegConfig | DirectPredCo
                          | MoCoV3Config | DINOConfig,
                          Field(discriminator="name")]
 
-
+# the methods that take local views (with their default keys), named where a recipe gives local views to another
+MULTI_CROP_METHODS = ("simclr", "vicreg", "barlow_twins", "byol", "directpred", "directcopy", "mocov3", "dino")

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import Field, model_validator
 
-from hssl_cli.recipe.methods import MethodConfig, SimCLRConfig
+from hssl_cli.recipe.methods import MULTI_CROP_METHODS, MethodConfig, SimCLRConfig
 from hssl_cli.recipe.sections import (
     AugmentConfig,
     DataConfig,
@@ -112,7 +112,8 @@ class Recipe(Section):
                              f"views list has {global_count}; list {consumes.global_views} at data.image_size")
         if local_count and not consumes.local_views:
             raise ValueError(f"views: method {self.method.name} takes no local (multi-crop) views, the views list "
-                             f"has {local_count}; remove them or use a pairwise method (simclr, vicreg, barlow_twins)")
+                             f"has {local_count}; remove them or use a multi-crop method "
+                             f"({', '.join(MULTI_CROP_METHODS)})")
 
     def resolved_views(self) -> list[ResolvedView]:
         """The views the engine draws each step, in order: `views:` made concrete, or the method's global views
