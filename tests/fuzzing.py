@@ -26,6 +26,8 @@ HOSTILE_LINES = [
     "views: [{}, {}, {size: 8, count: 64, crop_scale: [0.05, 0.4]}]", "views: [{}, {}, {size: 8}, {size: 12}]",
     "method: {name: byol, predictor: [8], ema: false, equimod: {}}", "method: {name: mocov3, predictor: [1e9]}",
     "method: {name: directpred, loss: iso, ema: false}", "method: {name: simclr, essl: {views: local, head: []}}",
+    "model: {backbone: vit, vit: {patch_size: 0, width: 65536, depth: 48, heads: 7}}",
+    "model: {backbone: vit, vit: {position_embedding: sinusoidal}}", "method: {name: hssl, fibres_from: block99}",
 ]  # fmt: skip
 
 
@@ -62,7 +64,8 @@ def mutated_recipe(rng: random.Random) -> tuple[str, list[str]]:
             key = rng.choice(["optim.lr", "seed", "train.epochs", "model.projector", "name", "method.temperature",
                               "data.image_size", "views", "method", "augment.blur.sigma", "x.y", "train", "a..b",
                               "method.prototypes", "method.teacher_temperature", "method.essl", "method.equimod",
-                              "views.2.count", "method.ema"])
+                              "views.2.count", "method.ema", "model.vit", "model.vit.patch_size", "model.vit.width",
+                              "method.fibres_from"])
             overrides.append(f"{key}={rng.choice(HOSTILE_VALUES)}")
         else:  # truncated
             lines = lines[:where]

@@ -68,9 +68,15 @@ class Recipe(Section):
         if model.vit is not None and model.backbone != "vit":
             raise ValueError(f"model.vit sizes the vit backbone, not '{model.backbone}'; remove it or set "
                              "model.backbone: vit")
-        patch = (model.vit or ViTConfig()).patch_size
+        vit = model.vit or ViTConfig()
+        patch = vit.patch_size
         if model.backbone != "vit":
             return
+        weights = 12 * vit.depth * vit.width**2  # per block: qkv and projection 4 D^2, the MLP 8 D^2
+        if 4 * weights > MAX_HEAD_BYTES:
+            raise ValueError(f"model.vit: width {vit.width} and depth {vit.depth} make about {weights:.2g} weights "
+                             f"({4 * weights / 2**30:.0f} GiB in float32), over the {MAX_HEAD_BYTES // 2**30} GiB "
+                             "bound; ViT-g/14 (width 1408, depth 40) has 1e9")
         for name, size in [("data.image_size", self.data.image_size), *(
                 ("views: size", view.size) for view in self.views or [] if view.size is not None)]:
             if size % patch:
