@@ -59,10 +59,12 @@ BACKBONES = {
         lambda: build_backbone(_model(backbone="torchvision:mobilenet_v3_small", scales={"levels": 2}), 3), (3, 32),
         BackboneCapabilities(scale_levels=2, equivariant=True)),
     "vit": (lambda: build_backbone(_model(backbone="vit", vit=VIT), 1, image_size=16), (1, 16),
-            BackboneCapabilities(spatial_map="token_grid", position_embedding=True)),
+            BackboneCapabilities(spatial_map="token_grid", library_twins=("timm",),
+                                 library_classifier=("head",), position_embedding=True)),
     "vit without position embeddings": (
         lambda: build_backbone(_model(backbone="vit", vit=VIT | {"position_embedding": "none"}), 1, image_size=16),
-        (1, 16), BackboneCapabilities(spatial_map="token_grid")),
+        (1, 16), BackboneCapabilities(spatial_map="token_grid", library_twins=("timm",),
+                                           library_classifier=("head",))),
     "kernel feature map": (lambda: KernelFeatureMap(RBFKernel(16, 1.0), (1, 4, 4), 0, 4, 2, 8), (1, 4),
                            BackboneCapabilities()),
 }

@@ -94,3 +94,36 @@ def test_a_scale_lifted_backbone_exports_plain_only(tmp_path, tiny_recipe):
     images = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(backbone(images), hssl_cli.load_backbone(checkpoint)(images))
+
+
+def test_a_vit_exports_to_timm_and_loads_strictly_into_the_model_its_metadata_names(tmp_path, tiny_recipe):
+    import json
+
+    from safetensors import safe_open
+
+    from hssl_cli.models.backbones import build_backbone
+    from hssl_cli.recipe import ModelConfig
+    from tests.conftest import TINY_VIT
+
+    recipe = tiny_recipe("train.epochs=0", f"model={{backbone: vit, vit: {TINY_VIT}, projector: [8]}}")
+    checkpoint = pretrain(recipe, tmp_path, device_name="cpu").checkpoint
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        expected = hssl_cli.load_backbone(checkpoint)(images)
+    for format in ("timm", "plain"):
+        out = tmp_path / f"{format}.safetensors"
+        export_backbone(checkpoint, out, format=format)
+        with safe_open(out, "pt") as handle:
+            metadata = handle.metadata()
+        if format == "timm":
+            import timm.models.vision_transformer
+
+            namespace = {"timm": timm}
+            exec(metadata["build"], namespace)  # the line the file says builds its model
+            model = namespace["m"]
+        else:
+            model = build_backbone(ModelConfig(**json.loads(metadata["model"])), int(metadata["in_channels"]),
+                                   image_size=int(metadata["image_size"]))
+        model.load_state_dict(load_file(out), strict=True)
+        with torch.no_grad():
+            assert torch.equal(model.eval()(images), expected)

@@ -193,3 +193,23 @@ def test_init_from_an_hssl_checkpoint_records_its_kind(tmp_path, tiny_recipe):
     assert init_from_row(second.run_dir) == {
         "step": 0, "init_from": str(first.checkpoint), "init_from_kind": "hssl checkpoint",
         "init_from_sha256": hashlib.sha256(first.checkpoint.read_bytes()).hexdigest()}
+
+
+def test_timm_vision_transformer_weights_fill_the_vit_less_their_classifier(tmp_path, tiny_recipe):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from hssl_cli.models.vit import timm_arguments
+    from tests.conftest import TINY_VIT
+
+    recipe = tiny_recipe(f"model={{backbone: vit, vit: {TINY_VIT}, projector: [8]}}")
+    torch.manual_seed(1)
+    library = VisionTransformer(**timm_arguments(recipe.model.vit, 1, 16)
+                                | {"num_classes": 10})  # a library checkpoint: its classifier included
+    save_file(library.state_dict(), tmp_path / "vit.safetensors")
+    torch.manual_seed(0)
+    method = build_method(recipe, in_channels=1)
+    with pytest.warns(CheckpointNote, match="head"):
+        load_initial_weights(method, tmp_path / "vit.safetensors", "vit")
+    loaded = method.backbone.state_dict()
+    assert "head.weight" not in loaded
+    assert all(torch.equal(loaded[key], value) for key, value in library.state_dict().items() if key in loaded)

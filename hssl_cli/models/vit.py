@@ -17,16 +17,21 @@ from hssl_cli.models.capabilities import BackboneCapabilities
 from hssl_cli.recipe import ViTConfig
 
 
+def timm_arguments(config: ViTConfig, in_channels: int, image_size: int) -> dict:
+    """timm's VisionTransformer(**these) is this backbone (hssl export writes them, so the library rebuilds it)."""
+    return {"img_size": image_size, "patch_size": config.patch_size, "in_chans": in_channels, "num_classes": 0,
+            "embed_dim": config.width, "depth": config.depth, "num_heads": config.heads, "class_token": True,
+            "global_pool": config.pool, "pos_embed": "learn" if config.position_embedding == "absolute" else "none",
+            "dynamic_img_size": True}
+
+
 def vision_transformer(config: ViTConfig, in_channels: int, image_size: int) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
-    network = VisionTransformer(
-        img_size=image_size, patch_size=config.patch_size, in_chans=in_channels, num_classes=0,
-        embed_dim=config.width, depth=config.depth, num_heads=config.heads, class_token=True,
-        global_pool=config.pool, pos_embed="learn" if config.position_embedding == "absolute" else "none",
-        dynamic_img_size=True)
+    network = VisionTransformer(**timm_arguments(config, in_channels, image_size))
     network.feature_dim = config.width
-    network.capabilities = BackboneCapabilities(spatial_map="token_grid",
+    network.capabilities = BackboneCapabilities(spatial_map="token_grid", library_twins=("timm",),
+                                                library_classifier=("head",),  # timm's ViT weights carry it
                                                 position_embedding=config.position_embedding == "absolute")
     return network
 

@@ -4,8 +4,9 @@ plain: the backbone's own state_dict (keys without `backbone.`), for `build_back
 `hssl_cli.load_backbone`; torchvision / timm: for resnet18_cifar the same tensors, whose names are
 those of torchvision's and timm's ResNet-18, so `load_state_dict(strict=True)` takes them once the
 model has the CIFAR stem (a 3x3 stride-1 conv1, no max-pool) and no classifier; for a timm:<name> or
-torchvision:<name> backbone the library's own model without its classifier. The file's metadata
-holds the architecture, how to build it, and the preprocessing statistics.
+torchvision:<name> backbone the library's own model without its classifier; for vit timm's VisionTransformer
+with the arguments the file names. The file's metadata holds the architecture, how to build it, and the
+preprocessing statistics.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from pathlib import Path
 
 from hssl_cli.errors import HsslError
+from hssl_cli.recipe import ViTConfig
 
 FORMATS = ("plain", "torchvision", "timm")
 CIFAR_STEM = {
@@ -42,19 +44,28 @@ def export_backbone(checkpoint_path: Path, out: Path, format: str = "plain", ver
         raise HsslError(f"--format {format}: this backbone is a multi-scale lifting of {backbone} (model.scales), "
                         "which no library model has; use --format plain (load it with hssl_cli.load_backbone)")
     if format != "plain" and format not in capabilities.library_twins:
-        raise HsslError(f"--format {format}: only resnet18_cifar and {format}:<name> backbones have a {format} twin; "
-                        f"this checkpoint's is {backbone}: use --format plain (load it with hssl_cli.load_backbone)")
+        twins = "resnet18_cifar, vit" if format == "timm" else "resnet18_cifar"
+        raise HsslError(f"--format {format}: only {twins} and {format}:<name> backbones have a {format} twin; this "
+                        f"checkpoint's is {backbone}: use --format plain (load it with hssl_cli.load_backbone)")
     tensors = checkpoint.prefixed("backbone")
     mean, std = checkpoint.tensors["data.mean"], checkpoint.tensors["data.std"]
+    image_size = checkpoint.recipe.data.image_size
     if format == "plain":
-        build = "hssl_cli.models.backbones.build_backbone(ModelConfig(**json.loads(metadata['model'])), in_channels)"
+        build = ("hssl_cli.models.backbones.build_backbone(ModelConfig(**json.loads(metadata['model'])), in_channels, "
+                 "image_size=int(metadata['image_size']))")
     elif backbone == "resnet18_cifar":
         build = CIFAR_STEM[format].format(c=mean.numel())
+    elif backbone == "vit":
+        from hssl_cli.models.vit import timm_arguments
+
+        arguments = timm_arguments(checkpoint.recipe.model.vit or ViTConfig(), mean.numel(), image_size)
+        build = f"m = timm.models.vision_transformer.VisionTransformer(**{arguments!r})"
     else:
         build = _library_build(backbone, mean.numel())
     metadata = {"format": format, "architecture": backbone, "build": build,
                 "model": json.dumps(checkpoint.recipe.model.model_dump(mode="json")),
-                "in_channels": str(mean.numel()), "feature_dim": str(network.feature_dim),
+                "in_channels": str(mean.numel()), "image_size": str(image_size),
+                "feature_dim": str(network.feature_dim),
                 "data_mean": json.dumps(mean.tolist()), "data_std": json.dumps(std.tolist()),
                 "source": str(checkpoint.path), "method": checkpoint.recipe.method.name,
                 "epoch": checkpoint.metadata["epoch"]}
