@@ -18,6 +18,7 @@ from torch import nn
 from hssl_cli.data.views import Views
 from hssl_cli.losses import byol_cosine
 from hssl_cli.methods.base import SSLMethod, ViewFeatures, loss_over_target_pairs, project_views
+from hssl_cli.methods.branches import base_views, with_branches
 from hssl_cli.methods.equimod import EquiModBranch
 from hssl_cli.methods.essl import RotationPredictionBranch
 from hssl_cli.models.heads import mlp
@@ -95,13 +96,8 @@ class BYOL(OnlineAndTarget):
         self.essl = RotationPredictionBranch(backbone.feature_dim, essl) if essl else None
 
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        base_views = views if self.essl is None else self.essl.base_views(views, self.equimod is not None)
-        features = ViewFeatures(self.backbone, base_views)
-        predictions, targets = self.predictions_and_targets(features, base_views)
+        loss_views = base_views(views, self.equimod, self.essl)
+        features = ViewFeatures(self.backbone, loss_views)
+        predictions, targets = self.predictions_and_targets(features, loss_views)
         losses = {"loss": loss_over_target_pairs(predictions, targets, byol_cosine)}  # 2 views: l(p1, t2) + l(p2, t1)
-        if self.equimod is not None:
-            losses = self.equimod.add_to(losses["loss"], features.global_features, features.original,
-                                         views.global_params, generator)
-        if self.essl is not None:
-            losses = self.essl.add_to(losses, self.backbone, views, generator)
-        return losses
+        return with_branches(losses, self.equimod, self.essl, self.backbone, features, views, generator)

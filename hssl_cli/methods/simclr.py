@@ -10,6 +10,7 @@ from torch import nn
 from hssl_cli.data.views import Views
 from hssl_cli.losses import info_nce
 from hssl_cli.methods.base import SSLMethod, ViewFeatures, mean_over_view_pairs, project_views
+from hssl_cli.methods.branches import base_views, with_branches
 from hssl_cli.methods.equimod import EquiModBranch
 from hssl_cli.methods.essl import RotationPredictionBranch
 from hssl_cli.models.heads import mlp
@@ -26,14 +27,8 @@ class SimCLR(SSLMethod):
         self.essl = RotationPredictionBranch(backbone.feature_dim, config.essl) if config.essl else None
 
     def forward(self, views: Views, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        base_views = views if self.essl is None else self.essl.base_views(views, self.equimod is not None)
-        features = ViewFeatures(self.backbone, base_views)
+        features = ViewFeatures(self.backbone, base_views(views, self.equimod, self.essl))
         global_z, local_z = project_views(self.projector, features)  # z = g(f(t(x)))
         losses = mean_over_view_pairs(global_z, local_z, lambda z1, z2: {
             "loss": info_nce(z1, z2, self.temperature, gather_distributed=True)})
-        if self.equimod is not None:
-            losses = self.equimod.add_to(losses["loss"], features.global_features, features.original,
-                                         views.global_params, generator)
-        if self.essl is not None:
-            losses = self.essl.add_to(losses, self.backbone, views, generator)
-        return losses
+        return with_branches(losses, self.equimod, self.essl, self.backbone, features, views, generator)
